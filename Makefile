@@ -1,0 +1,16 @@
+# The two commands the README starts with: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: env demo test bench
+env:
+	@bash scripts/setup_env.sh
+
+demo: env
+	$(VENV)/bin/cbx demo
+
+test: env
+	$(PY) -m pytest -q tests
+
+bench: env
+	$(VENV)/bin/cbx bench engine
