@@ -1,0 +1,170 @@
+"""``cbx synth``: synthesize one text with one voice prompt to a 24 kHz wav and print the timings.
+
+Every argument is checked before the model is loaded (voice readable, output folder writable,
+numbers in range via :class:`cbx.engine.synth.SynthSettings`), so a bad call fails in a second
+with exit status 2 and one line naming the argument, and no output file is created. The wav is
+written to a temporary name beside the target and renamed into place, so an interrupted run
+never leaves a half-written file. Setting flags default to ``None`` and only flags the user
+gives reach ``SynthSettings``: its defaults stay the only ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cbx.errors import CbxError
+
+# flag -> (SynthSettings field, type, help)
+SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
+    "--seed": ("seed", int, "random seed (same seed, same audio)"),
+    "--temperature": ("temperature", float, "sampling temperature (0 = greedy)"),
+    "--top-p": ("top_p", float, "nucleus sampling mass"),
+    "--min-p": ("min_p", float, "min-p filter"),
+    "--top-k": ("top_k", int, "top-k filter (0 = off)"),
+    "--repetition-penalty": ("repetition_penalty", float, "repetition penalty"),
+    "--cfg-weight": ("cfg_weight", float, "classifier-free guidance weight of T3"),
+    "--exaggeration": ("exaggeration", float, "emotion exaggeration"),
+    "--max-speech-tokens": ("max_speech_tokens", int, "cap on speech tokens per text chunk"),
+    "--cfm-steps": ("cfm_steps", int, "flow-matching steps (default: 10, Turbo 2)"),
+    "--dtype": ("dtype", str, "fp32 or bf16"),
+    "--batch-size": ("batch_size", int, "text chunks decoded together"),
+    "--language-id": ("language_id", str, "language code for the multilingual model"),
+}
+
+
+def _one_line_error(parser: argparse.ArgumentParser):
+    def error(message: str) -> None:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    return error
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthesis-setting flags, shared by ``cbx synth`` and ``cbx demo``."""
+    g = parser.add_argument_group("synthesis settings (default: the model variant's)")
+    for flag, (name, typ, help_) in SETTING_FLAGS.items():
+        g.add_argument(flag, dest=name, type=typ, default=None, help=help_)
+    g.add_argument("--no-watermark", dest="watermark", action="store_false", default=None,
+                   help="skip the Perth watermark")
+
+
+def settings_from_args(args: argparse.Namespace):
+    from cbx.engine.synth import SynthSettings
+
+    given: dict[str, Any] = {}
+    for name, *_ in SETTING_FLAGS.values():
+        if getattr(args, name, None) is not None:
+            given[name] = getattr(args, name)
+    if getattr(args, "watermark", None) is not None:
+        given["watermark"] = args.watermark
+    return SynthSettings(**given)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.error = _one_line_error(parser)  # one line, exit 2, like every other bad input
+    parser.add_argument("--text", required=True, help="text to speak (long text is split into sentences)")
+    parser.add_argument("--voice", default=None,
+                        help="reference audio (wav/flac/mp3, any rate); default: the model's built-in voice")
+    parser.add_argument("--out", required=True, help="output wav path (24 kHz)")
+    parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | HUB_ID | DIR (default: tiny)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    add_settings_arguments(parser)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CbxError(f"--device '{name}': not a device (use auto, cpu or cuda)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CbxError(f"--device '{name}': CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise CbxError(f"--device '{name}': only cpu and cuda are supported")
+    return dev
+
+
+def check_voice(path: str | None) -> None:
+    if path is None:
+        return
+    p = Path(path)
+    if not p.is_file():
+        raise CbxError(f"--voice '{path}': no such file")
+    if not os.access(p, os.R_OK):
+        raise CbxError(f"--voice '{path}': file is not readable")
+
+
+def check_out(path: str) -> Path:
+    p = Path(path)
+    if p.suffix.lower() not in (".wav", ".flac"):
+        raise CbxError(f"--out '{path}': must end in .wav or .flac")
+    if p.is_dir():
+        raise CbxError(f"--out '{path}': is a folder")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        raise CbxError(f"--out '{path}': folder '{parent}' does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise CbxError(f"--out '{path}': not writable")
+    return p
+
+
+def write_audio_atomic(path: Path, wav, sr: int) -> None:
+    """Write ``wav`` to ``path`` via a temporary file in the same folder and a rename."""
+    import soundfile as sf
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
+    os.close(fd)
+    try:
+        sf.write(tmp, wav, sr, subtype="PCM_16" if path.suffix.lower() == ".wav" else None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def format_timings(batch) -> str:
+    """A small table of stage seconds, totals, RTF, tokens/s and peak memory."""
+    run = batch.run
+    lines = [f"{'stage':<14}{'seconds':>10}"]
+    for s in (*_stages(), "total"):
+        lines.append(f"{s:<14}{run.stages.get(s, 0.0):>10.3f}")
+    lines.append(f"{'audio':<14}{run.audio_s:>10.3f}")
+    lines.append(f"real-time factor {run.rtf:.3f}   speech tokens/s {run.speech_tokens_per_s:.1f}   "
+                 f"peak memory {run.peak_mem_bytes / 2**20:.0f} MiB ({run.mem_kind})")
+    return "\n".join(lines)
+
+
+def _stages():
+    from cbx.engine.timing import STAGES
+
+    return STAGES
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    check_voice(args.voice)
+    out = check_out(args.out)
+    device = resolve_device(args.device)
+    if not args.text.strip():
+        raise CbxError("--text: empty")
+
+    from cbx.engine.model import load_model
+    from cbx.engine.synth import SynthRequest, Synthesizer
+
+    model = load_model(args.model, device=str(device))
+    batch = Synthesizer(model, device=device).synthesize(
+        [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
+    res = batch.results[0]
+    write_audio_atomic(out, res.wav, res.sample_rate)
+    print(f"wrote {out} ({res.audio_s:.2f} s, {res.sample_rate} Hz, {len(res.chunks)} chunk(s))")
+    print(format_timings(batch))
+    return 0
