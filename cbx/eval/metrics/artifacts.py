@@ -1,0 +1,246 @@
+"""Artifact metrics: the defects a compressed TTS model adds that WER and MOS can miss.
+
+Each detector reports a *value* (how much) and, where it is a detector, a *count or flag*
+with a frozen threshold. Thresholds were chosen by measuring real speech (the Allison prompts
+from Debian's asterisk-core-sounds-en-wav, resampled to 24 kHz, and the pyannote and
+moonshine sample clips) with and without planted artifacts; tests/eval/test_eval_artifacts*.py
+re-measure recall and false positives on real clips. Changing a threshold changes the
+numbers: bump ``VERSION`` with it.
+
+The detectors are hand-written numpy because no maintained library offers them as
+per-utterance measures (pyloudnorm is used for loudness, librosa for mel features):
+
+- clipping: samples at or above ``CLIP_LEVEL`` of full scale, and runs of ``CLIP_RUN`` of them
+  (one sample at full scale is a peak; a run of them is a flattened, clipped top);
+- DC offset: the mean sample value;
+- clicks: the second difference (a high-pass that a step or an impulse turns into a spike)
+  compared with its local median, so that fricatives and plosive bursts, which raise the
+  whole neighbourhood, are not counted, while an isolated jump is;
+- noise in pauses: the level of the frames the energy VAD calls non-speech, and bursts of
+  noise-like frames (high spectral flatness in 0-4 kHz, well above the clip's quiet level),
+  which an energy VAD alone would call speech;
+- leading/trailing silence from the same VAD;
+- spill-over of the voice prompt (what upstream's ``trim_fade`` hides): the best correlation
+  of a log-mel patch at the start of the output with any patch of the prompt's last seconds;
+- NaN/Inf samples (counted; every other metric sees them as zeros);
+- integrated loudness (ITU-R BS.1770, pyloudnorm), a value with no preferred direction.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from cbx.eval import dsp
+from cbx.eval.registry import MetricSpec, register_metric
+from cbx.eval.types import Utterance
+
+VERSION = "1"
+
+CLIP_LEVEL = 0.99
+CLIP_RUN = 3
+
+DC_FLAG_LEVEL = 0.01
+
+CLICK_RATIO = 12.0  # |second difference| over its local median
+CLICK_MIN_ABS = 0.02  # ignore spikes too small to hear (about -34 dBFS)
+CLICK_WINDOW_S = 0.005  # window of the local median
+CLICK_MERGE_S = 0.002  # spikes closer than this are one click
+
+FLAT_BAND_HZ = 4000.0  # every source (8 kHz telephone prompts included) has content here
+FLAT_NFFT_S = 0.016
+FLAT_AVG_FRAMES = 4  # Welch-style averaging: noise stays flat, speech keeps its structure
+NOISE_FLATNESS = 0.5
+NOISE_ABOVE_FLOOR_DB = 20.0  # burst must stand this far above the clip's quiet level
+NOISE_MIN_DBFS = -55.0
+NOISE_MIN_S = 0.06
+
+SPILL_SR = 16000
+SPILL_FMAX = 4000.0
+SPILL_NMELS = 40
+SPILL_HEAD_S = 1.0  # where in the output spill-over is looked for
+SPILL_TAIL_S = 3.0  # how much of the prompt's end is compared
+SPILL_PATCH_S = 0.4
+SPILL_FLAG = 0.8
+
+LUFS_MIN_S = 0.4  # BS.1770 gating blocks are 400 ms
+
+
+def _spec(name, higher, unit, desc, aggregation="mean"):
+    return register_metric(MetricSpec(name, higher, VERSION, unit, aggregation, desc))
+
+
+SPECS = [
+    _spec("nonfinite_count", False, "samples", "NaN or Inf samples in the output"),
+    _spec("clip_ratio", False, "fraction", f"share of samples with |x| >= {CLIP_LEVEL}"),
+    _spec("clip_events", False, "count", f"runs of >= {CLIP_RUN} samples with |x| >= {CLIP_LEVEL}"),
+    _spec("dc_offset", False, "FS", "absolute mean sample value"),
+    _spec("dc_flag", False, "flag", f"1 when the DC offset exceeds {DC_FLAG_LEVEL}"),
+    _spec("click_count", False, "count", "isolated discontinuities (second-difference spikes)"),
+    _spec("noise_floor_dbfs", False, "dBFS", "median level of the frames the energy VAD calls non-speech"),
+    _spec("pause_noise_count", False, "count", "bursts of noise-like frames well above the quiet level"),
+    _spec("leading_silence_s", False, "s", "silence before the first speech frame"),
+    _spec("trailing_silence_s", False, "s", "silence after the last speech frame"),
+    _spec("spillover_score", False, "corr", "best log-mel correlation of the output's start with the prompt's end"),
+    _spec("spillover_flag", False, "flag", f"1 when spillover_score >= {SPILL_FLAG}"),
+    _spec("loudness_lufs", True, "LUFS", "integrated loudness (BS.1770); informational, no preferred direction"),
+]
+
+
+def clipping(x: np.ndarray) -> tuple[float, int]:
+    """(share of samples at or above CLIP_LEVEL, number of runs of CLIP_RUN such samples)."""
+    hot = np.abs(x) >= CLIP_LEVEL
+    events = sum(1 for a, b in dsp.runs(hot) if b - a >= CLIP_RUN)
+    return float(hot.mean()) if x.size else 0.0, events
+
+
+def click_positions(x: np.ndarray, sr: int) -> np.ndarray:
+    """Sample indices of the clicks found (one per click)."""
+    from scipy.ndimage import median_filter
+
+    if x.size < 3:
+        return np.zeros(0, dtype=np.int64)
+    d2 = np.abs(x[2:] - 2.0 * x[1:-1] + x[:-2])
+    width = max(3, int(CLICK_WINDOW_S * sr) | 1)
+    local = median_filter(d2, size=width, mode="nearest")
+    hits = np.flatnonzero((d2 >= CLICK_MIN_ABS) & (d2 >= CLICK_RATIO * local))
+    if hits.size == 0:
+        return hits
+    gap = max(1, int(CLICK_MERGE_S * sr))
+    starts = hits[np.concatenate([[True], np.diff(hits) > gap])]
+    return starts + 1
+
+
+def band_flatness(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
+    """(spectral flatness in 0..FLAT_BAND_HZ, level in dBFS) per analysis block.
+
+    Blocks are FLAT_AVG_FRAMES STFT frames long (hop one frame), power-averaged before the
+    flatness is taken, so white noise scores near 1 and voiced or fricative speech well below.
+    """
+    import librosa
+
+    n_fft = 1 << int(np.ceil(np.log2(FLAT_NFFT_S * sr)))
+    if x.size < n_fft * FLAT_AVG_FRAMES:
+        return np.zeros(0), np.zeros(0)
+    spec = np.abs(librosa.stft(x, n_fft=n_fft, hop_length=n_fft, center=False, window="hann")) ** 2
+    freqs = np.fft.rfftfreq(n_fft, 1.0 / sr)
+    band = spec[(freqs > 50.0) & (freqs <= min(FLAT_BAND_HZ, sr / 2)), :]
+    k = FLAT_AVG_FRAMES
+    kernel = np.ones(k) / k
+    avg = np.stack([np.convolve(row, kernel, mode="valid") for row in band])
+    avg = np.maximum(avg, 1e-20)
+    flat = np.exp(np.mean(np.log(avg), axis=0)) / np.mean(avg, axis=0)
+    frames = dsp.frame_signal(x, sr, n_fft / sr, n_fft / sr)[: spec.shape[1]]
+    pw = np.mean(frames**2, axis=1)
+    lvl = 10 * np.log10(np.maximum(np.convolve(pw, kernel, mode="valid"), 1e-12))
+    return flat, lvl
+
+
+def pause_noise_bursts(x: np.ndarray, sr: int) -> int:
+    flat, lvl = band_flatness(x, sr)
+    if flat.size == 0:
+        return 0
+    quiet = np.percentile(dsp.frame_levels_db(x, sr), 10)
+    hot = (flat >= NOISE_FLATNESS) & (lvl >= max(quiet + NOISE_ABOVE_FLOOR_DB, NOISE_MIN_DBFS))
+    block_s = (1 << int(np.ceil(np.log2(FLAT_NFFT_S * sr)))) / sr
+    # a run of r hot blocks spans (r - 1 + FLAT_AVG_FRAMES) frames of audio
+    return sum(1 for a, b in dsp.runs(hot) if (b - a - 1 + FLAT_AVG_FRAMES) * block_s >= NOISE_MIN_S)
+
+
+def silence_edges(levels_db: np.ndarray, duration_s: float) -> tuple[float, float]:
+    speech = dsp.speech_mask(levels_db)
+    idx = np.flatnonzero(speech)
+    if idx.size == 0:
+        return duration_s, duration_s
+    lead = idx[0] * dsp.HOP_S
+    trail = max(0.0, duration_s - (idx[-1] * dsp.HOP_S + dsp.FRAME_S))
+    return float(lead), float(trail)
+
+
+def _norm_logmel(x: np.ndarray, sr: int) -> np.ndarray:
+    """Log-mel frames [T, bands] with each band's mean over the clip removed (channel/voice tilt)."""
+    import librosa
+
+    y = dsp.resample(x, sr, SPILL_SR)
+    mel = librosa.feature.melspectrogram(
+        y=y, sr=SPILL_SR, n_fft=512, hop_length=160, win_length=400, n_mels=SPILL_NMELS, fmin=0.0, fmax=SPILL_FMAX
+    )
+    lm = np.log(np.maximum(mel, 1e-8)).T
+    return lm - lm.mean(axis=0, keepdims=True)
+
+
+def spillover_score(out: np.ndarray, sr: int, prompt: np.ndarray, prompt_sr: int) -> float | None:
+    """Best Pearson correlation between a SPILL_PATCH_S log-mel patch starting in the output's
+    first SPILL_HEAD_S and any such patch in the prompt's last SPILL_TAIL_S (None if too short)."""
+    hop_s = 160 / SPILL_SR
+    p = int(round(SPILL_PATCH_S / hop_s))
+    head = _norm_logmel(out, sr)
+    tail = _norm_logmel(prompt, prompt_sr)
+    head = head[: int(round(SPILL_HEAD_S / hop_s)) + p]
+    tail = tail[-(int(round(SPILL_TAIL_S / hop_s)) + p) :]
+    if len(head) < p or len(tail) < p:
+        return None
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    def patches(m):
+        w = sliding_window_view(m, (p, m.shape[1]))[:, 0].reshape(-1, p * m.shape[1])
+        w = w - w.mean(axis=1, keepdims=True)
+        return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-9)
+
+    return float(np.max(patches(head) @ patches(tail).T))
+
+
+def loudness_lufs(x: np.ndarray, sr: int) -> float | None:
+    if x.size < LUFS_MIN_S * sr:
+        return None
+    import pyloudnorm
+
+    value = pyloudnorm.Meter(sr).integrated_loudness(x)
+    return float(value) if np.isfinite(value) else None
+
+
+def artifact_scores(audio: np.ndarray, sr: int, prompt: np.ndarray | None = None, prompt_sr: int | None = None) -> dict:
+    """All artifact metrics of one clip; a metric that cannot be measured is omitted."""
+    raw = dsp.as_mono(audio)
+    x = dsp.finite(raw)
+    out: dict[str, float] = {"nonfinite_count": int(np.count_nonzero(~np.isfinite(raw)))}
+    ratio, events = clipping(x)
+    out["clip_ratio"] = ratio
+    out["clip_events"] = events
+    dc = abs(float(x.mean())) if x.size else 0.0
+    out["dc_offset"] = dc
+    out["dc_flag"] = int(dc > DC_FLAG_LEVEL)
+    # the high-pass detectors and the VAD look at the signal around its mean, so a DC shift is
+    # reported once (above), not again as clicks or a raised noise floor
+    xc = x - x.mean() if x.size else x
+    out["click_count"] = int(click_positions(xc, sr).size)
+    levels = dsp.frame_levels_db(xc, sr)
+    pause = levels[~dsp.speech_mask(levels)]
+    if pause.size >= 5:
+        out["noise_floor_dbfs"] = float(np.median(pause))
+    out["pause_noise_count"] = pause_noise_bursts(xc, sr)
+    lead, trail = silence_edges(levels, x.size / sr)
+    out["leading_silence_s"] = lead
+    out["trailing_silence_s"] = trail
+    if prompt is not None and prompt_sr:
+        score = spillover_score(xc, sr, dsp.finite(prompt), prompt_sr)
+        if score is not None:
+            out["spillover_score"] = score
+            out["spillover_flag"] = int(score >= SPILL_FLAG)
+    lufs = loudness_lufs(xc, sr)
+    if lufs is not None:
+        out["loudness_lufs"] = lufs
+    return out
+
+
+class ArtifactGroup:
+    """Metric group over the output audio (and the voice prompt, for spill-over)."""
+
+    specs: ClassVar[list[MetricSpec]] = SPECS
+
+    def load(self) -> None:
+        """Nothing to load: the detectors are signal processing only."""
+
+    def score(self, utt: Utterance) -> dict[str, float]:
+        return artifact_scores(utt.audio, utt.sr, utt.prompt_audio, utt.prompt_sr)

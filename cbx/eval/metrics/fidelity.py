@@ -1,0 +1,71 @@
+"""Fidelity metric group: how close an output is to the uncompressed model's output.
+
+Scores ``utt.audio`` against ``utt.reference_audio`` (the baseline's wav for the same item,
+tokens and noise) with the pure functions of :mod:`cbx.eval.fidelity`; without a reference
+the group returns nothing. The T3 metrics need two models under teacher forcing, which only
+the runner has: it computes them with :func:`cbx.eval.fidelity.top1_agreement` and
+:func:`cbx.eval.fidelity.mean_kl` and passes them in ``utt.extra`` under the metric names
+(``t3_top1_agreement``, ``t3_kl``), so they are recorded under a registered direction and
+version like every other metric.
+
+Result rows are JSON, which has no infinity: an SNR of identical outputs is reported as
+``SNR_CAP_DB`` (no real difference between float32 outputs comes near it), and an infinite
+KL as ``KL_CAP`` (far above any finite KL between the models' softmaxes in practice).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+from cbx.eval import dsp, fidelity
+from cbx.eval.registry import MetricSpec, register_metric
+from cbx.eval.types import Utterance
+
+VERSION = "1"
+SNR_CAP_DB = 200.0
+KL_CAP = 1e6
+
+
+def _spec(name, higher, unit, desc):
+    return register_metric(MetricSpec(name, higher, VERSION, unit, "mean", desc))
+
+
+SPECS = [
+    _spec("mel_l1", False, "nats", "mean |log-mel difference| to the baseline output (S3Gen mel settings)"),
+    _spec("wave_snr_db", True, "dB", "SNR of the output against the baseline waveform (cropped to the shorter)"),
+    _spec("wave_max_abs_err", False, "FS", "largest absolute sample difference to the baseline waveform"),
+    _spec("t3_top1_agreement", True, "fraction", "T3 next-token top-1 agreement with the baseline (teacher forced)"),
+    _spec("t3_kl", False, "nats", "mean KL(baseline || compressed) of T3 next-token distributions"),
+]
+
+
+def _clamp(v: float, cap: float) -> float:
+    if math.isnan(v):
+        return v
+    return max(-cap, min(cap, v))
+
+
+class FidelityGroup:
+    specs: ClassVar[list[MetricSpec]] = SPECS
+
+    def load(self) -> None:
+        """Nothing to load."""
+
+    def score(self, utt: Utterance) -> dict[str, float]:
+        out: dict[str, float] = {}
+        extra = utt.extra or {}
+        if "t3_top1_agreement" in extra:
+            out["t3_top1_agreement"] = float(extra["t3_top1_agreement"])
+        if "t3_kl" in extra:
+            out["t3_kl"] = _clamp(float(extra["t3_kl"]), KL_CAP)
+        if utt.reference_audio is None:
+            return out
+        ref_sr = utt.reference_sr or utt.sr
+        ref = dsp.finite(utt.reference_audio)
+        test = dsp.finite(utt.audio)
+        out["mel_l1"] = fidelity.mel_l1(ref, test, ref_sr, utt.sr)
+        wd = fidelity.waveform_distance(dsp.resample(ref, ref_sr, utt.sr), test)
+        out["wave_snr_db"] = _clamp(wd["snr_db"], SNR_CAP_DB)
+        out["wave_max_abs_err"] = wd["max_abs_err"]
+        return out
