@@ -1,0 +1,423 @@
+"""Quantized replacements for ``nn.Linear``, GPT-2 ``Conv1D`` and ``nn.Embedding``.
+
+Each class holds only low-bit data (the float weight is dropped, so resident memory really
+falls) and runs a real low-bit kernel where one exists:
+
+* :class:`Int8Linear`: ``torch.ops.aten._weight_int8pack_mm`` on CPU (bf16 activations by
+  default: on this CPU the bf16 path is >20x faster than the fp32 one); on CUDA torchao's
+  int8 weight-only recipe (``(x @ q.to(x.dtype).T) * scale``, which torch.compile fuses).
+* :class:`Int4Linear`: ``_weight_int4pack_mm_for_cpu`` on CPU and the tinygemm kernel
+  ``_weight_int4pack_mm`` (the one torchao's int4 tensor-core layout dispatches to) on CUDA.
+  The kernel layout depends on the device (and on the CPU's vector width), so it is rebuilt
+  when the module moves between device types and never written to disk.
+* :class:`FP8Linear`: ``torch._scaled_mm`` with row-wise scales on sm89+ GPUs, otherwise the
+  rounding-exact emulation of :func:`cbx.compress.primitives.fp8_linear_emulated`.
+
+Every class has a pure-torch fallback (``forward_reference``) computing the same thing by
+dequantizing; tests hold kernel and fallback to tight bounds, and the fallback runs wherever a
+kernel is missing. Scales, zeros and fp8 weights are stored as *integer views* of their real
+dtype, so ``model.to(torch.bfloat16)`` or ``model.half()`` cannot silently re-round them;
+a zero-size float buffer follows such casts and gives the embeddings their output dtype.
+
+All three keep ``in_features``/``out_features`` and a ``weight`` attribute (the packed data:
+upstream reads ``speech_head.weight.device``), and accept and ignore extra forward arguments
+(diffusers' ``LoRACompatibleLinear.forward(hidden_states, scale)``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cbx.compress import primitives as P
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The ``[out, in]`` weight of an ``nn.Linear`` or a transformers ``Conv1D`` (``[in, out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    if _is_conv1d(module):
+        return module.weight.detach().t()
+    raise TypeError(f"not a linear layer: {type(module).__name__}")
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers.pytorch_utils.Conv1D, matched by name so transformers stays optional here.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class _Quantized(nn.Module):
+    """Shared parts: shapes, bias, provenance and the checkpoint view of the data."""
+
+    kind = ""
+
+    def __init__(self, in_features: int, out_features: int, bias: Tensor | None, orig_class: str):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False) if bias is not None else None
+        self.orig_class = orig_class
+        # Set by the transform that made this module; read by the checkpoint manifest.
+        self.cbx_method: str = ""
+        self.cbx_config: dict = {}
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "orig_class": self.orig_class, "bias": self.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+    def _finish(self, y: Tensor, x: Tensor) -> Tensor:
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+
+class Int8Linear(_Quantized):
+    kind = "int8"
+
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 compute_dtype: str = "bfloat16", orig_class: str = "Linear"):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias, orig_class)
+        self.compute_dtype = compute_dtype
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+        self._kernel_ok = True
+
+    @classmethod
+    def from_float(cls, module: nn.Module, compute_dtype: str = "bfloat16") -> "Int8Linear":
+        q, s = P.quantize_int8_per_channel(linear_weight(module))
+        return cls(q, s, module.bias, compute_dtype, type(module).__name__)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.qweight
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.float32)
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "scale": self.scale}
+
+    def dequantize(self) -> Tensor:
+        return P.dequantize_int8(self.qweight, self.scale)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        cd = _DTYPES[self.compute_dtype]
+        x2 = x.reshape(-1, self.in_features).to(cd)
+        if x.device.type == "cuda":
+            y = torch.matmul(x2, self.qweight.to(cd).t()) * self.scale.to(cd)
+        elif self._kernel_ok:
+            try:
+                y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(cd))
+            except (RuntimeError, NotImplementedError):
+                self._kernel_ok = False
+                y = self._reference(x2)
+        else:
+            y = self._reference(x2)
+        return self._finish(y, x)
+
+    def _reference(self, x2: Tensor) -> Tensor:
+        cd = x2.dtype
+        return ((x2.float() @ self.qweight.float().t()) * self.scale.to(cd).float()).to(cd)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        return self._finish(self._reference(x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])), x)
+
+
+class Int4Linear(_Quantized):
+    kind = "int4"
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                 bias: Tensor | None = None, orig_class: str = "Linear"):
+        n, k = codes.shape
+        super().__init__(k, n, bias, orig_class)
+        self.group_size = int(group_size)
+        self.register_buffer("_scale_bits", scale.to(torch.bfloat16).contiguous().view(torch.int16))
+        self.register_buffer("_zero_bits", zero.to(torch.bfloat16).contiguous().view(torch.int16))
+        self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
+        self.layout = ""
+        self._sz_cache: dict = {}
+        self._pack(codes, codes.device)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, group_size: int = 128) -> "Int4Linear":
+        codes, s, z = P.quantize_int4_groupwise(linear_weight(module), group_size)
+        return cls(codes, s, z, group_size, module.bias, type(module).__name__)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.packed
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.bfloat16)
+
+    @property
+    def zero(self) -> Tensor:
+        return self._zero_bits.view(torch.bfloat16)
+
+    # -- layouts
+    def _pack(self, codes: Tensor, device: torch.device) -> None:
+        n = self.out_features
+        if device.type == "cuda":
+            # tinygemm wants uint8 [N, K/2] with the *high* nibble holding the even column.
+            c = codes.to(device)
+            u8 = (c[:, 0::2] << 4 | c[:, 1::2]).to(torch.uint8).contiguous()
+            tiles = next(t for t in (8, 4, 2, 1) if self.in_features % (16 * t) == 0)
+            self.packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
+            self.layout = "cuda"
+        else:
+            n_pad = P.padded_rows(n)
+            c = codes.cpu()
+            if n_pad != n:
+                c = torch.cat([c, torch.full((n_pad - n, self.in_features), 8, dtype=torch.uint8)])
+            try:
+                self.packed = P.codes_to_int4_cpu_layout(c).to(device)
+                self.layout = "cpu"
+            except (RuntimeError, NotImplementedError):
+                self.packed = P.pack_int4(c[:n]).to(device)
+                self.layout = "canonical"
+        self._sz_cache = {}
+
+    def codes(self) -> Tensor:
+        """The uint8 ``[N, K]`` codes, whatever the current kernel layout."""
+        n, k = self.out_features, self.in_features
+        if self.layout == "canonical":
+            return P.unpack_int4(self.packed.cpu())
+        if self.layout == "cpu":
+            return P.int4_cpu_layout_to_codes(self.packed, P.padded_rows(n), k)[:n]
+        raise RuntimeError("reading int4 codes back from the CUDA layout: move the module to CPU first")
+
+    def _apply(self, fn, recurse=True):
+        target = fn(torch.zeros(1, device=self.packed.device)).device
+        if target.type != self.packed.device.type:
+            codes = self.codes() if self.layout != "cuda" else self._codes_cuda()
+            super()._apply(fn, recurse)
+            self._pack(codes, target)
+            return self
+        return super()._apply(fn, recurse)
+
+    def _codes_cuda(self) -> Tensor:
+        # Dequantize through the kernel itself with scale 1 and zero 8: rows of the identity pick
+        # out the codes exactly (only needed when moving a CUDA module back to CPU).
+        k, n = self.in_features, self.out_features
+        eye = torch.eye(k, dtype=torch.bfloat16, device=self.packed.device)
+        ones = torch.ones(k // self.group_size, n, 2, dtype=torch.bfloat16, device=self.packed.device)
+        ones[..., 1] = 8.0
+        return torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, ones).t().round().to(torch.uint8).cpu()
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": P.pack_int4(self.codes()), "scale": self.scale, "zero": self.zero}
+
+    def dequantize(self) -> Tensor:
+        return P.dequantize_int4(self.codes(), self.scale, self.zero, self.group_size)
+
+    def _scale_and_zeros(self, dtype: torch.dtype, n_rows: int) -> Tensor:
+        key = (dtype, self.packed.device)
+        if key not in self._sz_cache:
+            s, z = self.scale, self.zero
+            if n_rows != self.out_features:
+                pad = n_rows - self.out_features
+                s = torch.cat([s, torch.ones(pad, s.shape[1], dtype=s.dtype, device=s.device)])
+                z = torch.cat([z, torch.zeros(pad, z.shape[1], dtype=z.dtype, device=z.device)])
+            self._sz_cache = {key: P.scale_and_zeros(s, z, dtype)}
+        return self._sz_cache[key]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.layout == "cpu":
+            n_pad = P.padded_rows(self.out_features)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, n_pad))
+            y = y[:, : self.out_features]
+        elif self.layout == "cuda":
+            y = torch.ops.aten._weight_int4pack_mm(
+                x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, self.out_features))
+        else:
+            y = self._reference(x2)
+        return self._finish(y, x)
+
+    def _reference(self, x2: Tensor) -> Tensor:
+        w = P.dequantize_int4(self.codes().to(x2.device), self.scale, self.zero, self.group_size)
+        return (x2.float() @ w.t()).to(x2.dtype)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        return self._finish(self._reference(x.reshape(-1, self.in_features).to(torch.bfloat16)), x)
+
+
+def _has_fp8_gemm(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+class FP8Linear(_Quantized):
+    kind = "fp8"
+
+    def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 matmul_dtype: str = "bfloat16", orig_class: str = "Linear"):
+        super().__init__(qweight.shape[1], qweight.shape[0], bias, orig_class)
+        self.matmul_dtype = matmul_dtype
+        self.register_buffer("_w_bits", qweight.to(torch.float8_e4m3fn).contiguous().view(torch.uint8))
+        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+
+    @classmethod
+    def from_float(cls, module: nn.Module, matmul_dtype: str = "bfloat16") -> "FP8Linear":
+        q, s = P.quantize_fp8_per_channel(linear_weight(module))
+        return cls(q, s, module.bias, matmul_dtype, type(module).__name__)
+
+    @property
+    def qweight(self) -> Tensor:
+        return self._w_bits.view(torch.float8_e4m3fn)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.qweight
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.float32)
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "scale": self.scale}
+
+    def dequantize(self) -> Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if _has_fp8_gemm(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            x2 = x.reshape(-1, self.in_features)
+            xq, xs = P.quantize_fp8_per_token(x2)
+            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :],
+                                 out_dtype=torch.bfloat16)
+            return self._finish(y, x)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: Tensor) -> Tensor:
+        return P.fp8_linear_emulated(x, self.qweight, self.scale, self.bias, _DTYPES[self.matmul_dtype])
+
+
+class _QuantEmbedding(nn.Module):
+    """Row gather of low-bit codes, dequantized to the dtype the model was last cast to."""
+
+    kind = ""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.orig_class = "Embedding"
+        self.register_buffer("_dtype_anchor", torch.zeros(0, dtype=dtype))
+        self.cbx_method: str = ""
+        self.cbx_config: dict = {}
+
+    def meta(self) -> dict:
+        return {"kind": self.kind, "num_embeddings": self.num_embeddings,
+                "embedding_dim": self.embedding_dim, "orig_class": self.orig_class,
+                "padding_idx": self.padding_idx}
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class Int8Embedding(_QuantEmbedding):
+    kind = "int8"
+
+    def __init__(self, qweight: Tensor, scale: Tensor, padding_idx=None, dtype=torch.float32):
+        super().__init__(qweight.shape[0], qweight.shape[1], padding_idx, dtype)
+        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
+        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding) -> "Int8Embedding":
+        q, s = P.quantize_int8_per_channel(module.weight.detach())
+        return cls(q, s, module.padding_idx, module.weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.qweight
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.float32)
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "scale": self.scale}
+
+    def dequantize(self) -> Tensor:
+        return P.dequantize_int8(self.qweight, self.scale)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        rows = self.qweight[idx].float() * self.scale[idx][..., None]
+        return rows.to(self._dtype_anchor.dtype)
+
+
+class Int4Embedding(_QuantEmbedding):
+    kind = "int4"
+
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
+                 padding_idx=None, dtype=torch.float32):
+        super().__init__(codes.shape[0], codes.shape[1], padding_idx, dtype)
+        self.group_size = int(group_size)
+        self.register_buffer("packed", P.pack_int4(codes).contiguous())
+        self.register_buffer("_scale_bits", scale.to(torch.bfloat16).contiguous().view(torch.int16))
+        self.register_buffer("_zero_bits", zero.to(torch.bfloat16).contiguous().view(torch.int16))
+
+    @classmethod
+    def from_float(cls, module: nn.Embedding, group_size: int = 128) -> "Int4Embedding":
+        codes, s, z = P.quantize_int4_groupwise(module.weight.detach(), group_size)
+        return cls(codes, s, z, group_size, module.padding_idx, module.weight.dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        return self.packed
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.bfloat16)
+
+    @property
+    def zero(self) -> Tensor:
+        return self._zero_bits.view(torch.bfloat16)
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": self.packed, "scale": self.scale, "zero": self.zero}
+
+    def dequantize(self) -> Tensor:
+        return P.dequantize_int4(P.unpack_int4(self.packed), self.scale, self.zero, self.group_size)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        codes = P.unpack_int4(self.packed[idx]).float()
+        g = self.group_size
+        codes = codes.reshape(*idx.shape, self.embedding_dim // g, g)
+        rows = (codes - 8.0) * self.scale[idx].float()[..., None] + self.zero[idx].float()[..., None]
+        return rows.reshape(*idx.shape, self.embedding_dim).to(self._dtype_anchor.dtype)
+
+
+QUANT_CLASSES = (Int8Linear, Int4Linear, FP8Linear, Int8Embedding, Int4Embedding)
+
+
+def from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None, dtype: torch.dtype,
+                params: dict) -> nn.Module:
+    """Rebuild a quantized module from its checkpoint tensors and manifest entry."""
+    kind, orig = meta["kind"], meta["orig_class"]
+    if orig == "Embedding":
+        if kind == "int8":
+            return Int8Embedding(tensors["qweight"], tensors["scale"], meta.get("padding_idx"), dtype)
+        if kind == "int4":
+            return Int4Embedding(P.unpack_int4(tensors["qweight"]), tensors["scale"], tensors["zero"],
+                                 params["group_size"], meta.get("padding_idx"), dtype)
+    elif kind == "int8":
+        return Int8Linear(tensors["qweight"], tensors["scale"], bias, params.get("compute_dtype", "bfloat16"), orig)
+    elif kind == "int4":
+        return Int4Linear(P.unpack_int4(tensors["qweight"]), tensors["scale"], tensors["zero"],
+                          params["group_size"], bias, orig)
+    elif kind == "fp8":
+        return FP8Linear(tensors["qweight"], tensors["scale"], bias, params.get("matmul_dtype", "bfloat16"), orig)
+    raise ValueError(f"unknown quantized module kind {kind!r} for class {orig!r}")

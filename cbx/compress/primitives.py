@@ -1,0 +1,213 @@
+"""Pure tensor math of quantization: quantize, dequantize, pack, error measure.
+
+Everything here is a small function of tensors with no module state, following gpt-fast's
+``quantize.py`` (``group_quantize_tensor`` below small module swaps): the module swaps in
+:mod:`cbx.compress.modules` and the checkpoint format call these, and the tests check them
+directly. Conventions, chosen to match the kernels that consume the results:
+
+* INT8 weight-only: symmetric, one scale per output channel, ``w ~= q * scale`` with
+  ``q`` in [-127, 127] (the -128 code is left unused so that the grid is symmetric).
+  ``torch.ops.aten._weight_int8pack_mm(x, q[N, K], scale[N])`` computes ``x @ (q * scale).T``.
+* INT4 weight-only: asymmetric, one (scale, zero) pair per group of ``group_size`` input
+  channels, in tinygemm's "float zero point" convention ``w ~= (q - 8) * scale + zero`` with
+  ``q`` in [0, 15]. This is what ``_weight_int4pack_mm_for_cpu`` (and the CUDA tinygemm
+  kernel that torchao's int4 layout uses) read from ``scale_and_zeros[K/G, N, 2]``.
+  Scales and zeros are rounded to bfloat16 *before* ``q`` is chosen, so ``q`` is the nearest
+  code for the parameters that are really stored and the kernel, the fallback and the
+  checkpoint agree exactly.
+* Canonical INT4 storage is two codes per byte, low nibble = even input channel. The CPU
+  kernel's packed layout depends on the CPU's vector width (AVX512 vs AVX2 blocking), so it is
+  never written to disk; :func:`int4_cpu_layout_to_codes` recovers codes from it by probing
+  the packing function with index patterns instead of hard-coding one torch version's layout.
+* FP8 e4m3: per-output-channel weight scales ``amax / 448`` and dynamic per-token activation
+  scales, the recipe of ``torch._scaled_mm`` with row-wise scaling. Every e4m3 value is
+  exactly representable in bfloat16, so the CPU emulation (cast to ``float8_e4m3fn`` and back,
+  then a bf16/fp32 matmul with fp32 accumulation) rounds the operands exactly as the GPU does.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+from torch import Tensor
+
+INT4_GROUP_SIZES = (32, 64, 128)
+FP8_E4M3_MAX = 448.0
+# The CPU int4 kernel needs the output dimension to be a multiple of this.
+INT4_CPU_N_MULTIPLE = 16
+_EPS = 1e-8
+
+
+def sqnr_db(reference: Tensor, approx: Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB, as torchao's ``compute_error``."""
+    ref = reference.detach().double()
+    err = ref - approx.detach().double()
+    num, den = torch.linalg.vector_norm(ref), torch.linalg.vector_norm(err)
+    if den == 0:
+        return math.inf
+    return float(20 * torch.log10(num / den))
+
+
+# --------------------------------------------------------------------------- INT8
+
+
+def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``w[N, K]`` -> ``(q int8[N, K], scale float32[N])`` with ``w ~= q * scale[:, None]``."""
+    _check_2d(w)
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / 127.0
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+# --------------------------------------------------------------------------- INT4
+
+
+def quantize_int4_groupwise(w: Tensor, group_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``w[N, K]`` -> ``(codes uint8[N, K] in 0..15, scale bf16[N, K/G], zero bf16[N, K/G])``.
+
+    ``w ~= (codes - 8) * scale + zero`` per group; min/max of each group map to codes 0/15.
+    """
+    _check_2d(w)
+    n, k = w.shape
+    _check_group(k, group_size)
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scale = ((hi - lo).clamp(min=_EPS) / 15.0).to(torch.bfloat16)
+    zero = (lo + 8.0 * scale.float()).to(torch.bfloat16)
+    codes = int4_codes_for(w, scale, zero, group_size)
+    return codes, scale, zero
+
+
+def int4_codes_for(w: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    """Nearest int4 codes of ``w[N, K]`` (or of one group's columns) for given scale/zero."""
+    n, k = w.shape
+    wg = w.detach().float().reshape(n, k // group_size, group_size)
+    s, z = scale.float()[..., None], zero.float()[..., None]
+    codes = torch.round((wg - z) / s + 8.0).clamp_(0, 15)
+    return codes.reshape(n, k).to(torch.uint8)
+
+
+def dequantize_int4(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int) -> Tensor:
+    n, k = codes.shape
+    cg = codes.float().reshape(n, k // group_size, group_size)
+    return ((cg - 8.0) * scale.float()[..., None] + zero.float()[..., None]).reshape(n, k)
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Canonical storage: ``uint8[N, K] (0..15)`` -> ``uint8[N, K/2]``, low nibble = even column."""
+    if codes.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even last dimension, got {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    out = torch.stack([packed & 0x0F, packed >> 4], dim=-1)
+    return out.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def scale_and_zeros(scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """``scale/zero[N, K/G]`` -> the kernels' ``[K/G, N, 2]`` tensor."""
+    return torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
+
+
+def padded_rows(n: int, multiple: int = INT4_CPU_N_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
+def codes_to_int4_cpu_layout(codes: Tensor) -> Tensor:
+    """Codes ``uint8[N, K]`` (N a multiple of 16) -> ``_weight_int4pack_mm_for_cpu`` layout."""
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _int4_cpu_layout_sources(n: int, k: int) -> tuple[Tensor, Tensor]:
+    # The packing is a permutation of nibbles. Pack patterns whose codes spell out each
+    # element's flat index four bits at a time; reading the packed nibbles back gives, for every
+    # packed nibble, the index of the element it came from.
+    total = n * k
+    idx = torch.arange(total, dtype=torch.int64).reshape(n, k)
+    lo_src = torch.zeros(n * k // 2, dtype=torch.int64)
+    hi_src = torch.zeros(n * k // 2, dtype=torch.int64)
+    for digit in range(max(1, math.ceil(math.log2(max(total, 2)) / 4))):
+        pattern = ((idx >> (4 * digit)) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pattern, 1).reshape(-1)
+        lo_src |= (packed & 0xF).to(torch.int64) << (4 * digit)
+        hi_src |= (packed >> 4).to(torch.int64) << (4 * digit)
+    if not torch.equal(torch.sort(torch.cat([lo_src, hi_src])).values, torch.arange(total)):
+        raise RuntimeError("int4 CPU packing is not a nibble permutation; cannot unpack it")
+    return lo_src, hi_src
+
+
+def int4_cpu_layout_to_codes(packed: Tensor, n: int, k: int) -> Tensor:
+    """Inverse of :func:`codes_to_int4_cpu_layout` (used when saving, never in forward)."""
+    lo_src, hi_src = _int4_cpu_layout_sources(n, k)
+    flat = packed.reshape(-1).cpu()
+    codes = torch.empty(n * k, dtype=torch.uint8)
+    codes[lo_src] = flat & 0xF
+    codes[hi_src] = flat >> 4
+    return codes.reshape(n, k)
+
+
+# --------------------------------------------------------------------------- FP8
+
+
+def quantize_fp8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """``w[N, K]`` -> ``(float8_e4m3fn[N, K], scale float32[N])``, ``w ~= q * scale[:, None]``."""
+    _check_2d(w)
+    w = w.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=_EPS) / FP8_E4M3_MAX
+    q = (w / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def quantize_fp8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic activation scaling: ``x[..., K]`` -> ``(float8 x, float32 scale[..., 1])``."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / FP8_E4M3_MAX
+    q = (xf / scale).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def fp8_linear_emulated(
+    x: Tensor,
+    w_fp8: Tensor,
+    w_scale: Tensor,
+    bias: Tensor | None = None,
+    matmul_dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """What ``torch._scaled_mm`` with row-wise scales computes, on any device.
+
+    Both fp8 operands are exact in bf16, and CPU bf16 GEMMs accumulate in fp32, so with
+    ``matmul_dtype=bfloat16`` only the rounding of the unscaled product to bf16 differs from the
+    GPU kernel (which scales in fp32 first); ``float32`` removes even that.
+    """
+    shape = x.shape
+    xq, xs = quantize_fp8_per_token(x.reshape(-1, shape[-1]))
+    acc = torch.matmul(xq.to(matmul_dtype), w_fp8.to(matmul_dtype).t()).float()
+    y = acc * xs * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).reshape(*shape[:-1], w_fp8.shape[0])
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_2d(w: Tensor) -> None:
+    if w.dim() != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {tuple(w.shape)}")
+
+
+def _check_group(k: int, group_size: int) -> None:
+    if group_size not in INT4_GROUP_SIZES:
+        raise ValueError(f"int4 group_size must be one of {INT4_GROUP_SIZES}, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"input size {k} is not a multiple of group_size {group_size}")
