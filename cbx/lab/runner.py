@@ -1,0 +1,529 @@
+"""Run one experiment: load, compress, synthesize the eval set, score, write a run folder.
+
+The order of work, and why:
+
+1. The baseline first. A compressed experiment is only meaningful next to the same model,
+   eval set, engine settings, seed and hardware without compression (llm-compressor's habit
+   of always evaluating the base model beside the compressed one). Its run id is a hash of
+   exactly those, so an existing finished baseline is reused and a missing one is run.
+2. Synthesis one utterance row at a time into ``synth/<id>.json`` + ``audio/<id>.wav`` (wav
+   first, row last, both renamed into place): an interrupted run resumes by skipping the ids
+   that have a row, and a half-written file is never read as finished.
+3. Outputs with NaN or silence mark the run ``failed`` with the reason; it is listed but not
+   ranked, and its scores are not computed (a metric on NaN audio is noise, not a number).
+4. Scoring through the eval suite's manifest interface, with the baseline's wav beside each
+   utterance (``reference_audio``) so the scorer adds waveform/mel fidelity; T3 fidelity
+   (teacher-forced top-1 agreement and KL on the baseline's speech tokens) is computed here
+   because it needs both models, one after the other so that only one is in memory.
+5. ``run.json`` last: its ``status`` says whether the folder is a finished row.
+
+The engine and the eval suite are reached through :class:`Backend`, so tests can run the
+runner's logic (resume, locking, pairing, failure marking, sharding) with small fakes and the
+real pipeline with the built-in tiny model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import gc
+import importlib.metadata as md
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from cbx.errors import CbxError
+from cbx.lab import store
+from cbx.lab.schema import Experiment, to_plain
+from cbx.lab.shard import Shard, single_process
+from cbx.lab.store import ResultsDir, atomic_write_json
+
+# An output is "silent" below this peak amplitude (random-weight models still make noise
+# far above it; a broken pipeline gives exact zeros).
+SILENCE_PEAK = 1e-4
+PACKAGES = (
+    "chatterbox-workbench", "chatterbox-tts", "torch", "transformers", "diffusers", "numpy",
+    "s3tokenizer", "resemble-perth", "safetensors", "accelerate", "wandb",
+)
+
+
+@dataclass
+class EvalItemView:
+    id: str
+    text: str
+    prompt: str | None
+    prompt_text: str | None = None
+
+
+@dataclass
+class UttOutput:
+    id: str
+    wav: np.ndarray
+    sr: int
+    speech_tokens: list[int]
+    audio_s: float
+    timings: dict[str, float]
+
+
+@dataclass
+class BatchOutput:
+    utterances: list[UttOutput]
+    peak_mem_bytes: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Backend:
+    """The engine and eval suite as the runner uses them (the real ones; tests override)."""
+
+    def device(self, requested: str) -> str:
+        import torch
+
+        if requested == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise CbxError(f"device: {requested!r} asked for but CUDA is not available")
+        return requested
+
+    def hardware(self, device: str) -> dict[str, Any]:
+        from cbx.engine.timing import machine_description
+
+        return dict(machine_description(device))
+
+    def load_model(self, source: str, device: str):
+        from cbx.engine.model import load_model
+
+        return load_model(source, device=device)
+
+    def apply_transforms(self, model, steps: list[tuple[str, Any]]):
+        from cbx.compress.registry import apply_transforms
+
+        return apply_transforms(model, steps)
+
+    def save_checkpoint(self, model, out_dir: Path) -> None:
+        from cbx.compress.checkpoint import save_compressed
+
+        save_compressed(model, out_dir)
+
+    def model_bytes(self, model) -> int:
+        seen, total = set(), 0
+        for t in list(model.state_dict().values()):
+            if hasattr(t, "untyped_storage"):
+                ptr = t.untyped_storage().data_ptr()
+                if ptr in seen:
+                    continue
+                seen.add(ptr)
+                total += t.untyped_storage().nbytes()
+        return total
+
+    def eval_set(self, name: str) -> tuple[str, str, list[EvalItemView]]:
+        from cbx.eval.sets import get_eval_set
+
+        es = get_eval_set(name)
+        items = [EvalItemView(it.id, it.text, str(it.prompt_path) if it.prompt_path else None, getattr(it, "prompt_text", None)) for it in es.items]
+        return es.name, str(es.version), items
+
+    def resolved_settings(self, model, settings) -> dict[str, Any]:
+        return to_plain(settings.resolved(model.variant))
+
+    def synthesize(self, model, items: Sequence[EvalItemView], settings) -> BatchOutput:
+        from cbx.engine.synth import SynthRequest, Synthesizer
+
+        reqs = [SynthRequest(text=it.text, voice=it.prompt, id=it.id) for it in items]
+        batch = Synthesizer(model).synthesize(reqs, settings)
+        outs = [
+            UttOutput(it.id, np.asarray(r.wav, np.float32), int(r.sample_rate), [int(t) for t in np.asarray(r.speech_tokens).reshape(-1)], float(r.audio_s), dict(r.timings))
+            for it, r in zip(items, batch.results)
+        ]
+        return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings))
+
+    def metric_versions(self, metrics: Sequence[str] | None) -> dict[str, str]:
+        from cbx.eval.registry import metric_specs
+
+        specs = metric_specs()
+        names = list(metrics) if metrics is not None else sorted(specs)
+        return {n: specs[n].version for n in names if n in specs}
+
+    def score(self, manifest: list[dict], out_dir: Path, metrics: Sequence[str] | None) -> dict:
+        from cbx.eval.scorer import score_manifest
+
+        return score_manifest(manifest, out_dir, list(metrics) if metrics is not None else None)
+
+    def t3_logits(self, model, item: EvalItemView, speech_tokens: list[int], settings):
+        import torch
+
+        from cbx.engine.conditioning import prepare_voice
+        from cbx.engine.t3_decode import teacher_forced_logits
+
+        conds = prepare_voice(model, item.prompt) if item.prompt else model.builtin_conds
+        with torch.inference_mode():
+            return teacher_forced_logits(model, conds, item.text, torch.as_tensor(speech_tokens), settings).float().cpu()
+
+    def t3_fidelity(self, base_logits, logits) -> dict[str, float]:
+        from cbx.eval import fidelity
+
+        return {
+            "t3_top1_agreement": float(fidelity.top1_agreement(base_logits, logits)),
+            "t3_kl": float(fidelity.kl_divergence(base_logits, logits)),
+        }
+
+
+@dataclass
+class RunOutcome:
+    run_id: str
+    run_dir: Path
+    record: dict[str, Any]
+    reused: bool
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_info() -> dict[str, Any]:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return {"commit": None}
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=10
+        )
+        return {"commit": commit.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None}
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for p in PACKAGES:
+        try:
+            out[p] = md.version(p)
+        except md.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def hardware_id(hw: dict[str, Any]) -> str:
+    # Versions are recorded but are not hardware: a torch upgrade does not split the board.
+    return store.stable_hash({k: hw.get(k) for k in ("cpu", "gpu", "device", "torch_threads")}, 8)
+
+
+def hardware_label(hw: dict[str, Any]) -> str:
+    if hw.get("gpu"):
+        return f"{hw['gpu']} ({hw.get('device')})"
+    return f"{hw.get('cpu')}, {hw.get('torch_threads')} threads"
+
+
+def check_output(wav: np.ndarray) -> str | None:
+    """Why an output is unusable (``"nan"`` / ``"silent"``), or None when it is fine."""
+    if wav.size == 0:
+        return "silent"
+    if not np.all(np.isfinite(wav)):
+        return "nan"
+    if float(np.max(np.abs(wav))) < SILENCE_PEAK:
+        return "silent"
+    return None
+
+
+class Runner:
+    """Runs experiments into one results folder. ``shard`` splits the work across processes."""
+
+    def __init__(
+        self,
+        results: str | Path = store.DEFAULT_RESULTS,
+        backend: Backend | None = None,
+        shard: Shard | None = None,
+        progress: bool = True,
+        tracker_factory: Callable[..., Any] | None = None,
+    ):
+        self.results = ResultsDir(results)
+        self.backend = backend or Backend()
+        self.shard = shard or single_process()
+        self.progress = progress
+        self.tracker_factory = tracker_factory
+
+    # ------------------------------------------------------------------ identity
+
+    def identify(self, exp: Experiment) -> tuple[str, str, dict[str, Any], dict[str, Any], str]:
+        device = self.backend.device(exp.device)
+        hw = self.backend.hardware(device)
+        resolved = exp.resolved()
+        key = store.config_key(resolved, hardware_id(hw))
+        return store.run_id_for(exp.name, key), key, resolved, hw, device
+
+    # ------------------------------------------------------------------ entry
+
+    def run(self, exp: Experiment, force: bool = False) -> RunOutcome:
+        baseline = None
+        if not exp.is_baseline and exp.baseline:
+            baseline = self.run(exp.baseline_experiment())
+            if baseline.record.get("status") != store.STATUS_DONE:
+                raise CbxError(
+                    f"experiment {exp.name!r}: its baseline run {baseline.run_id} failed "
+                    f"({baseline.record.get('failure')}); nothing to compare against"
+                )
+        run_id, key, resolved, hw, device = self.identify(exp)
+        run_dir = self.results.run_dir(run_id)
+        with self._lock(run_id):
+            # Decided once (by the main process, under the lock) so every shard agrees.
+            prev = self.results.record(run_id) if self.shard.is_main else None
+            prev = self.shard.broadcast(prev)
+            if prev is not None and prev.get("status") in (store.STATUS_DONE, store.STATUS_FAILED) and not force:
+                self._log(f"reusing {run_id} ({prev['status']})")
+                return RunOutcome(run_id, run_dir, prev, True)
+            record = self._execute(exp, run_id, run_dir, key, resolved, hw, device, baseline, force)
+        self._track(exp, run_dir, record)
+        return RunOutcome(run_id, run_dir, record, False)
+
+    def _lock(self, run_id: str):
+        # Under a shard group only the main process takes the cross-process lock; its peers
+        # are coordinated by barriers (they would otherwise wait on each other's lock).
+        return self.shard.group_lock(self.results, run_id)
+
+    # ------------------------------------------------------------------ work
+
+    def _execute(self, exp, run_id, run_dir: Path, key, resolved, hw, device, baseline: RunOutcome | None, force) -> dict:
+        b = self.backend
+        set_name, set_version, items = b.eval_set(exp.eval.set)
+        if exp.eval.limit is not None:
+            items = items[: exp.eval.limit]
+        if not items:
+            raise CbxError(f"eval.set {exp.eval.set!r}: no items to synthesize")
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            raise CbxError(f"eval set {set_name!r}: duplicate item ids")
+        record: dict[str, Any] = {
+            "record_version": store.RECORD_VERSION,
+            "run_id": run_id,
+            "name": exp.name,
+            "config_key": key,
+            "config": resolved,
+            "is_baseline": exp.is_baseline,
+            "baseline_run": baseline.run_id if baseline else None,
+            "seed": exp.seed,
+            "git": git_info(),
+            "packages": package_versions(),
+            "hardware": hw,
+            "hardware_id": hardware_id(hw),
+            "hardware_label": hardware_label(hw),
+            "eval_set": {"name": set_name, "version": set_version, "n_items": len(items)},
+            "metric_versions": b.metric_versions(exp.eval.metrics),
+            "status": store.STATUS_RUNNING,
+            "started_at": _now(),
+            "command": " ".join(sys.argv),
+        }
+        if self.shard.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / store.RUN_RECORD, record)
+        self.shard.wait()
+
+        model = b.load_model(exp.model, device)
+        steps = exp.transform_configs()
+        record["model_variant"] = getattr(model, "variant", None)
+        if steps:
+            model = b.apply_transforms(model, steps)
+        settings = exp.synth_settings()
+        record["synth_resolved"] = b.resolved_settings(model, settings)
+        record["model_bytes"] = int(b.model_bytes(model))
+        ckpt = run_dir / "checkpoint"
+        if steps and self.shard.is_main and not (ckpt / "manifest.json").is_file():
+            tmp = run_dir / ".checkpoint.tmp"
+            if tmp.exists():
+                import shutil
+
+                shutil.rmtree(tmp)
+            b.save_checkpoint(model, tmp)
+            tmp.replace(ckpt)
+
+        # ---- synthesis (resumable per utterance, sharded by item index)
+        mine = self.shard.take(items)
+        todo = [it for it in mine if force or not (run_dir / "synth" / f"{_safe(it.id)}.json").is_file()]
+        batch_size = int(record["synth_resolved"].get("batch_size") or 1)
+        self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
+        self.shard.wait()
+
+        rows = [self._read_row(run_dir, it.id) for it in items]
+        bad = [(r["id"], r["check"]) for r in rows if r.get("check")]
+
+        # ---- T3 fidelity needs this model now and the baseline model after it
+        fid_rows: dict[str, dict[str, float]] = {}
+        if baseline is not None and exp.eval.t3_fidelity and not bad:
+            fid_rows = self._t3_fidelity(exp, model, device, settings, items, baseline)
+        del model
+        gc.collect()
+
+        if bad:
+            record["status"] = store.STATUS_FAILED
+            kinds = sorted({k for _, k in bad})
+            record["failure"] = f"{len(bad)} of {len(items)} outputs {'/'.join(kinds)}: " + ", ".join(i for i, _ in bad[:5])
+        else:
+            self._score(exp, run_dir, items, rows, baseline)
+            if self.shard.is_main:
+                record["aggregate"] = _read_aggregate(run_dir / "score")
+                if fid_rows:
+                    atomic_write_json(run_dir / "fidelity_t3.json", fid_rows)
+                    keys = sorted({k for v in fid_rows.values() for k in v})
+                    record["t3_fidelity"] = {k: float(np.mean([v[k] for v in fid_rows.values() if k in v])) for k in keys}
+                record["status"] = store.STATUS_DONE
+
+        total_s = sum(float(r["timings"].get("total", 0.0)) for r in rows)
+        audio_s = sum(float(r["audio_s"]) for r in rows)
+        record["speed"] = {
+            "synth_s": total_s,
+            "audio_s": audio_s,
+            "rtf": total_s / audio_s if audio_s > 0 else None,
+            "stage_s": _sum_stages(rows),
+            "peak_mem_bytes": max(int(r.get("peak_mem_bytes", 0)) for r in rows),
+            "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in rows),
+        }
+        record["checkpoint_bytes"] = store.dir_size(ckpt) if ckpt.is_dir() else None
+        record["samples"] = [r["audio"] for r in rows[: exp.eval.samples] if not r.get("check")]
+        record["finished_at"] = _now()
+        if self.shard.is_main:
+            atomic_write_json(run_dir / store.RUN_RECORD, record)
+        self.shard.wait()
+        self._log(f"{run_id}: {record['status']}" + (f" ({record.get('failure')})" if record.get("failure") else ""))
+        return record
+
+    def _synthesize(self, model, todo, settings, run_dir: Path, batch_size: int, name: str) -> None:
+        bar = None
+        if self.progress and todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=f"{name} [{self.shard.rank}]" if self.shard.world > 1 else name, unit="utt", file=sys.stderr, leave=False)
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start : start + batch_size]
+            out = self.backend.synthesize(model, chunk, settings)
+            if len(out.utterances) != len(chunk):
+                raise RuntimeError(f"engine returned {len(out.utterances)} results for {len(chunk)} requests")
+            for it, u in zip(chunk, out.utterances):
+                wav = np.asarray(u.wav, np.float32).reshape(-1)
+                rel = f"audio/{_safe(it.id)}.wav"
+                check = check_output(wav)
+                # NaN cannot be stored faithfully as PCM; the wav is written with zeros there
+                # and the row says why it is unusable.
+                store.write_wav_atomic(run_dir / rel, np.nan_to_num(wav), u.sr)
+                row = {
+                    "id": it.id,
+                    "text": it.text,
+                    "prompt": it.prompt,
+                    "audio": rel,
+                    "sr": u.sr,
+                    "audio_s": float(u.audio_s),
+                    "speech_tokens": list(u.speech_tokens),
+                    "timings": {k: float(v) for k, v in u.timings.items()},
+                    "peak_mem_bytes": int(out.peak_mem_bytes),
+                    "batch_size": len(chunk),
+                    "check": check,
+                }
+                atomic_write_json(run_dir / "synth" / f"{_safe(it.id)}.json", row)
+            if bar:
+                bar.update(len(chunk))
+        if bar:
+            bar.close()
+
+    def _read_row(self, run_dir: Path, uid: str) -> dict:
+        p = run_dir / "synth" / f"{_safe(uid)}.json"
+        try:
+            return store.read_json(p)
+        except FileNotFoundError:
+            raise RuntimeError(f"{p}: missing after synthesis (a shard did not finish)") from None
+
+    def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None) -> None:
+        manifest = []
+        for it, r in zip(items, rows):
+            line = {
+                "id": it.id,
+                "audio": str((run_dir / r["audio"]).resolve()),
+                "text": it.text,
+                "prompt": it.prompt,
+                "timings": r["timings"],
+                "speech_tokens": r["speech_tokens"],
+            }
+            if it.prompt_text is not None:
+                line["prompt_text"] = it.prompt_text
+            if baseline is not None:
+                line["reference_audio"] = str((baseline.run_dir / "audio" / f"{_safe(it.id)}.wav").resolve())
+            manifest.append(line)
+        if self.shard.world == 1:
+            self.backend.score(manifest, run_dir / "score", exp.eval.metrics)
+            return
+        # Each process scores its share; the main process merges the rows and aggregates once.
+        part = run_dir / "score" / f"shard-{self.shard.rank}"
+        self.backend.score(self.shard.take(manifest), part, exp.eval.metrics)
+        self.shard.wait()
+        if self.shard.is_main:
+            from cbx.lab.shard import merge_scores
+
+            merge_scores([run_dir / "score" / f"shard-{r}" for r in range(self.shard.world)], run_dir / "score", [m["id"] for m in manifest])
+        self.shard.wait()
+
+    def _t3_fidelity(self, exp, model, device, settings, items, baseline: RunOutcome) -> dict[str, dict[str, float]]:
+        b = self.backend
+        mine = self.shard.take(items)
+        base_rows = {it.id: self._read_row(baseline.run_dir, it.id) for it in mine}
+        ours = {it.id: b.t3_logits(model, it, base_rows[it.id]["speech_tokens"], settings) for it in mine}
+        base_model = b.load_model(exp.model, device)
+        try:
+            out = {}
+            for it in mine:
+                ref = b.t3_logits(base_model, it, base_rows[it.id]["speech_tokens"], settings)
+                out[it.id] = b.t3_fidelity(ref, ours[it.id])
+        finally:
+            del base_model
+            gc.collect()
+        return self.shard.gather_dict(out)
+
+    # ------------------------------------------------------------------ tracking
+
+    def _track(self, exp: Experiment, run_dir: Path, record: dict) -> None:
+        if not self.shard.is_main or exp.tracking.backend == "none":
+            return
+        from cbx.lab.tracking import log_run
+
+        log_run(exp.tracking, run_dir, record, self.results.root, factory=self.tracker_factory)
+
+    def _log(self, msg: str) -> None:
+        if self.shard.is_main and self.progress:
+            print(f"cbx run: {msg}", file=sys.stderr)
+
+
+def _safe(uid: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in uid)
+
+
+def _sum_stages(rows: list[dict]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in rows:
+        for k, v in r["timings"].items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
+
+
+def _read_aggregate(score_dir: Path) -> dict[str, Any]:
+    p = score_dir / "aggregate.json"
+    try:
+        agg = store.read_json(p)
+    except FileNotFoundError:
+        raise RuntimeError(f"{p}: the scorer wrote no aggregate") from None
+    return agg
+
+
+def run_experiment(exp: Experiment, results: str | Path = store.DEFAULT_RESULTS, **kw) -> RunOutcome:
+    """Run (or reuse) one experiment and its baseline; see :class:`Runner`."""
+    force = kw.pop("force", False)
+    return Runner(results, **kw).run(exp, force=force)
+
+
+def finite_or_none(x: Any) -> float | None:
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None

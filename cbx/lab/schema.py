@@ -1,0 +1,370 @@
+"""Experiment files -> typed, validated experiments.
+
+An experiment file is YAML: either one experiment (its top-level keys are the fields of
+:class:`Experiment`) or a sweep (a single top-level key ``sweep`` with ``base``, and
+``variants`` and/or ``grid``) that expands to several experiments. Every key is checked
+against frozen dataclasses: an unknown key, a wrong type, an unknown transform or metric
+name is a :class:`CbxError` naming the file, the key's path (``steps[1].params.group_size``),
+what was expected and the valid choices, raised before anything is written.
+
+The checker is a small hand-written walk over dataclass type hints rather than pydantic:
+the same function must also check the dataclasses that other layers own (the engine's
+``SynthSettings``, each transform's config), whose tuple fields YAML gives as lists, and
+pydantic's strict mode rejects those while its lax mode turns ``"4"`` into ``4``.
+
+Defaults live in one place: the dataclass fields below, the engine's ``SynthSettings`` and
+each transform's config class. The resolved experiment (every default filled in) is what a
+run folder records.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cbx.errors import CbxError
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One compression step: a registered transform name and its parameters."""
+
+    transform: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    set: str = "offline"
+    limit: int | None = None  # first N items of the set (None: all)
+    metrics: tuple[str, ...] | None = None  # None: the scorer's default metrics
+    samples: int = 4  # audio samples listed in the run folder for the leaderboard page
+    t3_fidelity: bool = True  # teacher-forced T3 top-1 agreement / KL against the baseline
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    backend: Literal["none", "wandb"] = "none"
+    project: str = "chatterbox-workbench"
+    entity: str | None = None
+    mode: Literal["online", "offline"] | None = None  # None: wandb's own setting (WANDB_MODE)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    model: str = "tiny"
+    device: str = "auto"  # "auto" (cuda when present), "cpu", "cuda", "cuda:1", ...
+    steps: tuple[Step, ...] = ()
+    synth: dict[str, Any] = field(default_factory=dict)  # cbx.engine.synth.SynthSettings fields
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    baseline: bool = True  # pair with (and if needed run) the uncompressed baseline
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def is_baseline(self) -> bool:
+        return not self.steps
+
+    def baseline_experiment(self) -> "Experiment":
+        """The same model, eval set, engine settings and seed with no compression."""
+        return dataclasses.replace(self, name=f"baseline-{_slug(self.model)}", steps=())
+
+    def transform_configs(self) -> list[tuple[str, Any]]:
+        """``(name, typed config)`` per step; keys and types checked with their path."""
+        from cbx.compress.registry import registered
+
+        reg = registered()
+        out = []
+        for i, s in enumerate(self.steps):
+            if s.transform not in reg:
+                raise CbxError(
+                    f"steps[{i}].transform: unknown transform {s.transform!r}; "
+                    f"valid choices: {', '.join(sorted(reg)) or '(none registered)'}"
+                )
+            out.append((s.transform, from_mapping(reg[s.transform].config_cls, s.params, f"steps[{i}].params")))
+        return out
+
+    def synth_settings(self):
+        from cbx.engine.synth import SynthSettings
+
+        return from_mapping(SynthSettings, {**self.synth, "seed": self.seed}, "synth")
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain dict with every default filled in (what a run folder records)."""
+        d = to_plain(self)
+        d["steps"] = [
+            {"transform": n, "params": to_plain(c)} for n, c in self.transform_configs()
+        ]
+        d["synth"] = to_plain(self.synth_settings())
+        d["schema_version"] = SCHEMA_VERSION
+        return d
+
+
+def _slug(s: str) -> str:
+    out = "".join(c if c.isalnum() or c in "-_." else "-" for c in s.lower()).strip("-.")
+    return out or "x"
+
+
+def to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    return obj
+
+
+# ---------------------------------------------------------------- type checking
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if tp is float:
+        return "a number"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check(value: Any, tp: Any, path: str) -> Any:
+    """Return ``value`` converted to ``tp`` (lists -> tuples, mappings -> dataclasses) or raise."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
+            return value
+        raise CbxError(f"{path}: expected {_describe(tp)}, got {value!r}")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _check(value, arg, path)
+            except CbxError as e:
+                errors.append(str(e))
+        # A mapping that failed inside a dataclass arm has the more useful message.
+        for msg in errors:
+            if not msg.startswith(f"{path}: expected"):
+                raise CbxError(msg)
+        raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise CbxError(f"{path}: expected null, got {_show(value)}")
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+        if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(tp):
+            if len(value) != len(args):
+                raise CbxError(f"{path}: expected a list of {len(args)} values, got {len(value)}")
+            items = [_check(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [_check(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise CbxError(f"{path}: expected a mapping, got {_show(value)}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return from_mapping(tp, value, path)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+    else:  # an annotation this checker does not know: let the class validate it
+        return value
+    raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
+
+
+def from_mapping(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass ``cls`` from a YAML mapping, checking keys and types; errors name ``path``."""
+    where = path or "top level"
+    if not isinstance(data, dict):
+        raise CbxError(f"{where}: expected a mapping with keys {', '.join(_field_names(cls))}, got {_show(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        k = unknown[0]
+        raise CbxError(f"{_join(path, str(k))}: unknown key; valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        sub = _join(path, name)
+        if name in data:
+            kwargs[name] = _check(data[name], hints.get(name, Any), sub)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise CbxError(f"{sub}: missing required key ({_describe(hints.get(name, Any))})")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise CbxError(f"{where}: {e}") from e
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+# ---------------------------------------------------------------- semantic checks
+
+
+def validate(exp: Experiment, path: str = "") -> Experiment:
+    """Names checked against the registries; engine settings and transform params typed."""
+    try:
+        exp.transform_configs()
+    except CbxError as e:
+        raise CbxError(f"{path}.{e}" if path else str(e)) from None
+    if exp.eval.metrics is not None:
+        from cbx.eval.registry import metric_specs
+
+        specs = metric_specs()
+        for i, m in enumerate(exp.eval.metrics):
+            if m not in specs:
+                raise CbxError(
+                    f"{_join(path, f'eval.metrics[{i}]')}: unknown metric {m!r}; valid choices: {', '.join(sorted(specs)) or '(none registered)'}"
+                )
+    if exp.eval.limit is not None and exp.eval.limit < 1:
+        raise CbxError(f"{_join(path, 'eval.limit')}: expected a positive integer or null, got {exp.eval.limit}")
+    if exp.eval.samples < 0:
+        raise CbxError(f"{_join(path, 'eval.samples')}: expected 0 or more, got {exp.eval.samples}")
+    if "seed" in exp.synth:
+        raise CbxError(f"{_join(path, 'synth.seed')}: set the top-level 'seed' instead (one place for it)")
+    from cbx.engine.synth import SynthSettings
+
+    from_mapping(SynthSettings, {**exp.synth, "seed": exp.seed}, _join(path, "synth"))
+    if not exp.name.strip():
+        raise CbxError(f"{_join(path, 'name')}: must not be empty")
+    return exp
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class Sweep:
+    base: dict[str, Any] = field(default_factory=dict)
+    variants: tuple[dict[str, Any], ...] = ()
+    grid: dict[str, Any] = field(default_factory=dict)  # "synth.cfm_steps": [2, 4, 10]
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "params":
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def _set_dotted(d: dict, dotted: str, value: Any, where: str) -> None:
+    keys = dotted.split(".")
+    cur = d
+    for k in keys[:-1]:
+        nxt = cur.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise CbxError(f"{where}: {k!r} is not a mapping in the base experiment")
+        cur = nxt
+    cur[keys[-1]] = value
+
+
+def expand_sweep(data: dict[str, Any], where: str = "sweep") -> list[tuple[str, dict[str, Any]]]:
+    """(path for errors, experiment mapping) for each variant x grid point."""
+    sweep = from_mapping(Sweep, data, where)
+    variants = list(sweep.variants) or [{}]
+    for i, v in enumerate(sweep.variants):
+        if not isinstance(v, dict):
+            raise CbxError(f"{where}.variants[{i}]: expected a mapping, got {_show(v)}")
+    grid_keys = list(sweep.grid)
+    for k in grid_keys:
+        if not isinstance(sweep.grid[k], list) or not sweep.grid[k]:
+            raise CbxError(f"{where}.grid.{k}: expected a non-empty list of values")
+    out = []
+    for i, v in enumerate(variants):
+        merged = _deep_merge(sweep.base, v)
+        vpath = f"{where}.variants[{i}]" if sweep.variants else f"{where}.base"
+        for combo in itertools.product(*(sweep.grid[k] for k in grid_keys)):
+            m = copy.deepcopy(merged)
+            suffix = []
+            for k, val in zip(grid_keys, combo):
+                _set_dotted(m, k, val, f"{where}.grid.{k}")
+                suffix.append(f"{k.split('.')[-1]}{val}")
+            if suffix:
+                m["name"] = "-".join([str(m.get("name", "exp"))] + suffix)
+            out.append((vpath, m))
+    return out
+
+
+def load_experiments(path: str | Path) -> list[Experiment]:
+    """Experiments defined by one YAML file (one, or many for a sweep), all validated."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise CbxError(f"{path}: cannot read experiment file ({e.strerror or e})") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(data, dict):
+        raise CbxError(f"{path}: expected a mapping of experiment keys, got {_show(data)}")
+    try:
+        if "sweep" in data:
+            if len(data) != 1:
+                extra = sorted(k for k in data if k != "sweep")
+                raise CbxError(f"{extra[0]}: unknown key beside 'sweep' (put shared keys under sweep.base)")
+            items = expand_sweep(data["sweep"])
+        else:
+            data.setdefault("name", path.stem)
+            items = [("", data)]
+        exps = []
+        for vpath, d in items:
+            if isinstance(d.get("tracking"), str):  # `tracking: none` / `tracking: wandb`
+                d["tracking"] = {"backend": d["tracking"]}
+            exp = from_mapping(Experiment, d, vpath)
+            exps.append(validate(exp, vpath))
+    except CbxError as e:
+        raise CbxError(f"{path}: {e}") from None
+    names = [e.name for e in exps]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise CbxError(f"{path}: experiment name {dup[0]!r} appears more than once (names identify runs)")
+    return exps

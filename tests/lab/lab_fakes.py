@@ -1,0 +1,135 @@
+"""Small stand-ins for the engine and eval suite, so the runner's own logic (pairing, resume,
+locking, failure marking, sharding) is tested in milliseconds. The real pipeline is tested
+with the built-in tiny model in test_lab_pipeline.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from cbx.compress.registry import register_transform
+from cbx.eval.registry import MetricSpec, register_metric
+from cbx.lab.runner import Backend, BatchOutput, EvalItemView, UttOutput
+from cbx.lab.schema import to_plain
+
+SR = 8000
+
+
+@dataclass(frozen=True)
+class LabGainConfig:
+    """Test transform: scales the fake model's output (gain 0 makes it silent)."""
+
+    gain: float = 0.5
+    nan: bool = False
+
+    def __post_init__(self):
+        if self.gain < 0:
+            raise ValueError(f"gain must be >= 0, got {self.gain}")
+
+
+@register_transform("lab_test_gain", LabGainConfig)
+def _gain(model, cfg):
+    model.gain *= cfg.gain
+    model.nan = model.nan or cfg.nan
+    return model
+
+
+register_metric(MetricSpec("lab_test_err", higher_is_better=False, version="1"))
+register_metric(MetricSpec("lab_test_sim", higher_is_better=True, version="1"))
+
+
+class FakeModel(torch.nn.Module):
+    variant = "original"
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(256))
+        self.gain = 1.0
+        self.nan = False
+
+
+def _h(s: str) -> int:
+    return int.from_bytes(hashlib.blake2b(s.encode(), digest_size=4).digest(), "little")
+
+
+class FakeBackend(Backend):
+    def __init__(self, n_items=4, fail_after=None):
+        self.n_items = n_items
+        self.synthesized: list[str] = []
+        self.fail_after = fail_after  # raise after this many utterances (simulated crash)
+        self.scored: list[list[dict]] = []
+
+    def device(self, requested):
+        return "cpu"
+
+    def hardware(self, device):
+        return {"cpu": "fake cpu", "torch_threads": 1, "device": "cpu", "torch": "x"}
+
+    def load_model(self, source, device):
+        return FakeModel()
+
+    def save_checkpoint(self, model, out_dir):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True)
+        (out_dir / "manifest.json").write_text(json.dumps({"gain": model.gain}))
+
+    def eval_set(self, name):
+        items = [EvalItemView(f"utt{i}", f"sentence number {i}", None) for i in range(self.n_items)]
+        return "fake", "1", items
+
+    def resolved_settings(self, model, settings):
+        return to_plain(settings)
+
+    def synthesize(self, model, items, settings):
+        outs = []
+        for it in items:
+            if self.fail_after is not None and len(self.synthesized) >= self.fail_after:
+                raise RuntimeError("simulated crash")
+            rng = np.random.default_rng(_h(it.id) + settings.seed)
+            n = SR // 4 + _h(it.id) % 500
+            wav = (0.3 * np.sin(np.arange(n) * 0.05 * (1 + _h(it.id) % 7)) + 0.01 * rng.standard_normal(n)) * model.gain
+            wav = wav.astype(np.float32)
+            if model.nan:
+                wav[10] = np.nan
+            self.synthesized.append(it.id)
+            tokens = [int(t) for t in rng.integers(0, 100, size=5)]
+            outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(model.gain, 0.1)}))
+        return BatchOutput(outs, peak_mem_bytes=1000, timings={})
+
+    def metric_versions(self, metrics):
+        return {"lab_test_err": "1", "lab_test_sim": "1"}
+
+    def score(self, manifest, out_dir, metrics):
+        self.scored.append(list(manifest))
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for m in manifest:
+            wav, _ = sf.read(m["audio"], dtype="float32")
+            row = {"id": m["id"], "lab_test_err": float(np.abs(wav).mean())}
+            if m.get("reference_audio"):
+                ref, _ = sf.read(m["reference_audio"], dtype="float32")
+                row["lab_test_sim"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
+            rows.append(row)
+        with open(out_dir / "utterances.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+        keys = sorted({k for r in rows for k in r if k != "id"})
+        agg = {"metrics": {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}, "n": len(rows)}
+        (out_dir / "aggregate.json").write_text(json.dumps(agg))
+        return agg
+
+    def t3_logits(self, model, item, speech_tokens, settings):
+        g = torch.Generator().manual_seed(_h(item.id))
+        base = torch.randn(len(speech_tokens), 16, generator=g)
+        return base + (1.0 - model.gain) * torch.randn(len(speech_tokens), 16, generator=g)
+
+    def t3_fidelity(self, base_logits, logits):
+        agree = (base_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
+        return {"t3_top1_agreement": agree}
