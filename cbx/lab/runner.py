@@ -169,7 +169,7 @@ class Backend:
 
         return {
             "t3_top1_agreement": float(fidelity.top1_agreement(base_logits, logits)),
-            "t3_kl": float(fidelity.kl_divergence(base_logits, logits)),
+            "t3_kl": float(fidelity.mean_kl(base_logits, logits)),
         }
 
 
@@ -363,13 +363,9 @@ class Runner:
             kinds = sorted({k for _, k in bad})
             record["failure"] = f"{len(bad)} of {len(items)} outputs {'/'.join(kinds)}: " + ", ".join(i for i, _ in bad[:5])
         else:
-            self._score(exp, run_dir, items, rows, baseline)
+            self._score(exp, run_dir, items, rows, baseline, fid_rows, record["model_bytes"])
             if self.shard.is_main:
                 record["aggregate"] = _read_aggregate(run_dir / "score")
-                if fid_rows:
-                    atomic_write_json(run_dir / "fidelity_t3.json", fid_rows)
-                    keys = sorted({k for v in fid_rows.values() for k in v})
-                    record["t3_fidelity"] = {k: float(np.mean([v[k] for v in fid_rows.values() if k in v])) for k in keys}
                 record["status"] = store.STATUS_DONE
 
         total_s = sum(float(r["timings"].get("total", 0.0)) for r in rows)
@@ -435,7 +431,7 @@ class Runner:
         except FileNotFoundError:
             raise RuntimeError(f"{p}: missing after synthesis (a shard did not finish)") from None
 
-    def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None) -> None:
+    def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None, fid_rows, model_bytes) -> None:
         manifest = []
         for it, r in zip(items, rows):
             line = {
@@ -445,6 +441,10 @@ class Runner:
                 "prompt": it.prompt,
                 "timings": r["timings"],
                 "speech_tokens": r["speech_tokens"],
+                # counters and the runner's T3 fidelity, scored by the eval suite's groups
+                "peak_mem_bytes": r.get("peak_mem_bytes"),
+                "model_bytes": model_bytes,
+                **fid_rows.get(it.id, {}),
             }
             if it.prompt_text is not None:
                 line["prompt_text"] = it.prompt_text

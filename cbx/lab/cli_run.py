@@ -1,0 +1,53 @@
+"""``cbx run EXP.yaml... [--results DIR]``: run experiment files into run folders.
+
+Every file is loaded and validated before any work starts, so a typo in the third file of a
+list fails at once with exit status 2 and nothing written. Under ``accelerate launch`` the
+same command shards each run across the launched processes (see :mod:`cbx.lab.shard`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from cbx.lab.store import DEFAULT_RESULTS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("experiments", nargs="+", metavar="EXP.yaml", help="experiment or sweep files")
+    p.add_argument("--results", default=DEFAULT_RESULTS, help=f"results folder (default: {DEFAULT_RESULTS})")
+    p.add_argument("--force", action="store_true", help="re-run experiments that already have a finished run")
+    p.add_argument("--only", action="append", default=None, metavar="NAME", help="run only experiments with this name (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbx.errors import CbxError
+    from cbx.lab.runner import Runner
+    from cbx.lab.schema import load_experiments
+    from cbx.lab.shard import from_environment
+
+    exps = []
+    for f in args.experiments:
+        exps.extend(load_experiments(f))
+    if args.only:
+        names = {e.name for e in exps}
+        unknown = [n for n in args.only if n not in names]
+        if unknown:
+            raise CbxError(f"--only {unknown[0]!r}: no such experiment; valid choices: {', '.join(sorted(names))}")
+        exps = [e for e in exps if e.name in set(args.only)]
+    shard = from_environment()
+    runner = Runner(args.results, shard=shard, progress=not args.quiet)
+    failed = 0
+    for exp in exps:
+        out = runner.run(exp, force=args.force)
+        rec = out.record
+        if shard.is_main:
+            status = rec.get("status")
+            note = " (reused)" if out.reused else ""
+            extra = f": {rec.get('failure')}" if status == "failed" else ""
+            print(f"{exp.name}: {status}{note} -> {out.run_dir}{extra}")
+        failed += rec.get("status") != "done"
+    if shard.is_main and failed:
+        print(f"cbx run: {failed} run(s) failed (listed on the leaderboard, not ranked)", file=sys.stderr)
+    return 0
