@@ -1,0 +1,128 @@
+"""Experiment files: strict keys and types with the key's path, registry names, sweeps, and
+`cbx run` refusing a bad file with exit status 2 and nothing written."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+import lab_fakes  # noqa: F401  (registers the lab_test_gain transform)
+from cbx.cli import main
+from cbx.errors import CbxError
+from cbx.lab.schema import Experiment, load_experiments
+
+
+def _write(tmp_path, text, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+def test_a_valid_file_loads_with_defaults_filled_in(tmp_path):
+    p = _write(tmp_path, """
+        model: tiny
+        steps:
+          - transform: lab_test_gain
+            params: {gain: 1}
+        synth: {cfm_steps: 2, temperature: 1}
+        eval: {set: offline, limit: 2}
+        tracking: none
+    """)
+    (exp,) = load_experiments(p)
+    assert isinstance(exp, Experiment) and exp.name == "exp"  # name defaults to the file stem
+    assert exp.tracking.backend == "none" and exp.eval.limit == 2
+    (name, cfg), = exp.transform_configs()
+    assert name == "lab_test_gain" and cfg.gain == 1.0 and isinstance(cfg.gain, float)
+    res = exp.resolved()
+    assert res["synth"]["cfm_steps"] == 2 and res["synth"]["temperature"] == 1.0
+    assert res["synth"]["max_speech_tokens"] == 1000  # the engine's default, recorded
+    assert res["steps"] == [{"transform": "lab_test_gain", "params": {"gain": 1.0, "nan": False}}]
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("modle: tiny\n", "modle: unknown key; valid keys: name, model, device"),
+        ("steps:\n  - transform: lab_test_gain\n    params: {gian: 2}\n", "steps[0].params.gian: unknown key; valid keys: gain, nan"),
+        ("steps:\n  - transform: lab_test_gain\n  - transform: lab_test_gain\n    params: {gain: '4'}\n", "steps[1].params.gain: expected a number, got str '4'"),
+        ("steps:\n  - transform: lab_test_gain\n    params: {gain: -1}\n", "steps[0].params: gain must be >= 0"),
+        ("steps:\n  - transform: int9\n", "steps[0].transform: unknown transform 'int9'; valid choices:"),
+        ("eval: {metrics: [wer_typo]}\n", "eval.metrics[0]: unknown metric 'wer_typo'; valid choices:"),
+        ("eval: {limit: 0}\n", "eval.limit: expected a positive integer"),
+        ("synth: {cfm_steps: 2.5}\n", "synth.cfm_steps: expected int or null, got float 2.5"),
+        ("synth: {seed: 3}\n", "synth.seed: set the top-level 'seed'"),
+        ("synth: {temprature: 0.5}\n", "synth.temprature: unknown key; valid keys: temperature"),
+        ("tracking: {backend: mlflow}\n", "tracking.backend: expected one of 'none', 'wandb', got 'mlflow'"),
+        ("seed: true\n", "seed: expected int, got bool True"),
+        ("steps: {transform: x}\n", "steps: expected a list of a mapping"),
+        ("- a\n- b\n", "expected a mapping of experiment keys"),
+        ("name: [\n", "not valid YAML"),
+    ],
+)
+def test_bad_files_name_the_key_and_the_choices(tmp_path, body, needle):
+    p = _write(tmp_path, body)
+    with pytest.raises(CbxError) as e:
+        load_experiments(p)
+    assert str(e.value).startswith(str(p)) and needle in str(e.value), str(e.value)
+
+
+def test_metric_choices_are_listed(tmp_path):
+    p = _write(tmp_path, "eval: {metrics: [nope]}\n")
+    with pytest.raises(CbxError, match="lab_test_sim"):
+        load_experiments(p)
+
+
+def test_sweep_variants_times_grid(tmp_path):
+    p = _write(tmp_path, """
+        sweep:
+          base: {model: tiny, eval: {limit: 2}, synth: {cfm_steps: 4}}
+          variants:
+            - name: base
+            - name: gain
+              steps: [{transform: lab_test_gain, params: {gain: 0.5}}]
+              synth: {temperature: 0.5}
+          grid:
+            seed: [0, 1]
+            synth.cfm_steps: [2, 10]
+    """)
+    exps = load_experiments(p)
+    assert len(exps) == 8
+    names = [e.name for e in exps]
+    assert names[:4] == ["base-seed0-cfm_steps2", "base-seed0-cfm_steps10", "base-seed1-cfm_steps2", "base-seed1-cfm_steps10"]
+    g = [e for e in exps if e.name == "gain-seed1-cfm_steps10"][0]
+    # variant keys merge into the base mapping; grid values override both
+    assert g.synth == {"cfm_steps": 10, "temperature": 0.5} and g.seed == 1 and g.eval.limit == 2
+    assert g.steps[0].params == {"gain": 0.5}
+
+
+def test_sweep_errors_carry_the_variant_path(tmp_path):
+    p = _write(tmp_path, """
+        sweep:
+          base: {model: tiny}
+          variants:
+            - name: a
+            - name: b
+              steps: [{transform: lab_test_gain, params: {gain: x}}]
+    """)
+    with pytest.raises(CbxError, match=r"sweep\.variants\[1\]\.steps\[0\]\.params\.gain: expected a number"):
+        load_experiments(p)
+    p = _write(tmp_path, "sweep:\n  variants: [{name: a}, {name: a}]\n")
+    with pytest.raises(CbxError, match="'a' appears more than once"):
+        load_experiments(p)
+    p = _write(tmp_path, "sweep:\n  variants: [{name: a}]\nmodel: tiny\n")
+    with pytest.raises(CbxError, match="model: unknown key beside 'sweep'"):
+        load_experiments(p)
+
+
+def test_cbx_run_rejects_a_bad_file_with_status_2_and_writes_nothing(tmp_path, capsys):
+    good = _write(tmp_path, "model: tiny\n", "good.yaml")
+    bad = _write(tmp_path, "model: tiny\nsteps: [{transform: lab_test_gain, params: {gain: '1'}}]\n", "bad.yaml")
+    results = tmp_path / "runs"
+    assert main(["run", str(good), str(bad), "--results", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert "bad.yaml: steps[0].params.gain: expected a number, got str '1'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not results.exists()
+    assert main(["run", str(tmp_path / "missing.yaml"), "--results", str(results)]) == 2
+    assert "cannot read experiment file" in capsys.readouterr().err
