@@ -1,0 +1,158 @@
+"""Calibration data for GPTQ: T3's own activations on text, teacher-forced through the
+conditioned model.
+
+Why this way: GPTQ minimises a layer's output error on the inputs the layer really sees, so
+the inputs must come from T3 doing its real job. For each calibration sentence we
+
+1. let the *unquantized* T3 sample its own speech tokens (conditioned on the model's built-in
+   voice, seeded, with a KV cache), so that the speech part of the sequence is in T3's own
+   distribution rather than random ids;
+2. run one teacher-forced pass over ``[conditioning | text | speech]`` (and, for the models
+   that use classifier-free guidance, the unconditional row with the text embeddings zeroed,
+   exactly as inference runs it), with forward pre-hooks accumulating each target layer's
+   input Hessian ``2/n X^T X``.
+
+The sequences are generated once; the teacher-forced pass is repeated for chunks of layers so
+that the float64 Hessians held at one time stay under ``max_hessian_bytes`` (the full-size
+model's 210 layers would need 5.5 GB at once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from cbx.compress.gptq import HessianAccumulator
+from cbx.errors import CbxError
+
+# Varied English read-speech sentences (numbers, questions, long and short clauses).
+CALIBRATION_TEXTS = (
+    "The quick brown fox jumps over the lazy dog near the quiet river bank.",
+    "Please call Stella and ask her to bring these things with her from the store.",
+    "On March third, twenty twenty-four, the meeting started at nine fifteen sharp.",
+    "Why would anyone leave the door open when it is this cold outside?",
+    "Scientists measured the temperature every hour for three consecutive weeks.",
+    "I honestly did not expect the results to be so clear, so quickly.",
+    "Turn left at the second light, then continue straight for about two miles.",
+    "She sells sea shells by the sea shore, and the shells she sells are surely sea shells.",
+    "The orchestra played a slow, gentle piece while the audience listened in silence.",
+    "Could you repeat that number once more: four, eight, fifteen, sixteen, twenty-three?",
+    "A small boat drifted across the lake as the sun set behind the hills.",
+    "Our new policy takes effect next Monday, so please read the attached summary.",
+    "He laughed, shook his head, and said that he would think about it tomorrow.",
+    "Fresh bread, warm soup and a cup of tea make a perfect winter dinner.",
+    "The museum closes early on holidays, but the garden stays open until dusk.",
+    "Let me know whether the package arrived safely and in good condition.",
+)
+
+
+@dataclasses.dataclass
+class CalibrationSequence:
+    text_tokens: torch.Tensor  # [1, T_text]
+    speech_tokens: torch.Tensor  # [1, T_speech], starting with the start-of-speech token
+
+
+def _t3_cond(model, device) -> object:
+    conds = model.builtin_conds
+    if conds is None:
+        raise CbxError(f"model '{model.source}': GPTQ calibration needs the model's built-in voice (conds.pt), "
+                       "and this model has none; use method: rtn or add conds.pt to the model folder")
+    # prepare_conditioning caches the prompt embedding on the T3Cond; work on a copy.
+    t3c = dataclasses.replace(conds.t3, cond_prompt_speech_emb=None)
+    return t3c.to(device=device) if hasattr(t3c, "to") else t3c
+
+
+@torch.inference_mode()
+def generate_sequences(model, texts: Sequence[str], max_speech_tokens: int, seed: int,
+                       temperature: float = 0.8) -> list[CalibrationSequence]:
+    """Sample speech tokens for each text with the (unquantized) T3, batch 1, KV cache."""
+    from cbx.engine.text import t3_text_tokens
+
+    t3 = model.t3
+    device = next(t3.parameters()).device
+    hp = t3.hp
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    lang = "en" if model.variant == "multilingual" else None
+    out = []
+    for text in tqdm(texts, desc="calibration: sampling speech tokens", leave=False):
+        tt = torch.tensor([t3_text_tokens(model, text, language_id=lang)], device=device)
+        speech = [hp.start_speech_token]
+        embeds, _ = t3.prepare_input_embeds(t3_cond=_t3_cond(model, device), text_tokens=tt,
+                                            speech_tokens=torch.tensor([speech], device=device))
+        res = t3.tfmr(inputs_embeds=embeds, use_cache=True)
+        for _ in range(max_speech_tokens):
+            logits = t3.speech_head(res.last_hidden_state[:, -1]).float().cpu()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            tok = int(torch.multinomial(probs, 1, generator=gen))
+            if tok == hp.stop_speech_token:
+                break
+            speech.append(tok)
+            emb = t3.speech_emb(torch.tensor([[tok]], device=device))
+            if hp.input_pos_emb == "learned":
+                emb = emb + t3.speech_pos_emb.get_fixed_embedding(len(speech) - 1)
+            res = t3.tfmr(inputs_embeds=emb, past_key_values=res.past_key_values, use_cache=True)
+        out.append(CalibrationSequence(tt.cpu(), torch.tensor([speech])))
+    return out
+
+
+@torch.inference_mode()
+def _teacher_forced_pass(model, seqs: list[CalibrationSequence]) -> None:
+    t3 = model.t3
+    device = next(t3.parameters()).device
+    cfg = model.variant != "turbo"
+    for s in seqs:
+        tt, st = s.text_tokens.to(device), s.speech_tokens.to(device)
+        if cfg:
+            tt, st = tt.expand(2, -1).contiguous(), st.expand(2, -1).contiguous()
+        embeds, len_cond = t3.prepare_input_embeds(t3_cond=_t3_cond(model, device), text_tokens=tt,
+                                                   speech_tokens=st, cfg_weight=0.5 if cfg else 0.0)
+        hidden = t3.tfmr(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        n_text = tt.shape[1]
+        t3.text_head(hidden[:1, len_cond:len_cond + n_text])
+        t3.speech_head(hidden[:, len_cond + n_text:])
+
+
+def collect_hessians(model, modules: Sequence[tuple[str, nn.Module]], seqs: list[CalibrationSequence],
+                     max_hessian_bytes: int = 1 << 30) -> "dict[str, torch.Tensor]":
+    """Input Hessian of each ``(name, module)`` over the teacher-forced calibration sequences."""
+    out: dict[str, torch.Tensor] = {}
+    chunks, cur, cur_bytes = [], [], 0
+    for name, mod in modules:
+        k = _in_features(mod)
+        if cur and cur_bytes + 8 * k * k > max_hessian_bytes:
+            chunks.append(cur)
+            cur, cur_bytes = [], 0
+        cur.append((name, mod))
+        cur_bytes += 8 * k * k
+    if cur:
+        chunks.append(cur)
+    for chunk in tqdm(chunks, desc="calibration: teacher-forced passes", leave=False, disable=len(chunks) < 2):
+        accs = {name: HessianAccumulator(_in_features(mod)) for name, mod in chunk}
+        handles = [mod.register_forward_pre_hook(_hook(accs[name])) for name, mod in chunk]
+        try:
+            _teacher_forced_pass(model, seqs)
+        finally:
+            for h in handles:
+                h.remove()
+        for name, acc in accs.items():
+            if acc.n == 0:
+                raise CbxError(f"GPTQ calibration: module '{name}' saw no input in the teacher-forced pass; "
+                               "leave it out with ignore or use method: rtn")
+            out[name] = acc.h
+    return out
+
+
+def _hook(acc: HessianAccumulator):
+    def fn(module, args):
+        acc.add(args[0])
+    return fn
+
+
+def _in_features(mod: nn.Module) -> int:
+    from cbx.compress.modules import linear_weight
+
+    return linear_weight(mod).shape[1]
