@@ -1,0 +1,81 @@
+"""W&B mirroring: offline runs read back from their .wandb file; `tracking: none` logs
+nothing; W&B failures never lose the run's local results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cbx.lab.runner import Runner
+from cbx.lab.schema import EvalConfig, Experiment, Step, TrackingConfig
+from cbx.lab.tracking import NullTracker, read_offline_run
+from lab_fakes import FakeBackend
+
+
+@pytest.fixture
+def wandb_env(tmp_path, monkeypatch):
+    for var, sub in (("WANDB_DIR", "wb"), ("WANDB_DATA_DIR", "wbdata"), ("WANDB_CACHE_DIR", "wbcache"),
+                     ("WANDB_ARTIFACT_DIR", "wbart"), ("WANDB_CONFIG_DIR", "wbcfg")):
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    return tmp_path / "wb"
+
+
+def _exp(tracking, gain=0.5):
+    return Experiment(name="tracked", steps=(Step("lab_test_gain", {"gain": gain}),), synth={"batch_size": 3},
+                      eval=EvalConfig(set="fake"), tracking=tracking)
+
+
+def test_offline_run_logs_config_summary_tables_audio_and_checkpoint(tmp_path, wandb_env):
+    out = Runner(tmp_path / "runs", backend=FakeBackend(3), progress=False).run(_exp(TrackingConfig(backend="wandb", project="cbx-test", mode="offline")))
+    assert out.record["status"] == "done"
+    info = json.loads((out.run_dir / "tracking.json").read_text())
+    runs = list((wandb_env / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2  # the baseline it ran is mirrored too
+    (run_dir,) = [p for p in runs if p.name.endswith(info["run"])]
+    recs = read_offline_run(run_dir)
+    kinds = [k for k, _ in recs]
+    run = next(v for k, v in recs if k == "run")
+    config = {u["key"]: json.loads(u["value_json"]) for u in run["config"]["update"]}
+    assert config["run_id"] == out.run_id and config["steps"][0]["transform"] == "lab_test_gain"
+    assert config["baseline_run"] == out.record["baseline_run"] and info["run"] == run["run_id"]
+    summary = {}
+    for k, v in recs:
+        if k == "summary":
+            for u in v.get("update", []):
+                summary[u.get("key") or "/".join(u.get("nested_key", []))] = json.loads(u["value_json"])
+    assert summary["wer"] == pytest.approx(out.record["aggregate"]["metrics"]["wer"])
+    assert summary["speed/rtf"] == pytest.approx(out.record["speed"]["rtf"]) and summary["status"] == "done"
+    arts = [v for k, v in recs if k == "artifact"]
+    tables = {a["name"].rsplit("-", 1)[-1]: a for a in arts if a["type"] == "run_table"}
+    assert set(tables) == {"utterances", "leaderboard"}
+    wavs = [c["path"] for c in tables["utterances"]["manifest"]["contents"] if c["path"].endswith(".wav")]
+    assert len(wavs) == 3  # one audio clip per utterance
+    (model,) = [a for a in arts if a["type"] == "model"]
+    assert model["name"] == f"ckpt-{out.run_id}" and any(c["path"] == "manifest.json" for c in model["manifest"]["contents"])
+    assert "exit" in kinds
+
+
+def test_tracking_none_logs_nothing(tmp_path, wandb_env):
+    out = Runner(tmp_path / "runs", backend=FakeBackend(2), progress=False).run(_exp(TrackingConfig()))
+    assert out.record["status"] == "done" and not (out.run_dir / "tracking.json").exists()
+    assert not (wandb_env / "wandb").exists()
+
+
+class BrokenTracker(NullTracker):
+    enabled = True
+
+    def start(self, name, config, group=None):
+        raise ConnectionError("network is unreachable")
+
+
+def test_wandb_failure_keeps_the_local_results(tmp_path, wandb_env):
+    r = Runner(tmp_path / "runs", backend=FakeBackend(2), progress=False, tracker_factory=lambda cfg: BrokenTracker())
+    with pytest.warns(UserWarning, match="network is unreachable.*local results are in"):
+        out = r.run(_exp(TrackingConfig(backend="wandb")))
+    rec = json.loads((out.run_dir / "run.json").read_text())
+    assert rec["status"] == "done" and rec["aggregate"]["metrics"]["wer"] > 0
