@@ -1,0 +1,186 @@
+"""Eval sets: named, versioned lists of (voice prompt, target text) pairs.
+
+- ``offline`` (works with no network): five real voices from installable packages (see
+  :mod:`cbx.eval.assets`) and 30 target sentences of varied length and kind (short, long,
+  numbers and dates, abbreviations, questions, quotes); sentence ``i`` is spoken with voice
+  ``i mod 5``, so every voice meets every kind of sentence.
+- ``librispeech-pc``: LibriSpeech test-clean with LibriSpeech-PC transcripts, cross-sentence
+  pairs of 4-10 s (the 1,127-pair list of F5-TTS): prompt = one utterance of a speaker, target =
+  the text of another utterance of the same speaker. Audio comes through ``datasets``; the pair
+  list is a local file (``$CBX_LIBRISPEECH_PC_LIST``) since it is not on a hub.
+- ``seed-tts-en``: Seed-TTS-eval ``test-en`` from a folder the user downloaded
+  (``$CBX_SEED_TTS_DIR`` or ``get_eval_set("seed-tts-en", root=...)``), read from its
+  ``meta.lst`` (``id|prompt text|prompt wav|target text``).
+
+Loading is lazy: nothing is downloaded unless a network set is named, and offline those fail
+with a :class:`CbxError` that says what is missing. A set's version is bumped whenever its
+items change, and results record it, so scores of different set versions are never mixed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cbx.errors import CbxError
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    id: str
+    text: str  # target text to synthesize
+    prompt_path: Path  # voice prompt audio
+    prompt_text: str | None = None  # transcript of the prompt, when known
+    voice: str | None = None
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    name: str
+    version: str
+    items: list[EvalItem] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# Kinds are recorded in the item id, so per-kind breakdowns need no second table.
+OFFLINE_SENTENCES: list[tuple[str, str]] = [
+    ("short", "Good morning."),
+    ("short", "Please close the door behind you."),
+    ("short", "The coffee is ready."),
+    ("short", "I never said that."),
+    ("short", "Turn left at the bridge."),
+    ("question", "Where did you park the car last night?"),
+    ("question", "Could you send me the report before Friday?"),
+    ("question", "Why would anyone leave a bicycle in the rain?"),
+    ("question", "Have you ever seen the ocean at sunrise?"),
+    ("numbers", "The train leaves at 7:45 from platform 12."),
+    ("numbers", "She was born on March 3rd, 1987, in a small town."),
+    ("numbers", "The invoice came to $1,250, due within 30 days."),
+    ("numbers", "Call me back at 555 0199 after 6 o'clock."),
+    ("numbers", "About 2.5 million people visited the museum in 2023."),
+    ("abbrev", "Dr. Smith moved the meeting to 10 a.m. on Tuesday."),
+    ("abbrev", "The NASA team shared the data with the FBI and the UN."),
+    ("abbrev", "Mr. and Mrs. Lee live on Oak St. near the old mill."),
+    ("abbrev", "Our CEO said the AI model runs on a single GPU."),
+    ("quote", 'He looked up and said, "I will be there in five minutes."'),
+    ("quote", 'The sign on the door read "Closed for the holidays."'),
+    ("quote", 'She whispered, "Do not tell anyone," and walked away.'),
+    ("long", "The old lighthouse keeper climbed the narrow stairs every evening, lit the great lamp, "
+     "and watched the ships pass safely through the rocky strait until dawn."),
+    ("long", "When the storm finally passed, the villagers came out of their houses, cleared the "
+     "fallen branches from the road, and shared whatever food they had left."),
+    ("long", "Researchers measured how much each compression step changed the voice, the accuracy "
+     "of the words, and the time it took to speak a single sentence."),
+    ("long", "If you are planning a long journey by train, bring a good book, some water, and a "
+     "warm sweater, because the heating rarely works in the night carriages."),
+    ("medium", "A gentle breeze carried the smell of fresh bread across the square."),
+    ("medium", "The children laughed as the puppy chased its own tail."),
+    ("medium", "Every library card opens a door to a different world."),
+    ("medium", "Nobody expected the quiet student to win the chess tournament."),
+    ("medium", "Thick fog rolled over the hills and hid the farmhouse from view."),
+]
+OFFLINE_VERSION = "1"  # bump when sentences, voices or cuts change
+
+
+def _offline(**_: object) -> EvalSet:
+    from cbx.eval import assets
+
+    voices = list(assets.VOICES)
+    prompts = {v: assets.voice_prompt(v) for v in voices}
+    items = []
+    for i, (kind, text) in enumerate(OFFLINE_SENTENCES):
+        v = voices[i % len(voices)]
+        path, ptext = prompts[v]
+        items.append(EvalItem(f"{i:03d}-{kind}-{v}", text, path, ptext, v))
+    return EvalSet("offline", OFFLINE_VERSION, items)
+
+
+def _seed_tts_en(root: str | os.PathLike | None = None, **_: object) -> EvalSet:
+    root = root or os.environ.get("CBX_SEED_TTS_DIR")
+    if not root:
+        raise CbxError(
+            "eval set 'seed-tts-en' reads a local copy of Seed-TTS-eval: download it and pass its "
+            "folder (the one with en/meta.lst) as root= or set CBX_SEED_TTS_DIR"
+        )
+    base = Path(root).expanduser()
+    meta = next((p for p in (base / "en" / "meta.lst", base / "meta.lst") if p.is_file()), None)
+    if meta is None:
+        raise CbxError(f"{base}: no en/meta.lst or meta.lst (Seed-TTS-eval test-en layout) found")
+    items = []
+    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        parts = line.split("|")
+        if len(parts) < 4:
+            raise CbxError(f"{meta}:{n}: expected 'id|prompt text|prompt wav|target text', got {len(parts)} fields")
+        uid, ptext, pwav, text = parts[0], parts[1], parts[2], parts[3]
+        items.append(EvalItem(uid, text.strip(), meta.parent / pwav.strip(), ptext.strip() or None))
+    if not items:
+        raise CbxError(f"{meta}: no items")
+    return EvalSet("seed-tts-en", "1", items)
+
+
+def _librispeech_pc(pair_list: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, **_: object) -> EvalSet:
+    pair_list = pair_list or os.environ.get("CBX_LIBRISPEECH_PC_LIST")
+    if not pair_list or not Path(pair_list).expanduser().is_file():
+        raise CbxError(
+            "eval set 'librispeech-pc' needs the F5-TTS pair list "
+            "(librispeech_pc_test_clean_cross_sentence.lst): pass pair_list= or set CBX_LIBRISPEECH_PC_LIST"
+        )
+    pairs = []
+    for n, line in enumerate(Path(pair_list).expanduser().read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        f = line.split("\t")
+        if len(f) != 6:
+            raise CbxError(f"{pair_list}:{n}: expected 6 tab-separated fields (ref id, dur, text, gen id, dur, text)")
+        pairs.append((f[0], f[2], f[3], f[5]))
+    try:
+        import datasets
+    except ImportError:
+        raise CbxError("eval set 'librispeech-pc' needs the 'datasets' package (pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset("openslr/librispeech_asr", "clean", split="test")
+    except Exception as e:  # offline, hub errors surface as many exception types
+        raise CbxError(f"eval set 'librispeech-pc': cannot load LibriSpeech test-clean through datasets ({e})") from None
+    from cbx.eval.assets import cache_dir
+    from cbx.eval.audio import write_wav
+
+    import io
+
+    import soundfile as sf
+
+    out = Path(cache or cache_dir() / "librispeech-pc")
+    wanted = {p[0] for p in pairs}
+    # Undecoded flac bytes, read with soundfile: datasets' own decoder needs torchcodec.
+    ds = ds.filter(lambda i: i in wanted, input_columns=["id"]).cast_column("audio", datasets.Audio(decode=False))
+    paths: dict[str, Path] = {}
+    for row in ds:
+        p = out / f"{row['id']}.wav"
+        if not p.is_file():
+            wav, sr = sf.read(io.BytesIO(row["audio"]["bytes"]), dtype="float32")
+            write_wav(p, wav, sr)
+        paths[row["id"]] = p
+    missing = wanted - set(paths)
+    if missing:
+        raise CbxError(f"eval set 'librispeech-pc': {len(missing)} prompt utterances not in test-clean, e.g. {sorted(missing)[0]}")
+    items = [EvalItem(f"{gen}", gtext, paths[ref], rtext) for ref, rtext, gen, gtext in pairs]
+    return EvalSet("librispeech-pc", "1", items)
+
+
+EVAL_SETS: dict[str, Callable[..., EvalSet]] = {
+    "offline": _offline,
+    "librispeech-pc": _librispeech_pc,
+    "seed-tts-en": _seed_tts_en,
+}
+
+
+def get_eval_set(name: str, **options: object) -> EvalSet:
+    """Build the eval set ``name``; options (``root``, ``pair_list``) go to network sets."""
+    if name not in EVAL_SETS:
+        raise CbxError(f"unknown eval set {name!r}; valid choices: {', '.join(EVAL_SETS)}")
+    return EVAL_SETS[name](**options)
