@@ -28,7 +28,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -218,11 +217,255 @@ def crossfade_join(wavs: Sequence[np.ndarray], overlap: int) -> np.ndarray:
     return out
 
 
-def row_seed(seed: int, chunk_index: int, stream: str) -> int:
-    """A 63-bit seed for one row's random ``stream`` ("t3" or "cfm").
+def row_seed(seed: int, chunk_index: int) -> int:
+    """The seed of one row (text chunk): the user's seed plus the chunk's index in its request.
 
-    Depends only on the user's seed, the chunk's index within its request and the stream name,
-    so a row's randomness is the same whatever it is batched with.
+    It depends only on the request, never on the row's position in the batch. Each stage
+    (T3 sampling, CFM noise, HiFT source) draws from its own generator seeded with it, so the
+    first chunk of a request with seed ``s`` gets the CFM noise upstream draws after
+    ``torch.manual_seed(s)``.
     """
-    h = hashlib.blake2b(f"{seed}:{chunk_index}:{stream}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+    return int(seed) + int(chunk_index)
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class _Row:
+    """One text chunk of one request: a row of the T3 batch."""
+
+    request: int
+    chunk: int
+    text: str
+    text_tokens: list[int]
+    voice_key: Any
+    seed: int
+    tokens: torch.Tensor | None = None  # speech tokens (valid ids only)
+    wav: np.ndarray | None = None
+    shares: dict[str, float] = field(default_factory=dict)
+
+
+class Synthesizer:
+    """Synthesizes lists of :class:`SynthRequest` with one model (see the module docstring).
+
+    Voice conditioning is cached per (voice, exaggeration) for the life of the object, on top
+    of the conditioning module's own per-file cache. ``device`` defaults to the model's.
+    """
+
+    def __init__(self, model: Any, device: torch.device | str | None = None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else model.device
+        if self.device != model.device:
+            model.to(self.device)
+        self._conds: dict[Any, Any] = {}
+        self._watermarker: Any = None
+
+    # -- pieces ---------------------------------------------------------------------------
+
+    def _voice_key(self, voice: Any, exaggeration: float) -> Any:
+        if voice is None:
+            return ("builtin", exaggeration)
+        if isinstance(voice, (str, Path)):
+            p = Path(voice)
+            try:
+                st = p.stat()
+            except OSError:
+                raise CbxError(f"voice '{voice}': no such file") from None
+            return (str(p.resolve()), st.st_size, st.st_mtime_ns, exaggeration)
+        if isinstance(voice, tuple) and len(voice) == 2:
+            wav, sr = voice
+            arr = np.ascontiguousarray(np.asarray(wav, dtype=np.float32))
+            import hashlib
+
+            return ("array", hashlib.sha1(arr.tobytes()).hexdigest(), int(sr), exaggeration)
+        raise CbxError(f"voice {voice!r}: expected an audio file path, a (wav, sample_rate) pair or None")
+
+    def _conditioning(self, voice: Any, key: Any, exaggeration: float) -> Any:
+        if key in self._conds:
+            return self._conds[key]
+        if voice is None:
+            if getattr(self.model, "builtin_conds", None) is None:
+                raise CbxError(f"model '{getattr(self.model, 'source', '?')}' has no built-in voice: "
+                               "give a voice prompt (an audio file)")
+            conds = self.model.builtin_conds
+        else:
+            from cbx.engine.conditioning import prepare_voice
+
+            conds = prepare_voice(self.model, voice, exaggeration=exaggeration)
+        self._conds[key] = conds
+        return conds
+
+    def _watermark(self, wav: np.ndarray) -> np.ndarray:
+        if self._watermarker is None:
+            from cbx.engine.compat import perth_watermarker_class
+
+            self._watermarker = perth_watermarker_class()()
+        out = self._watermarker.apply_watermark(wav, sample_rate=SAMPLE_RATE)
+        return np.asarray(out, dtype=np.float32)
+
+    def _rows(self, requests: Sequence[SynthRequest], s: SynthSettings) -> list[_Row]:
+        from cbx.engine.text import split_text, t3_text_tokens
+
+        rows: list[_Row] = []
+        for i, req in enumerate(requests):
+            if not isinstance(req, SynthRequest):
+                raise CbxError(f"request {i}: expected a SynthRequest, got {type(req).__name__}")
+            if not isinstance(req.text, str) or not req.text.strip():
+                raise CbxError(f"request {i} ({req.id or 'no id'}): text is empty")
+            lang = req.language_id or s.language_id
+            key = self._voice_key(req.voice, float(s.exaggeration))
+            for k, chunk in enumerate(split_text(req.text)):
+                rows.append(_Row(i, k, chunk, t3_text_tokens(self.model, chunk, language_id=lang), key,
+                                 row_seed(s.seed, k)))
+        return rows
+
+    def _decode_settings(self, s: SynthSettings):
+        from cbx.engine.t3_decode import DecodeSettings
+
+        return DecodeSettings(temperature=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k,
+                              repetition_penalty=s.repetition_penalty, cfg_weight=s.cfg_weight,
+                              exaggeration=s.exaggeration, max_new_tokens=s.max_speech_tokens,
+                              force_tokens=s.force_tokens, compute_dtype=self._compute_dtype(s))
+
+    def _compute_dtype(self, s: SynthSettings) -> torch.dtype | None:
+        want = DTYPES[s.dtype]
+        have = next(self.model.t3.parameters()).dtype
+        return None if want == have or want == torch.float32 else want
+
+    def _s3gen_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        from cbx.engine.t3_decode import speech_only
+
+        tokens = speech_only(tokens.reshape(-1))
+        if self.model.variant == "turbo" and tokens.numel():
+            from cbx.engine.upstream import S3GEN_SIL
+
+            # tts_turbo.generate() appends three silence tokens so the last word is not cut.
+            tokens = torch.cat([tokens, torch.full((3,), S3GEN_SIL, dtype=tokens.dtype)])
+        return tokens
+
+    # -- one group of rows ------------------------------------------------------------------
+
+    def _run_group(self, group: list[_Row], conds: dict[Any, Any], s: SynthSettings, timer: StageTimer) -> None:
+        from cbx.engine import s3gen_batch as sb
+        from cbx.engine.t3_decode import T3Row, generate
+
+        with timer.stage("t3") as lap:
+            out = generate(self.model, [T3Row(r.text_tokens, conds[r.voice_key].t3, r.seed) for r in group],
+                           self._decode_settings(s))
+        for r, toks in zip(group, out.tokens):
+            r.tokens = toks.reshape(-1).cpu()
+        t3_shares = apportion(lap.seconds, [max(1, r.tokens.numel()) for r in group])
+        for r, sh in zip(group, t3_shares):
+            r.shares["t3"] = sh
+
+        live = [r for r in group if self._s3gen_tokens(r.tokens).numel() > 0]
+        for r in group:
+            if r not in live:
+                r.wav = np.zeros(0, np.float32)
+                r.shares.update(cfm=0.0, vocoder=0.0)
+        if not live:
+            return
+        s3 = self.model.s3gen
+        meanflow = bool(getattr(s3, "meanflow", False))
+        with timer.stage("cfm") as lap:
+            inputs = sb.cfm_inputs(self.model, [self._s3gen_tokens(r.tokens).to(self.device) for r in live],
+                                   [conds[r.voice_key] for r in live])
+            noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
+            cfg_rate = s3.flow.decoder.inference_cfg_rate
+            with _autocast(self.device, self._compute_dtype(s)):
+                mels = sb.solve_cfm(s3.flow.decoder.estimator, inputs, noise, int(s.cfm_steps), cfg_rate, meanflow)
+            mels = [m.float() for m in sb.crop_mels(mels, inputs)]
+        for r, sh in zip(live, apportion(lap.seconds, inputs.total_lens)):
+            r.shares["cfm"] = sh
+        with timer.stage("vocoder") as lap:
+            wavs = sb.vocode(self.model, mels, seeds=[r.seed for r in live])
+        for r, w, sh in zip(live, wavs, apportion(lap.seconds, [m.shape[-1] for m in mels])):
+            r.wav = np.asarray(w, dtype=np.float32)
+            r.shares["vocoder"] = sh
+
+    # -- the call ---------------------------------------------------------------------------
+
+    def synthesize(self, requests: Sequence[SynthRequest], settings: SynthSettings | None = None,
+                   progress: bool = True) -> SynthBatch:
+        """Synthesize every request; see the module docstring for batching and seeding."""
+        from tqdm.auto import tqdm
+
+        s = (settings or SynthSettings()).resolved(self.model.variant)
+        requests = list(requests)
+        if not requests:
+            raise CbxError("nothing to synthesize: the request list is empty")
+        timer = StageTimer(self.device)
+        with PeakMemory(self.device) as mem, torch.inference_mode():
+            rows = self._rows(requests, s)
+            # Conditioning first for every distinct voice, timed per voice for apportioning.
+            conds: dict[Any, Any] = {}
+            voice_seconds: dict[Any, float] = {}
+            for req in requests:
+                key = self._voice_key(req.voice, float(s.exaggeration))
+                if key in conds:
+                    continue
+                with timer.stage("conditioning") as lap:
+                    conds[key] = self._conditioning(req.voice, key, float(s.exaggeration))
+                voice_seconds[key] = lap.seconds
+            groups = [rows[i: i + s.batch_size] for i in range(0, len(rows), s.batch_size)]
+            for group in tqdm(groups, desc="synthesize", unit="batch", disable=not progress or len(groups) < 2,
+                              leave=False):
+                self._run_group(group, conds, s, timer)
+
+            results = self._join(requests, rows, s, timer, voice_seconds)
+        timer.stop()
+        stages = timer.seconds()
+        n_tok = sum(int(r.tokens.numel()) for r in rows)
+        audio_s = sum(r.audio_s for r in results)
+        run = RunTiming(stages=stages, speech_tokens=n_tok, audio_s=audio_s, peak_mem_bytes=int(mem.peak_bytes),
+                        mem_kind=mem.kind, device=str(self.device), n_utterances=len(results),
+                        extra={"rows": float(len(rows)), "groups": float(len(groups))})
+        return SynthBatch(results=results, run=run, settings=s)
+
+    def _join(self, requests: Sequence[SynthRequest], rows: list[_Row], s: SynthSettings, timer: StageTimer,
+              voice_seconds: dict[Any, float]) -> list[SynthResult]:
+        overlap = int(round(s.crossfade_ms * SAMPLE_RATE / 1000.0))
+        users: dict[Any, int] = {}
+        for req in requests:
+            k = self._voice_key(req.voice, float(s.exaggeration))
+            users[k] = users.get(k, 0) + 1
+        results = []
+        for i, req in enumerate(requests):
+            mine = [r for r in rows if r.request == i]
+            wav = crossfade_join([r.wav for r in mine], overlap)
+            wm = 0.0
+            if s.watermark and wav.size:
+                with timer.stage("watermark") as lap:
+                    wav = self._watermark(wav)
+                wm = lap.seconds
+            key = self._voice_key(req.voice, float(s.exaggeration))
+            t = {st: 0.0 for st in STAGES}
+            t["conditioning"] = voice_seconds.get(key, 0.0) / users[key]
+            for r in mine:
+                for st, v in r.shares.items():
+                    t[st] += v
+            t["watermark"] = wm
+            t["total"] = sum(t[st] for st in STAGES)
+            tokens = torch.cat([r.tokens for r in mine]) if mine else torch.zeros(0, dtype=torch.long)
+            results.append(SynthResult(
+                id=req.id if req.id is not None else f"utt{i}", text=req.text, wav=wav.astype(np.float32),
+                speech_tokens=tokens.numpy().astype(np.int64), chunks=[r.text for r in mine],
+                audio_s=len(wav) / SAMPLE_RATE, timings=t))
+        return results
+
+
+class _autocast:
+    """Autocast to ``dtype`` on ``device`` (no-op for None): low-precision matmuls/convs in the
+    flow-matching estimator while its weights stay fp32, so one model serves both dtypes."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None):
+        self.ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)

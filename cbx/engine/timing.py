@@ -41,6 +41,14 @@ def synchronize(device: torch.device | str | None) -> None:
         torch.cuda.synchronize(dev)
 
 
+@dataclass
+class Lap:
+    """One entry into a stage (filled in when the block exits)."""
+
+    name: str
+    seconds: float = 0.0
+
+
 class StageTimer:
     """Accumulates wall seconds per named stage; ``with timer.stage("t3"): ...``.
 
@@ -56,14 +64,17 @@ class StageTimer:
         self._t_end: float | None = None
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str) -> Iterator["Lap"]:
+        """Time the block as stage ``name``; the yielded :class:`Lap` holds this entry's seconds."""
+        lap = Lap(name)
         synchronize(self.device)
         t0 = time.perf_counter()
         try:
-            yield
+            yield lap
         finally:
             synchronize(self.device)
-            self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
+            lap.seconds = time.perf_counter() - t0
+            self._seconds[name] = self._seconds.get(name, 0.0) + lap.seconds
 
     def stop(self) -> None:
         """Freeze the total (wall time since construction)."""
