@@ -16,11 +16,16 @@ FRAME_S = 0.02  # analysis window of the level envelope
 HOP_S = 0.01
 LEVEL_FLOOR_DB = -120.0  # level given to digital silence, so logs stay finite
 # A frame is speech when it is within VAD_REL_DB of the clip's loud level (95th percentile of
-# frame levels) and above VAD_ABS_DBFS. Measured on the Allison prompts and the pyannote and
-# moonshine clips: pauses sit 35-60 dB below the loud level, weak consonants 20-35 dB.
+# frame levels), at least VAD_ABOVE_QUIET_DB above its quiet level (10th percentile: the
+# noise floor when the clip has pauses) and above VAD_ABS_DBFS. Measured on the Allison
+# prompts and the pyannote and moonshine clips: pauses sit 35-60 dB below the loud level,
+# weak consonants 20-35 dB; the quiet-level term keeps a noisy pause (say 35 dB below the
+# speech) from counting as speech.
 VAD_REL_DB = 40.0
+VAD_ABOVE_QUIET_DB = 10.0
 VAD_ABS_DBFS = -60.0
 VAD_REF_PERCENTILE = 95.0
+VAD_QUIET_PERCENTILE = 10.0
 
 
 def as_mono(audio: np.ndarray) -> np.ndarray:
@@ -70,8 +75,8 @@ def speech_mask(levels_db: np.ndarray) -> np.ndarray:
     """Energy VAD over frame levels: True where a frame is speech (see VAD_* above)."""
     if levels_db.size == 0:
         return np.zeros(0, dtype=bool)
-    ref = np.percentile(levels_db, VAD_REF_PERCENTILE)
-    return levels_db >= max(ref - VAD_REL_DB, VAD_ABS_DBFS)
+    loud, quiet = np.percentile(levels_db, [VAD_REF_PERCENTILE, VAD_QUIET_PERCENTILE])
+    return levels_db >= max(loud - VAD_REL_DB, quiet + VAD_ABOVE_QUIET_DB, VAD_ABS_DBFS)
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:
