@@ -93,13 +93,14 @@ class FakeBackend(Backend):
                 raise RuntimeError("simulated crash")
             rng = np.random.default_rng(_h(it.id) + settings.seed)
             n = SR // 4 + _h(it.id) % 500
-            wav = (0.3 * np.sin(np.arange(n) * 0.05 * (1 + _h(it.id) % 7)) + 0.01 * rng.standard_normal(n)) * model.gain
+            gain = getattr(model, "gain", 1.0)
+            wav = (0.3 * np.sin(np.arange(n) * 0.05 * (1 + _h(it.id) % 7)) + 0.01 * rng.standard_normal(n)) * gain
             wav = wav.astype(np.float32)
-            if model.nan:
+            if getattr(model, "nan", False):
                 wav[10] = np.nan
             self.synthesized.append(it.id)
             tokens = [int(t) for t in rng.integers(0, 100, size=5)]
-            outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(model.gain, 0.1)}))
+            outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(gain, 0.1)}))
         return BatchOutput(outs, peak_mem_bytes=1000, timings={})
 
     def metric_versions(self, metrics):
@@ -133,3 +134,12 @@ class FakeBackend(Backend):
     def t3_fidelity(self, base_logits, logits):
         agree = (base_logits.argmax(-1) == logits.argmax(-1)).float().mean().item()
         return {"t3_top1_agreement": agree}
+
+
+class RealModelBackend(FakeBackend):
+    """The real engine model, transforms and checkpoint; fake synthesis and scores."""
+
+    load_model = Backend.load_model
+    apply_transforms = Backend.apply_transforms
+    save_checkpoint = Backend.save_checkpoint
+    model_bytes = Backend.model_bytes

@@ -1,0 +1,209 @@
+"""``cbx export``: a run's model as a self-describing, verifiable folder.
+
+Two forms:
+
+* compressed (default): the workbench's compressed checkpoint (``cbx.compress.checkpoint``:
+  safetensors + ``manifest.json`` naming each quantized module's method and config), which
+  loads back into the engine bit-exactly;
+* ``--dequantize``: every quantized module turned back into the float layer it replaced and
+  the model written in the upstream file layout (``t3_cfg.safetensors``, ``s3gen.safetensors``,
+  ...), which ``chatterbox.ChatterboxTTS.from_local`` loads. Its numbers are those of the
+  quantized model (same rounded weights), its size is not.
+
+Either way the folder gets ``export.json``: where it came from (run id, resolved config,
+aggregate scores, commit) and the SHA-256 of every other file, checked by :func:`load_export`
+so a corrupted or edited export is refused with the file named. An existing ``--out`` is
+never overwritten without ``force``; the new folder is built beside it and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from cbx.errors import CbxError
+from cbx.lab import store
+
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = "cbx-export"
+EXPORT_VERSION = 1
+KINDS = ("compressed", "upstream")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): _sha256(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != EXPORT_FILE
+    }
+
+
+# ---------------------------------------------------------------- dequantization
+
+
+def _float_layer(orig_class: str, weight: torch.Tensor, bias: torch.Tensor | None, meta: dict) -> nn.Module:
+    """The float module a quantized one replaced, holding its dequantized weight."""
+    w = weight.detach().float()
+    if orig_class == "Embedding":
+        m = nn.Embedding(w.shape[0], w.shape[1], padding_idx=meta.get("padding_idx"))
+        m.weight.data.copy_(w)
+        return m
+    out_f, in_f = w.shape
+    if orig_class == "Conv1D":  # transformers GPT-2 layer: weight stored [in, out]
+        from transformers.pytorch_utils import Conv1D
+
+        m = Conv1D(out_f, in_f)
+        m.weight.data.copy_(w.t())
+        if bias is not None:
+            m.bias.data.copy_(bias.float())
+        else:
+            m.bias.data.zero_()
+        return m
+    if orig_class == "LoRACompatibleLinear":
+        from diffusers.models.lora import LoRACompatibleLinear
+
+        m = LoRACompatibleLinear(in_f, out_f, bias=bias is not None)
+    elif orig_class == "Linear":
+        m = nn.Linear(in_f, out_f, bias=bias is not None)
+    else:
+        raise CbxError(f"cannot dequantize a module that replaced a {orig_class!r} (no float layer known)")
+    m.weight.data.copy_(w)
+    if bias is not None:
+        m.bias.data.copy_(bias.float())
+    return m
+
+
+def dequantize_model(model) -> Any:
+    """Replace every quantized module of ``model`` (in place) by its float equivalent."""
+    from cbx.compress.checkpoint import quantized_modules
+
+    for name, mod in quantized_modules(model):
+        meta = mod.meta() if hasattr(mod, "meta") else {}
+        orig = meta.get("orig_class") or getattr(mod, "orig_class", None)
+        new = _float_layer(orig, mod.dequantize(), getattr(mod, "bias", None), meta)
+        model.set_submodule(name, new)
+    return model
+
+
+# ---------------------------------------------------------------- export
+
+
+def _run_model(run_dir: Path, record: dict):
+    ckpt = run_dir / "checkpoint"
+    if ckpt.is_dir():
+        from cbx.compress.checkpoint import load_compressed
+
+        return load_compressed(ckpt)
+    if record.get("config", {}).get("steps"):
+        raise CbxError(f"{run_dir}: compressed run without a checkpoint folder (was it deleted?)")
+    from cbx.engine.model import load_model
+
+    return load_model(record["config"]["model"])
+
+
+def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool = False) -> Path:
+    """Write the export of the run in ``run_dir`` to ``out``; returns ``out``."""
+    run_dir, out = Path(run_dir), Path(out)
+    record = store.ResultsDir(run_dir.parent).record(run_dir.name) or {}
+    if record.get("status") != store.STATUS_DONE:
+        raise CbxError(f"{run_dir}: run status is {record.get('status')!r}; only finished (done) runs can be exported")
+    if out.exists() and not force:
+        raise CbxError(f"--out {out}: already exists; pass --force to replace it")
+    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
+        raise CbxError(f"--out {out}: must not be inside the run folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        target = work / "export"
+        ckpt = run_dir / "checkpoint"
+        if dequantize:
+            from cbx.engine.model import save_upstream_layout
+
+            model = dequantize_model(_run_model(run_dir, record))
+            save_upstream_layout(model, target)
+            kind = "upstream"
+        elif ckpt.is_dir():
+            from cbx.compress.checkpoint import load_compressed
+
+            load_compressed(ckpt)  # refuses a damaged checkpoint before it is copied
+            shutil.copytree(ckpt, target)
+            kind = "compressed"
+        else:
+            from cbx.compress.checkpoint import save_compressed
+
+            save_compressed(_run_model(run_dir, record), target)
+            kind = "compressed"
+        info = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "kind": kind,
+            "run_id": record.get("run_id"),
+            "name": record.get("name"),
+            "config": record.get("config"),
+            "aggregate": record.get("aggregate"),
+            "git": record.get("git"),
+            "eval_set": record.get("eval_set"),
+            "hardware": record.get("hardware"),
+            "files": _file_hashes(target),
+        }
+        store.atomic_write_json(target / EXPORT_FILE, info)
+        old = None
+        if out.exists():
+            old = work / "old"
+            out.rename(old)
+        target.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def verify_export(folder: Path) -> dict:
+    """``export.json`` of ``folder`` after checking every file's hash (CbxError names the file)."""
+    folder = Path(folder)
+    path = folder / EXPORT_FILE
+    if not path.is_file():
+        raise CbxError(f"{path}: missing (not an export folder)")
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CbxError(f"{path}: not valid JSON ({e})") from None
+    if info.get("format") != EXPORT_FORMAT or info.get("kind") not in KINDS:
+        raise CbxError(f"{path}: not a {EXPORT_FORMAT} file (format {info.get('format')!r}, kind {info.get('kind')!r})")
+    listed = info.get("files") or {}
+    for rel, digest in listed.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CbxError(f"{p}: listed in {EXPORT_FILE} but missing")
+        if _sha256(p) != digest:
+            raise CbxError(f"{p}: content does not match its hash in {EXPORT_FILE} (corrupt or edited)")
+    extra = sorted(set(_file_hashes(folder)) - set(listed))
+    if extra:
+        raise CbxError(f"{folder / extra[0]}: not listed in {EXPORT_FILE} (added after export)")
+    return info
+
+
+def load_export(folder: Path):
+    """The model of an export folder, after verifying it (bit-exact for compressed exports)."""
+    info = verify_export(folder)
+    if info["kind"] == "compressed":
+        from cbx.compress.checkpoint import load_compressed
+
+        return load_compressed(folder)
+    from cbx.engine.model import load_model
+
+    return load_model(str(folder))
