@@ -21,6 +21,18 @@ class MetricSpec:
     unit: str = ""
     aggregation: str = "mean"  # "mean" | "sum" | "max" | "corpus" (computed by the scorer)
     description: str = ""
+    # For aggregation "corpus": the two ``details`` keys whose sums divide (errors, reference
+    # words), so corpus WER = sum(errors) / sum(words) over the utterances scored.
+    corpus_counts: tuple[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"metric {self.name!r}: aggregation {self.aggregation!r} not in {AGGREGATIONS}")
+        if (self.aggregation == "corpus") != (self.corpus_counts is not None):
+            raise ValueError(f"metric {self.name!r}: corpus aggregation needs corpus_counts (and only it)")
+
+
+AGGREGATIONS = ("mean", "sum", "max", "corpus")
 
 
 _METRICS: dict[str, MetricSpec] = {}
