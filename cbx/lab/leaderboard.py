@@ -107,8 +107,9 @@ def group_key(rec: dict) -> tuple[str, str]:
     """(machine key, human label): runs are comparable only inside one group."""
     es = rec.get("eval_set") or {}
     mv = store.stable_hash(rec.get("metric_versions") or {}, 6)
-    key = f"{es.get('name')}@{es.get('version')}|{rec.get('hardware_id')}|m{mv}|n{es.get('n_items')}"
-    label = f"eval set {es.get('name')} v{es.get('version')} ({es.get('n_items')} utt), metrics {mv}, {rec.get('hardware_label')}"
+    suite = rec.get("eval_suite_version")
+    key = f"{es.get('name')}@{es.get('version')}|{rec.get('hardware_id')}|s{suite}|m{mv}|n{es.get('n_items')}"
+    label = f"eval set {es.get('name')} v{es.get('version')} ({es.get('n_items')} utt), suite v{suite} metrics {mv}, {rec.get('hardware_label')}"
     return key, label
 
 

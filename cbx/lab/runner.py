@@ -30,6 +30,7 @@ import gc
 import importlib.metadata as md
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -149,10 +150,15 @@ class Backend:
         names = list(metrics) if metrics is not None else sorted(specs)
         return {n: specs[n].version for n in names if n in specs}
 
-    def score(self, manifest: list[dict], out_dir: Path, metrics: Sequence[str] | None) -> dict:
+    def score(self, manifest: Path, out_dir: Path, metrics: Sequence[str] | None, eval_set: dict, progress: bool) -> dict:
         from cbx.eval.scorer import score_manifest
 
-        return score_manifest(manifest, out_dir, list(metrics) if metrics is not None else None)
+        return score_manifest(manifest, out_dir, list(metrics) if metrics is not None else None, eval_set=eval_set, progress=progress)
+
+    def merge_scores(self, parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None) -> dict:
+        from cbx.lab.shard import merge_scores
+
+        return merge_scores(parts, out_dir, order, metrics)
 
     def t3_logits(self, model, item: EvalItemView, speech_tokens: list[int], settings):
         import torch
@@ -363,9 +369,10 @@ class Runner:
             kinds = sorted({k for _, k in bad})
             record["failure"] = f"{len(bad)} of {len(items)} outputs {'/'.join(kinds)}: " + ", ".join(i for i, _ in bad[:5])
         else:
-            self._score(exp, run_dir, items, rows, baseline, fid_rows, record["model_bytes"])
+            self._score(exp, run_dir, items, rows, baseline, fid_rows, record["model_bytes"], {"name": set_name, "version": set_version})
             if self.shard.is_main:
                 record["aggregate"] = _read_aggregate(run_dir / "score")
+                record["eval_suite_version"] = record["aggregate"].get("suite_version")
                 record["status"] = store.STATUS_DONE
 
         total_s = sum(float(r["timings"].get("total", 0.0)) for r in rows)
@@ -431,14 +438,15 @@ class Runner:
         except FileNotFoundError:
             raise RuntimeError(f"{p}: missing after synthesis (a shard did not finish)") from None
 
-    def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None, fid_rows, model_bytes) -> None:
+    def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None, fid_rows, model_bytes, eval_set: dict) -> None:
+        # Paths relative to the manifest (the run folder), so results folders can move.
         manifest = []
         for it, r in zip(items, rows):
             line = {
                 "id": it.id,
-                "audio": str((run_dir / r["audio"]).resolve()),
+                "audio": r["audio"],
                 "text": it.text,
-                "prompt": it.prompt,
+                "prompt": str(Path(it.prompt).resolve()) if it.prompt else None,
                 "timings": r["timings"],
                 "speech_tokens": r["speech_tokens"],
                 # counters and the runner's T3 fidelity, scored by the eval suite's groups
@@ -449,19 +457,24 @@ class Runner:
             if it.prompt_text is not None:
                 line["prompt_text"] = it.prompt_text
             if baseline is not None:
-                line["reference_audio"] = str((baseline.run_dir / "audio" / f"{_safe(it.id)}.wav").resolve())
-            manifest.append(line)
+                ref = baseline.run_dir / "audio" / f"{_safe(it.id)}.wav"
+                line["reference_audio"] = os.path.relpath(ref.resolve(), run_dir.resolve())
+            manifest.append({k: v for k, v in line.items() if v is not None})
+        show = self.progress and self.shard.is_main
         if self.shard.world == 1:
-            self.backend.score(manifest, run_dir / "score", exp.eval.metrics)
+            path = run_dir / "manifest.jsonl"
+            store.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in manifest))
+            self.backend.score(path, run_dir / "score", exp.eval.metrics, eval_set, show)
             return
         # Each process scores its share; the main process merges the rows and aggregates once.
-        part = run_dir / "score" / f"shard-{self.shard.rank}"
-        self.backend.score(self.shard.take(manifest), part, exp.eval.metrics)
+        path = run_dir / f"manifest-shard{self.shard.rank}.jsonl"
+        store.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in self.shard.take(manifest)))
+        self.backend.score(path, run_dir / "score" / f"shard-{self.shard.rank}", exp.eval.metrics, eval_set, show)
         self.shard.wait()
         if self.shard.is_main:
-            from cbx.lab.shard import merge_scores
-
-            merge_scores([run_dir / "score" / f"shard-{r}" for r in range(self.shard.world)], run_dir / "score", [m["id"] for m in manifest])
+            store.atomic_write_text(run_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
+            self.backend.merge_scores([run_dir / "score" / f"shard-{r}" for r in range(self.shard.world)], run_dir / "score",
+                                      [m["id"] for m in manifest], exp.eval.metrics)
         self.shard.wait()
 
     def _t3_fidelity(self, exp, model, device, settings, items, baseline: RunOutcome) -> dict[str, dict[str, float]]:

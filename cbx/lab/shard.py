@@ -112,25 +112,46 @@ def from_environment() -> Shard:
     return Shard(state.process_index, state.num_processes, state)
 
 
-def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str]) -> dict:
-    """Join shard score folders into one ``utterances.jsonl`` (in ``order``) and aggregate it."""
+def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None = None) -> dict:
+    """Join shard score folders into the scorer's ``utterances.jsonl`` + ``aggregate.json``.
+
+    Rows are put back in manifest order with their manifest line numbers (shard ``r`` of
+    ``w`` held lines ``r+1, r+1+w, ...``) and aggregated once by the scorer's own
+    :func:`cbx.eval.scorer.aggregate`, so the files equal those of a single-process run.
+    """
     import json
 
-    from cbx.eval.scorer import aggregate_rows, write_scores
+    from cbx.eval import schema
+    from cbx.eval.scorer import Scorer, aggregate
 
+    out_dir = Path(out_dir)
+    world = len(parts)
     rows: dict[str, dict] = {}
-    for p in parts:
-        f = Path(p) / "utterances.jsonl"
-        if not f.is_file():
-            raise CbxError(f"{f}: missing (a shard did not finish scoring)")
+    aggs, skipped = [], []
+    for rank, p in enumerate(parts):
+        f, a = Path(p) / schema.ROWS_FILE, Path(p) / schema.AGGREGATE_FILE
+        if not f.is_file() or not a.is_file():
+            raise CbxError(f"{p}: missing {schema.ROWS_FILE} or {schema.AGGREGATE_FILE} (a shard did not finish scoring)")
+        aggs.append(json.loads(a.read_text()))
+        for s in aggs[-1].get("skipped") or []:
+            skipped.append({**s, "line": (int(s["line"]) - 1) * world + rank + 1})
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
                 rows[str(r["id"])] = r
-    missing = [i for i in order if i not in rows]
-    if missing:
-        raise CbxError(f"{out_dir}: shards scored no row for {', '.join(missing[:5])}")
-    ordered = [rows[i] for i in order]
-    agg = aggregate_rows(ordered)
-    write_scores(ordered, agg, out_dir)
+    index = {uid: n for n, uid in enumerate(order, 1)}
+    ordered = [dict(rows[i], line=index[i]) for i in order if i in rows]
+    skipped.sort(key=lambda s: s["line"])
+    agg = {
+        **aggs[0],
+        "manifest": str(out_dir.parent / "manifest.jsonl"),
+        "n_lines": len(order),
+        "n_scored": len(ordered),
+        "n_skipped": len(skipped),
+        "skipped": skipped,
+        "metrics": aggregate(ordered, Scorer(metrics)),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema.write_atomic(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in ordered))
+    schema.write_atomic(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
     return agg

@@ -125,7 +125,7 @@ def _utterance_rows(run_dir: Path) -> tuple[list[str], list[list]]:
         for line in f.read_text().splitlines():
             if line.strip():
                 r = json.loads(line)
-                scores[str(r.get("id"))] = r
+                scores[str(r.get("id"))] = r.get("metrics") or {}
     synth = sorted((run_dir / "synth").glob("*.json"))
     metric_keys: list[str] = []
     for r in scores.values():

@@ -106,23 +106,28 @@ class FakeBackend(Backend):
     def metric_versions(self, metrics):
         return {"lab_test_err": "1", "lab_test_sim": "1"}
 
-    def score(self, manifest, out_dir, metrics):
-        self.scored.append(list(manifest))
+    def score(self, manifest, out_dir, metrics, eval_set, progress):
+        """Writes the eval suite's result schema (rows with a metrics dict; aggregate entries)."""
+        manifest = Path(manifest)
+        lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]
+        self.scored.append(lines)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         rows = []
-        for m in manifest:
-            wav, _ = sf.read(m["audio"], dtype="float32")
-            row = {"id": m["id"], "wer": float(np.abs(wav).mean()), "speaker_sim": float(np.tanh(10 * np.abs(wav).mean()))}
+        for n, m in enumerate(lines, 1):
+            wav, _ = sf.read(manifest.parent / m["audio"], dtype="float32")
+            met = {"wer": float(np.abs(wav).mean()), "speaker_sim": float(np.tanh(10 * np.abs(wav).mean()))}
             if m.get("reference_audio"):
-                ref, _ = sf.read(m["reference_audio"], dtype="float32")
-                row["ref_corr"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
-            rows.append(row)
+                ref, _ = sf.read(manifest.parent / m["reference_audio"], dtype="float32")
+                met["ref_corr"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
+            if "t3_top1_agreement" in m:
+                met["t3_top1_agreement"] = m["t3_top1_agreement"]
+            rows.append({"line": n, "id": m["id"], "metrics": met, "details": {}})
         with open(out_dir / "utterances.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
-        keys = sorted({k for r in rows for k in r if k != "id"})
-        agg = {"metrics": {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}, "n": len(rows)}
+        keys = sorted({k for r in rows for k in r["metrics"]})
+        agg = {"suite_version": "fake", "metrics": {k: {"value": float(np.mean([r["metrics"][k] for r in rows if k in r["metrics"]]))} for k in keys}}
         (out_dir / "aggregate.json").write_text(json.dumps(agg))
         return agg
 

@@ -48,7 +48,7 @@ def test_offline_run_logs_config_summary_tables_audio_and_checkpoint(tmp_path, w
         if k == "summary":
             for u in v.get("update", []):
                 summary[u.get("key") or "/".join(u.get("nested_key", []))] = json.loads(u["value_json"])
-    assert summary["wer"] == pytest.approx(out.record["aggregate"]["metrics"]["wer"])
+    assert summary["wer"] == pytest.approx(out.record["aggregate"]["metrics"]["wer"]["value"])
     assert summary["speed/rtf"] == pytest.approx(out.record["speed"]["rtf"]) and summary["status"] == "done"
     arts = [v for k, v in recs if k == "artifact"]
     tables = {a["name"].rsplit("-", 1)[-1]: a for a in arts if a["type"] == "run_table"}
@@ -78,4 +78,4 @@ def test_wandb_failure_keeps_the_local_results(tmp_path, wandb_env):
     with pytest.warns(UserWarning, match="network is unreachable.*local results are in"):
         out = r.run(_exp(TrackingConfig(backend="wandb")))
     rec = json.loads((out.run_dir / "run.json").read_text())
-    assert rec["status"] == "done" and rec["aggregate"]["metrics"]["wer"] > 0
+    assert rec["status"] == "done" and rec["aggregate"]["metrics"]["wer"]["value"] > 0
