@@ -63,7 +63,7 @@ def _t3_cond(model, device) -> object:
                        "and this model has none; use method: rtn or add conds.pt to the model folder")
     # prepare_conditioning caches the prompt embedding on the T3Cond; work on a copy.
     t3c = dataclasses.replace(conds.t3, cond_prompt_speech_emb=None)
-    return t3c.to(device=device) if hasattr(t3c, "to") else t3c
+    return t3c.to(device=device, dtype=next(model.t3.cond_enc.parameters()).dtype)
 
 
 @torch.inference_mode()

@@ -317,6 +317,12 @@ class _QuantEmbedding(nn.Module):
         self.cbx_method: str = ""
         self.cbx_config: dict = {}
 
+    @property
+    def weight(self) -> Tensor:
+        # Callers read ``emb.weight.device``/``.dtype`` (upstream's position embeddings, the
+        # engine's decoder) to place and type their inputs: answer with the output dtype.
+        return self._dtype_anchor
+
     def meta(self) -> dict:
         return {"kind": self.kind, "num_embeddings": self.num_embeddings,
                 "embedding_dim": self.embedding_dim, "orig_class": self.orig_class,
@@ -338,10 +344,6 @@ class Int8Embedding(_QuantEmbedding):
     def from_float(cls, module: nn.Embedding) -> "Int8Embedding":
         q, s = P.quantize_int8_per_channel(module.weight.detach())
         return cls(q, s, module.padding_idx, module.weight.dtype)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.qweight
 
     @property
     def scale(self) -> Tensor:
@@ -373,10 +375,6 @@ class Int4Embedding(_QuantEmbedding):
     def from_float(cls, module: nn.Embedding, group_size: int = 128) -> "Int4Embedding":
         codes, s, z = P.quantize_int4_groupwise(module.weight.detach(), group_size)
         return cls(codes, s, z, group_size, module.padding_idx, module.weight.dtype)
-
-    @property
-    def weight(self) -> Tensor:
-        return self.packed
 
     @property
     def scale(self) -> Tensor:

@@ -1,0 +1,223 @@
+"""``cbx bench quant``: what weight-only INT8/INT4 buys T3 and FP8 buys the CFM estimator.
+
+What it measures, on the full-size original architecture with random weights (no download:
+real sizes and costs, meaningless outputs), built once:
+
+* T3 decode step (batch 2 = one utterance with its CFG pair, a KV cache of ``--prompt``
+  positions plus the tokens decoded so far), through the engine's decoder
+  (:func:`cbx.engine.t3_decode.generate`) for fp32 (upstream's weights as they are), bf16,
+  int8 and int4 (RTN; embeddings and heads quantized as the transforms' defaults say, the rest
+  of T3 in bf16). A step's time is the slope between two forced decode lengths, so prefill
+  and setup cancel out: ``(t(N2) - t(N1)) / (N2 - N1)``, median over ``--repeats``.
+* T3 resident weight bytes: every parameter and buffer of T3 (unique storages), after the
+  float weights of quantized layers were dropped.
+* CFM estimator: ``--cfm-steps`` Euler steps with CFG (batch 2) over ``--cfm-frames`` mel
+  frames, via :func:`cbx.engine.s3gen_batch.solve_cfm`, for fp32, bf16 and fp8 (emulated on
+  CPU; ``torch._scaled_mm`` on sm89+ GPUs).
+
+Every candidate runs in this one process beside its fp32 baseline and is printed with its
+ratio to it, so figures from a shared, noisy machine stay comparable. The last line is exactly
+``t3 int4 decode speed-up vs fp32: N.NNx, weights N.NN GB``. Variants are built one at a time
+from the fp32 T3 and freed after measuring, so peak memory stays near two copies of T3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import time
+
+import torch
+
+from cbx.errors import CbxError
+
+BENCH_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest "
+              "while the birds sing and the river flows gently past the old stone mill by the hill.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=["full", "tiny"], default="full",
+                        help="full: full-size original architecture, random weights (default); tiny: smoke test")
+    parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
+    parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
+                        help="the two forced decode lengths whose time difference gives the step time")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are printed")
+    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    parser.add_argument("--cfm-frames", type=int, default=600,
+                        help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
+    parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    persistent = set(module.state_dict(keep_vars=True))
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if name not in persistent or t.numel() == 0:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            continue
+        seen.add(ptr)
+        total += t.untyped_storage().nbytes()
+    return total
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: lazy kernels, allocator
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _decode_step_s(model, args, prompt_ids) -> float:
+    from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
+
+    # The engine copies the T3Cond to the model's device but not to its dtype: cast it here so
+    # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
+    dtype = next(model.t3.cond_enc.parameters()).dtype
+    rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
+
+    def run(n):
+        return lambda: generate(model, rows, DecodeSettings(force_tokens=n, cfg_weight=0.5))
+
+    n1, n2 = args.tokens
+    t1 = _median_time(run(n1), args.repeats)
+    t2 = _median_time(run(n2), args.repeats)
+    return max(t2 - t1, 1e-9) / (n2 - n1)
+
+
+def _prompt_ids(model, n_positions: int) -> list[int]:
+    """Text ids so that conditioning + text fill about ``n_positions`` cache slots."""
+    from cbx.engine.text import t3_text_tokens
+
+    ids = t3_text_tokens(model, BENCH_TEXT)
+    t3 = model.t3
+    with torch.inference_mode():
+        n_cond = t3.prepare_conditioning(_fresh(model.builtin_conds.t3)).shape[1]
+    want = max(n_positions - n_cond, 4)
+    body = ids[1:-1]
+    while len(body) < want - 2:
+        body = body + body
+    return [ids[0], *body[: want - 2], ids[-1]]
+
+
+def _fresh(t3_cond):
+    import dataclasses
+
+    return dataclasses.replace(t3_cond, cond_prompt_speech_emb=None)
+
+
+def _t3_rows(model, args) -> list[tuple[str, float, int]]:
+    from cbx.compress.registry import apply_transforms, build_config
+
+    prompt = _prompt_ids(model, args.prompt)
+    fp32_t3 = model.t3
+    variants = [
+        ("fp32", None),
+        ("bf16", []),
+        ("int8", [("int8_weight_only", build_config("int8_weight_only", {}))]),
+        ("int4", [("int4_weight_only", build_config("int4_weight_only", {"group_size": args.group_size}))]),
+    ]
+    rows = []
+    for label, steps in variants:
+        if steps is None:
+            model.t3 = fp32_t3
+        else:
+            model.t3 = copy.deepcopy(fp32_t3)
+            meta = dict(model.meta)
+            apply_transforms(model, steps)
+            model.meta = meta
+            model.t3.to(torch.bfloat16)
+        gc.collect()
+        step = _decode_step_s(model, args, prompt)
+        rows.append((label, step, _weight_bytes(model.t3)))
+        print(f"  t3 {label}: {1e3 * step:.1f} ms/step, {_weight_bytes(model.t3) / 1e9:.3f} GB", flush=True)
+        if steps is not None:
+            model.t3 = fp32_t3
+            gc.collect()
+    return rows
+
+
+def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
+    from cbx.compress.registry import apply_transforms, build_config
+    from cbx.engine.s3gen_batch import CFMInputs, solve_cfm
+
+    est32 = model.s3gen.flow.decoder.estimator
+    g = torch.Generator().manual_seed(0)
+    T = args.cfm_frames
+    prompt = T * 5 // 6
+    inputs = CFMInputs(mu=torch.randn(1, 80, T, generator=g), mask=torch.ones(1, 1, T),
+                       spks=torch.randn(1, 80, generator=g),
+                       cond=torch.cat([torch.randn(1, 80, prompt, generator=g), torch.zeros(1, 80, T - prompt)], -1),
+                       prompt_lens=[prompt], out_lens=[T - prompt], token_lens=[(T - prompt) // 2])
+    noise = torch.randn(1, 80, T, generator=g)
+    rows = []
+    for label in ("fp32", "bf16", "fp8"):
+        if label == "fp32":
+            est = est32
+        elif label == "bf16":
+            est = copy.deepcopy(est32).to(torch.bfloat16)
+        else:
+            est = copy.deepcopy(est32)
+            model.s3gen.flow.decoder.estimator = est
+            meta = dict(model.meta)
+            apply_transforms(model, [("fp8_cfm", build_config("fp8_cfm", {}))])
+            model.meta = meta
+            est = model.s3gen.flow.decoder.estimator
+            model.s3gen.flow.decoder.estimator = est32
+
+        def run(e=est):
+            with torch.inference_mode():
+                solve_cfm(e, inputs, noise, args.cfm_steps, 0.7, False)
+
+        secs = _median_time(run, args.repeats)
+        rows.append((label, secs, _weight_bytes(est)))
+        print(f"  cfm {label}: {secs:.3f} s for {args.cfm_steps} steps, {_weight_bytes(est) / 1e6:.1f} MB", flush=True)
+        del est
+        gc.collect()
+    return rows
+
+
+def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:
+    base_t, base_b = rows[0][1], rows[0][2]
+    print(f"\n{title}")
+    print(f"{'variant':<8} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
+    for label, t, b in rows:
+        print(f"{label:<8} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbx.engine.timing import machine_description
+
+    if args.tokens[1] <= args.tokens[0] or args.tokens[0] < 1:
+        raise CbxError(f"--tokens: need 1 <= N1 < N2, got {args.tokens[0]} {args.tokens[1]}")
+    if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
+        raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
+    from cbx.engine.tiny import build_random, build_tiny
+
+    torch.manual_seed(0)
+    print(f"machine: {machine_description()}", flush=True)
+    print(f"building the {'full-size' if args.model == 'full' else 'tiny'} original model (random weights) ...",
+          flush=True)
+    model = build_random("original") if args.model == "full" else build_tiny("original")
+    model.eval()
+    t3_rows = cfm_rows = None
+    if "cfm" not in args.skip:
+        cfm_rows = _cfm_rows(model, args)
+    if "t3" not in args.skip:
+        t3_rows = _t3_rows(model, args)
+    if cfm_rows:
+        _table(f"CFM estimator, {args.cfm_steps} Euler steps with CFG (batch 2), {args.cfm_frames} frames",
+               "seconds", cfm_rows, 1.0)
+    if t3_rows:
+        _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}",
+               "ms/step", t3_rows, 1e3)
+        int4 = dict((r[0], r) for r in t3_rows)["int4"]
+        print(f"t3 int4 decode speed-up vs fp32: {t3_rows[0][1] / int4[1]:.2f}x, weights {int4[2] / 1e9:.2f} GB")
+    return 0
