@@ -16,13 +16,14 @@ FRAME_S = 0.02  # analysis window of the level envelope
 HOP_S = 0.01
 LEVEL_FLOOR_DB = -120.0  # level given to digital silence, so logs stay finite
 # A frame is speech when it is within VAD_REL_DB of the clip's loud level (95th percentile of
-# frame levels), at least VAD_ABOVE_QUIET_DB above its quiet level (10th percentile: the
-# noise floor when the clip has pauses) and above VAD_ABS_DBFS. Measured on the Allison
+# frame levels) and above VAD_ABS_DBFS; to find noise in pauses, also at least
+# VAD_ABOVE_QUIET_DB above the clip's quiet level (10th percentile: the noise floor when the
+# clip has pauses). Measured on the Allison
 # prompts and the pyannote and moonshine clips: pauses sit 35-60 dB below the loud level,
 # weak consonants 20-35 dB; the quiet-level term keeps a noisy pause (say 35 dB below the
 # speech) from counting as speech.
 VAD_REL_DB = 40.0
-VAD_ABOVE_QUIET_DB = 10.0
+VAD_ABOVE_QUIET_DB = 6.0
 VAD_ABS_DBFS = -60.0
 VAD_REF_PERCENTILE = 95.0
 VAD_QUIET_PERCENTILE = 10.0
@@ -71,12 +72,19 @@ def frame_levels_db(x: np.ndarray, sr: int, frame_s: float = FRAME_S, hop_s: flo
     return np.maximum(db, LEVEL_FLOOR_DB)
 
 
-def speech_mask(levels_db: np.ndarray) -> np.ndarray:
-    """Energy VAD over frame levels: True where a frame is speech (see VAD_* above)."""
+def speech_mask(levels_db: np.ndarray, above_quiet: bool = False) -> np.ndarray:
+    """Energy VAD over frame levels: True where a frame is speech (see VAD_* above).
+
+    ``above_quiet`` adds the quiet-level term: right for finding the noise in pauses, wrong for
+    measuring silence at the edges (a clip with no pause has a "quiet level" inside its
+    speech, and the edges would move with how much silence surrounds the clip)."""
     if levels_db.size == 0:
         return np.zeros(0, dtype=bool)
     loud, quiet = np.percentile(levels_db, [VAD_REF_PERCENTILE, VAD_QUIET_PERCENTILE])
-    return levels_db >= max(loud - VAD_REL_DB, quiet + VAD_ABOVE_QUIET_DB, VAD_ABS_DBFS)
+    threshold = max(loud - VAD_REL_DB, VAD_ABS_DBFS)
+    if above_quiet:
+        threshold = max(threshold, quiet + VAD_ABOVE_QUIET_DB)
+    return levels_db >= threshold
 
 
 def runs(mask: np.ndarray) -> list[tuple[int, int]]:

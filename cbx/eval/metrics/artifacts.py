@@ -56,7 +56,7 @@ FLAT_BAND_HZ = 4000.0  # every source (8 kHz telephone prompts included) has con
 FLAT_NFFT_S = 0.016
 FLAT_AVG_FRAMES = 4  # Welch-style averaging: noise stays flat, speech keeps its structure
 NOISE_FLATNESS = 0.8  # real speech blocks measured at most 0.73, planted white noise at least 0.85
-NOISE_ABOVE_FLOOR_DB = 20.0  # burst must stand this far above the clip's quiet level
+NOISE_BELOW_SPEECH_DB = 50.0  # quieter than this under the speech's loud level is not counted
 NOISE_MIN_DBFS = -55.0
 
 SPILL_SR = 16000
@@ -134,13 +134,16 @@ def click_positions(x: np.ndarray, sr: int) -> np.ndarray:
     neigh = np.stack([padded[k + o : k + o + n] for o in offsets], axis=1)
     ref = np.maximum(np.quantile(neigh, CLICK_QUANTILE, axis=1), CLICK_REF_FLOOR)
     cand = np.flatnonzero((peak >= CLICK_RATIO * ref) & (peak >= CLICK_MIN_ABS))
-    e2 = e**2
     inner, outer = max(1, int(0.00025 * sr)), max(2, int(0.0025 * sr))
     found = []
     for i in cand:
         p = where[i]
-        near = e2[max(0, p - inner) : p + inner + 1].sum()
-        wide = e2[max(0, p - outer) : p + outer + 1].sum()
+        # energy above the neighbourhood's level only, so that fricative noise under a click
+        # does not dilute it
+        e2 = np.maximum(e[max(0, p - outer) : p + outer + 1] - ref[i], 0.0) ** 2
+        c = min(p, outer)
+        near = e2[max(0, c - inner) : c + inner + 1].sum()
+        wide = e2.sum()
         if near >= CLICK_CONCENTRATION * wide and (not found or p - found[-1] > outer):
             found.append(p)
     return np.asarray(found, dtype=np.int64)
@@ -175,8 +178,8 @@ def pause_noise_bursts(x: np.ndarray, sr: int) -> int:
     flat, lvl = band_flatness(x, sr)
     if flat.size == 0:
         return 0
-    quiet = np.percentile(dsp.frame_levels_db(x, sr), 10)
-    hot = (flat >= NOISE_FLATNESS) & (lvl >= max(quiet + NOISE_ABOVE_FLOOR_DB, NOISE_MIN_DBFS))
+    loud = np.percentile(dsp.frame_levels_db(x, sr), dsp.VAD_REF_PERCENTILE)
+    hot = (flat >= NOISE_FLATNESS) & (lvl >= max(loud - NOISE_BELOW_SPEECH_DB, NOISE_MIN_DBFS))
     return len(dsp.runs(hot))
 
 
@@ -273,7 +276,7 @@ def artifact_scores(audio: np.ndarray, sr: int, prompt: np.ndarray | None = None
     xc = x - x.mean() if x.size else x
     out["click_count"] = int(click_positions(xc, sr).size)
     levels = dsp.frame_levels_db(xc, sr)
-    pause = levels[~dsp.speech_mask(levels)]
+    pause = levels[~dsp.speech_mask(levels, above_quiet=True)]
     if pause.size >= 5:
         out["noise_floor_dbfs"] = float(np.median(pause))
     out["pause_noise_count"] = pause_noise_bursts(xc, sr)

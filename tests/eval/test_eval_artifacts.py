@@ -1,0 +1,243 @@
+"""Artifact detectors on real speech: planted artifacts are found, clean clips are not flagged.
+
+The clean set is 24 real Allison prompts (8 kHz, resampled to 24 kHz) plus full-band read
+speech cut from the moonshine-voice clips when that wheel is installed; every clip is scaled to
+a peak of 0.7 (a typical TTS output level). Into each clip we plant one artifact of a kind the
+eval suite must catch, at a random place drawn from a fixed seed, and require recall >= 0.9 per
+kind and no flag on any clean clip. The measured figures are printed (run with -s) and the
+test fails when they fall below the bounds.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from cbx.eval import dsp
+from cbx.eval.metrics import artifacts as A
+
+SR = 24000
+PEAK = 0.7
+N_ALLISON = 24
+# A click of 0.3 on speech peaking at 0.7 is plainly audible; at 0.2 the measured recall drops
+# to about 0.85, the misses being jumps planted inside strong fricatives of full-band speech,
+# which mask them.
+CLICK_AMP = 0.3
+
+
+def _load(path, start=None, end=None) -> np.ndarray:
+    from cbx.eval.audio import read_audio
+
+    wav, sr = read_audio(path)
+    a = 0 if start is None else int(start * sr)
+    b = len(wav) if end is None else int(end * sr)
+    x = dsp.resample(wav[a:b].astype(np.float64), sr, SR)
+    return x * (PEAK / np.abs(x).max())
+
+
+@pytest.fixture(scope="module")
+def allison():
+    """[(words, clip)] of real recorded prompts with their transcripts."""
+    from cbx.eval import assets
+    from cbx.errors import CbxError
+
+    try:
+        clips = assets.real_speech_clips(N_ALLISON, min_s=1.5, max_s=8.0)
+    except CbxError as e:
+        pytest.skip(str(e))
+    return [(re.findall(r"[a-z']+", text.lower()), _load(p)) for p, text in clips]
+
+
+@pytest.fixture(scope="module")
+def clean(allison):
+    """Every clean clip: the Allison prompts plus 5 s chunks of full-band read speech."""
+    from cbx.eval import assets
+    from cbx.errors import CbxError
+
+    clips = [x for _, x in allison]
+    try:
+        for name, stop in (("two_cities.wav", 40.0), ("beckett.wav", 9.9)):
+            path = assets.source_path(f"moonshine:{name}")
+            clips += [_load(path, t, t + 5.0) for t in np.arange(0.0, stop - 5.0 + 1e-9, 5.0)]
+    except CbxError:
+        pass  # the Allison prompts alone still make the 20+ clips the issue asks for
+    assert len(clips) >= 20
+    return clips
+
+
+@pytest.fixture(scope="module")
+def clean_scores(clean):
+    return [A.artifact_scores(x, SR) for x in clean]
+
+
+def _report(kind: str, hits: list[bool]) -> float:
+    recall = float(np.mean(hits))
+    print(f"\n[artifacts] {kind}: recall {recall:.3f} ({sum(hits)}/{len(hits)})")
+    return recall
+
+
+def test_clean_real_speech_is_not_flagged(clean_scores):
+    flags = {
+        "clip_events": sum(s["clip_events"] > 0 for s in clean_scores),
+        "dc_flag": sum(s["dc_flag"] for s in clean_scores),
+        "click_count": sum(s["click_count"] > 0 for s in clean_scores),
+        "pause_noise_count": sum(s["pause_noise_count"] > 0 for s in clean_scores),
+        "nonfinite_count": sum(s["nonfinite_count"] > 0 for s in clean_scores),
+    }
+    print(f"\n[artifacts] clean clips flagged, of {len(clean_scores)}: {flags}")
+    assert flags == dict.fromkeys(flags, 0)
+    lufs = [s["loudness_lufs"] for s in clean_scores]
+    assert all(-40.0 < v < -5.0 for v in lufs)
+
+
+def test_planted_clicks_are_found_where_planted(clean):
+    rng = np.random.default_rng(11)
+    hits = []
+    for i, x in enumerate(clean):
+        y = x.copy()
+        p = int(rng.integers(int(0.1 * len(x)), int(0.9 * len(x))))
+        amp = CLICK_AMP * rng.choice([-1.0, 1.0])
+        if i % 2 == 0:  # an impulse
+            y[p] += amp
+        else:  # a jump that decays in 2 ms, like a badly joined chunk
+            y[p:] += amp * np.exp(-np.arange(len(y) - p) / (0.002 * SR))
+        found = A.click_positions(y - y.mean(), SR)
+        hits.append(bool(np.any(np.abs(found - p) <= 0.002 * SR)) and A.artifact_scores(y, SR)["click_count"] >= 1)
+    assert _report("clicks", hits) >= 0.9
+
+
+def test_planted_clipping_is_found(clean):
+    hits = []
+    for x in clean:
+        y = np.clip(x * 2.0, -1.0, 1.0)  # the loudest peaks go 40% over full scale
+        s = A.artifact_scores(y, SR)
+        hits.append(s["clip_events"] >= 1 and s["clip_ratio"] > 0)
+    assert _report("clipping", hits) >= 0.9
+
+
+def test_planted_dc_shift_is_found(clean):
+    rng = np.random.default_rng(12)
+    hits = []
+    for x in clean:
+        shift = 0.02 * rng.choice([-1.0, 1.0])
+        s = A.artifact_scores(x + shift, SR)
+        hits.append(s["dc_flag"] == 1 and abs(s["dc_offset"] - 0.02) < 0.002)
+        # the shift is reported once, not again as clicks or as noise
+        assert s["click_count"] == 0 and s["pause_noise_count"] == 0
+    assert _report("dc shift", hits) >= 0.9
+
+
+def _plant_noise_burst(x: np.ndarray, rng) -> np.ndarray:
+    """White noise, 120 ms, 20 dB below the clip's speech level, in its longest pause (a 0.3 s
+    pause of silence is opened at a random point first when the clip has none that long)."""
+    levels = dsp.frame_levels_db(x, SR)
+    speech = dsp.speech_mask(levels)
+    speech_db = 10 * np.log10(np.mean(10 ** (levels[speech] / 10)))
+    pauses = sorted(((b - a, a) for a, b in dsp.runs(~speech)), reverse=True)
+    dur = int(0.12 * SR)
+    if pauses and pauses[0][0] * dsp.HOP_S >= 0.3:
+        n, a = pauses[0]
+        start = int((a * dsp.HOP_S + (n * dsp.HOP_S - 0.12) / 2) * SR)
+    else:
+        at = int(rng.integers(int(0.3 * len(x)), int(0.7 * len(x))))
+        x = np.concatenate([x[:at], np.zeros(int(0.3 * SR)), x[at:]])
+        start = at + int(0.09 * SR)
+    fade = np.minimum(1.0, np.minimum(np.arange(dur), np.arange(dur)[::-1]) / (0.005 * SR))
+    y = x.copy()
+    y[start : start + dur] += rng.standard_normal(dur) * 10 ** ((speech_db - 20) / 20) * fade
+    return y
+
+
+def test_planted_noise_burst_in_a_pause_is_found(clean):
+    rng = np.random.default_rng(13)
+    hits = [A.artifact_scores(_plant_noise_burst(x, rng), SR)["pause_noise_count"] >= 1 for x in clean]
+    assert _report("noise burst", hits) >= 0.9
+
+
+def _spill_pairs(allison):
+    """(output, prompt) pairs of different Allison prompts whose junction shares no word
+    (the same words said again by the same voice are not spill-over)."""
+    pairs = []
+    for i, (words, out) in enumerate(allison):
+        for k in range(1, len(allison)):
+            pw, prompt = allison[(i + k) % len(allison)]
+            if not set(words[:4]) & set(pw[-8:]):
+                pairs.append((out, prompt))
+                break
+    return pairs
+
+
+def test_prompt_end_pasted_before_output_is_found(allison):
+    rng = np.random.default_rng(14)
+    pairs = _spill_pairs(allison)
+    assert len(pairs) >= 20
+    clean_flags, hits, clean_max, planted_min = 0, [], 0.0, 1.0
+    for out, prompt in pairs:
+        s = A.artifact_scores(out, SR, prompt, SR)
+        clean_flags += s["spillover_flag"]
+        clean_max = max(clean_max, s["spillover_score"])
+        lead = np.zeros(int(rng.integers(0, int(0.1 * SR))))  # not aligned to any frame grid
+        spilled = np.concatenate([lead, prompt[-SR:], out])
+        s = A.artifact_scores(spilled, SR, prompt, SR)
+        hits.append(s["spillover_flag"] == 1)
+        planted_min = min(planted_min, s["spillover_score"])
+    print(f"\n[artifacts] spill-over: clean max score {clean_max:.3f}, planted min {planted_min:.3f}")
+    assert clean_flags == 0
+    assert _report("spill-over", hits) >= 0.9
+
+
+def test_nonfinite_samples_are_counted_and_do_not_poison_other_metrics(clean):
+    x = clean[0].copy()
+    x[[100, 2000, 9000]] = [np.nan, np.inf, -np.inf]
+    s = A.artifact_scores(x, SR)
+    assert s["nonfinite_count"] == 3
+    assert all(np.isfinite(v) for v in s.values())
+
+
+def test_silence_edges_measure_added_silence(clean):
+    for x in clean[:6]:
+        base = A.artifact_scores(x, SR)
+        padded = np.concatenate([np.zeros(int(0.5 * SR)), x, np.zeros(int(0.3 * SR))])
+        s = A.artifact_scores(padded, SR)
+        assert s["leading_silence_s"] - base["leading_silence_s"] == pytest.approx(0.5, abs=0.02)
+        assert s["trailing_silence_s"] - base["trailing_silence_s"] == pytest.approx(0.3, abs=0.02)
+    silent = A.artifact_scores(np.zeros(SR), SR)
+    assert silent["leading_silence_s"] == pytest.approx(1.0)
+
+
+def test_noise_floor_tracks_added_noise(clean):
+    rng = np.random.default_rng(15)
+    # the clip inside half a second of silence each side, so that it has pauses to measure
+    x = np.concatenate([np.zeros(SR // 2), clean[0], np.zeros(SR // 2)])
+    floors = []
+    for db in (-70.0, -60.0, -50.0):
+        y = x + rng.standard_normal(len(x)) * 10 ** (db / 20)
+        floors.append(A.artifact_scores(y, SR)["noise_floor_dbfs"])
+        assert floors[-1] == pytest.approx(db, abs=2.0)
+    assert floors == sorted(floors)
+
+
+def test_loudness_follows_gain(clean):
+    x = clean[1]
+    a = A.artifact_scores(x, SR)["loudness_lufs"]
+    b = A.artifact_scores(0.5 * x, SR)["loudness_lufs"]
+    assert b - a == pytest.approx(20 * np.log10(0.5), abs=0.05)
+    assert "loudness_lufs" not in A.artifact_scores(x[: int(0.3 * SR)], SR)  # shorter than a gating block
+
+
+def test_group_scores_an_utterance_and_declares_its_metrics(allison):
+    from cbx.eval.registry import metric_specs
+    from cbx.eval.types import Utterance
+
+    group = A.ArtifactGroup()
+    group.load()
+    (_, out), (_, prompt) = allison[0], allison[5]
+    utt = Utterance(id="u", audio=out.astype(np.float32), sr=SR, text="", prompt_audio=prompt, prompt_sr=SR)
+    scores = group.score(utt)
+    names = {s.name for s in A.ArtifactGroup.specs}
+    assert set(scores) == names  # a clean utterance with a prompt gets every metric
+    specs = metric_specs()
+    assert all(specs[n].version == A.VERSION for n in names)
+    assert specs["click_count"].higher_is_better is False
