@@ -151,13 +151,16 @@ class SynthRequest:
 
 @dataclass
 class SynthResult:
-    """The output for one request: ``wav`` float32 mono at :data:`SAMPLE_RATE`."""
+    """The output for one request: ``wav`` float32 mono at :data:`SAMPLE_RATE`; ``speech_tokens``
+    the T3 tokens of all its chunks in order (``chunk_tokens`` says how many per chunk);
+    ``timings`` its share of each stage's seconds (sums to the batch figures) and ``total``."""
 
     id: str
     text: str
     wav: np.ndarray
     speech_tokens: np.ndarray
     chunks: list[str]
+    chunk_tokens: list[int]
     audio_s: float
     timings: dict[str, float]
     sample_rate: int = SAMPLE_RATE
@@ -451,6 +454,7 @@ class Synthesizer:
             results.append(SynthResult(
                 id=req.id if req.id is not None else f"utt{i}", text=req.text, wav=wav.astype(np.float32),
                 speech_tokens=tokens.numpy().astype(np.int64), chunks=[r.text for r in mine],
+                chunk_tokens=[int(r.tokens.numel()) for r in mine],
                 audio_s=len(wav) / SAMPLE_RATE, timings=t))
         return results
 

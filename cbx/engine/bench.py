@@ -1,0 +1,263 @@
+"""``cbx bench engine``: upstream's inference path vs the engine, on the full-size architecture.
+
+What it measures: the full-size original Chatterbox (T3 Llama-520M, S3Gen, voice encoder) with
+random weights (no download; real sizes, real costs, meaningless audio), one reference voice of
+fixed length, and a fixed number of speech tokens, through
+
+(a) upstream's own path, step by step as ``ChatterboxTTS.generate`` runs it: its
+    ``prepare_conditionals``, ``T3.inference`` (HF-cache decoding, a host sync and tqdm update
+    per token, ``output_attentions=True``), ``S3Gen.flow_inference`` (10 CFM steps with CFG),
+    ``hift_inference`` and the perth watermark;
+(b) the engine: :class:`cbx.engine.synth.Synthesizer` (static KV cache, batched CFG, no per-token
+    sync, batched CFM) at ``--dtype`` (default: bf16 where the CPU has AMX or on CUDA, else fp32).
+
+Why it is built this way:
+
+* Both paths run in ONE process on the SAME weights (the ~3 GB model is built once), so the
+  ratio is meaningful on a noisy shared machine. Figures are medians over ``--repeats``.
+* Equal work: random weights would stop at a random EOS, so both paths decode exactly
+  ``--tokens`` tokens with the non-speech ids (EOS, start, unused >= 6561) masked out of the
+  logits: the engine through ``force_tokens``, upstream through a forward hook on its
+  ``speech_head`` that does the same masking (upstream's loop is not edited).
+* A short warm-up of each path (1 s reference, 2 tokens) loads lazy pieces (perth's model,
+  kernels) so that one-off costs are not charged to either side.
+* The last line is exactly ``engine speed-up vs upstream: N.NNx`` (per-utterance wall time of
+  upstream over the engine's; with ``--batch B`` the engine's batch time is divided by B).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cbx.engine.timing import STAGES, SPEECH_TOKENS_PER_AUDIO_S, PeakMemory, StageTimer, machine_description
+from cbx.errors import CbxError
+
+BENCH_TEXT = "The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest."
+REF_SR = 24_000
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", type=int, default=50, help="speech tokens per utterance (25 = 1 s; default 50)")
+    parser.add_argument("--batch", type=int, default=1, help="utterances the engine synthesizes at once (default 1)")
+    parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="engine compute dtype (auto: bf16 on CUDA or a CPU with AMX, else fp32)")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per path; medians are printed")
+    parser.add_argument("--ref-seconds", type=float, default=10.0,
+                        help="length of the synthetic reference voice (default 10 s, upstream's maximum)")
+    parser.add_argument("--voice", default=None, help="use this reference audio instead of the synthetic one")
+    parser.add_argument("--cfm-steps", type=int, default=10, help="CFM steps for both paths (upstream: 10)")
+    parser.add_argument("--model", choices=["full", "tiny"], default="full",
+                        help="full: full-size random weights (default); tiny: the built-in tiny model (smoke test)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def synthetic_voice(seconds: float, sr: int = REF_SR, seed: int = 0) -> np.ndarray:
+    """A few seconds of voiced, speech-like audio: harmonics of a gliding pitch (100-220 Hz) with
+    a slow syllable-rate envelope, formant-ish weighting and a little noise. Deterministic."""
+    rng = np.random.default_rng(seed)
+    n = int(round(seconds * sr))
+    t = np.arange(n) / sr
+    f0 = 150 + 50 * np.sin(2 * np.pi * 0.7 * t + rng.uniform(0, 6)) + 20 * np.sin(2 * np.pi * 2.3 * t)
+    phase = 2 * np.pi * np.cumsum(f0) / sr
+    wav = np.zeros(n)
+    for k in range(1, 16):
+        formant = np.exp(-((k * 150 - 700) / 600) ** 2) + 0.5 * np.exp(-((k * 150 - 1800) / 500) ** 2)
+        wav += (formant + 0.05) / k * np.sin(k * phase + rng.uniform(0, 6))
+    envelope = 0.55 + 0.45 * np.sin(2 * np.pi * 3.5 * t + rng.uniform(0, 6)) ** 2
+    wav = wav * envelope + 0.01 * rng.standard_normal(n)
+    return (0.3 * wav / np.max(np.abs(wav))).astype(np.float32)
+
+
+def _default_dtype(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if " amx_bf16" in flags else "fp32"
+
+
+@contextlib.contextmanager
+def _mask_non_speech(t3: Any):
+    """Forward hook on upstream's ``speech_head`` that masks ids >= 6561 (what the engine's
+    ``force_tokens`` does), so upstream decodes exactly as many real speech tokens."""
+    from cbx.engine.t3_decode import SPEECH_VOCAB
+
+    def hook(_module, _inputs, out):
+        # Finite, not -inf: upstream mixes cond and uncond rows (-inf - -inf would be NaN).
+        out = out.clone()
+        out[..., SPEECH_VOCAB:] = -1e9
+        return out
+
+    handle = t3.speech_head.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def upstream_once(model: Any, up: Any, voice: str, n_tokens: int, cfm_steps: int, seed: int,
+                  device: torch.device) -> tuple[dict[str, float], float, int]:
+    """One utterance through upstream's own code path; returns (stage seconds, audio s, peak bytes)."""
+    from cbx.engine import upstream as U
+    from cbx.engine.text import t3_text_tokens
+
+    torch.manual_seed(seed)
+    timer = StageTimer(device)
+    with PeakMemory(device) as mem:
+        with timer.stage("conditioning"):
+            up.prepare_conditionals(voice, exaggeration=0.5)
+        with timer.stage("t3"):
+            tt = torch.tensor([t3_text_tokens(model, BENCH_TEXT)], dtype=torch.long, device=device)
+            tt = torch.cat([tt, tt], dim=0)  # the CFG pair, as generate() builds it
+            with torch.inference_mode(), _mask_non_speech(model.t3), contextlib.redirect_stderr(io.StringIO()):
+                tokens = model.t3.inference(t3_cond=up.conds.t3, text_tokens=tt, max_new_tokens=n_tokens,
+                                            temperature=0.8, cfg_weight=0.5, repetition_penalty=1.2, min_p=0.05,
+                                            top_p=1.0)
+            tokens = U.drop_invalid_tokens(tokens[0])
+            tokens = tokens[tokens < U.SPEECH_VOCAB_SIZE].to(device)
+        s3 = model.s3gen
+        with timer.stage("cfm"), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            mels = s3.flow_inference(tokens, ref_dict=up.conds.gen, n_cfm_timesteps=cfm_steps, finalize=True)
+        with timer.stage("vocoder"), torch.inference_mode():  # S3Gen.inference runs in inference mode
+            wav, _ = s3.hift_inference(mels.to(dtype=s3.dtype), None)
+            wav[:, : len(s3.trim_fade)] *= s3.trim_fade
+            wav = wav.squeeze(0).detach().cpu().numpy()
+        with timer.stage("watermark"):
+            wav = up.watermarker.apply_watermark(wav, sample_rate=REF_SR)
+    timer.stop()
+    return timer.seconds(), len(wav) / REF_SR, mem.peak_bytes
+
+
+def engine_once(model: Any, voice: str, n_tokens: int, cfm_steps: int, seed: int, dtype: str, batch: int,
+                device: torch.device) -> tuple[dict[str, float], float, int]:
+    """``batch`` utterances through the engine; returns (stage seconds, audio s per utterance, peak bytes)."""
+    from cbx.engine.synth import SynthRequest, SynthSettings, Synthesizer
+
+    torch.manual_seed(seed)
+    settings = SynthSettings(force_tokens=n_tokens, max_speech_tokens=n_tokens, cfm_steps=cfm_steps, seed=seed,
+                             dtype=dtype, batch_size=batch, temperature=0.8, cfg_weight=0.5, exaggeration=0.5)
+    syn = Synthesizer(model, device=device)
+    _fresh_conditioning()
+    out = syn.synthesize([SynthRequest(BENCH_TEXT, voice, id=f"b{i}") for i in range(batch)], settings,
+                         progress=False)
+    return dict(out.run.stages), out.run.audio_s / batch, out.run.peak_mem_bytes
+
+
+def _fresh_conditioning() -> None:
+    """Empty the conditioning module's per-file cache so every run pays for conditioning, as
+    upstream's ``generate(audio_prompt_path=...)`` does."""
+    try:
+        from cbx.engine import conditioning
+    except ImportError:
+        return
+    clear = getattr(conditioning, "clear_cache", None)
+    if callable(clear):
+        clear()
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r.get(k, 0.0) for r in runs) for k in (*STAGES, "total")}
+
+
+def _build(kind: str, device: torch.device) -> Any:
+    from cbx.engine.tiny import build_random, build_tiny
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = build_random("original", full_size=True, seed=0) if kind == "full" else build_tiny("original", 0)
+    return model.to(device).eval()
+
+
+def _millions(module: Any) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.0f}M"
+
+
+def run(args: argparse.Namespace) -> int:
+    from cbx.engine.cli_synth import check_voice, resolve_device
+
+    for name in ("tokens", "batch", "repeats", "cfm_steps"):
+        if getattr(args, name) < 1:
+            raise CbxError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    if not 1.0 <= args.ref_seconds <= 30.0:
+        raise CbxError(f"--ref-seconds {args.ref_seconds}: must be between 1 and 30")
+    check_voice(args.voice)
+    device = resolve_device(args.device)
+    dtype = _default_dtype(device) if args.dtype == "auto" else args.dtype
+
+    info = machine_description(device)
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    t0 = time.perf_counter()
+    model = _build(args.model, device)
+    from cbx.engine import upstream as U
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        up = U.ChatterboxTTS(model.t3, model.s3gen, model.ve, model.tokenizer, str(device))
+    audio_s = args.tokens / SPEECH_TOKENS_PER_AUDIO_S
+    print(f"model: {args.model} original architecture, random weights (T3 {_millions(model.t3)}, "
+          f"S3Gen {_millions(model.s3gen)}, VE {_millions(model.ve)}), built in {time.perf_counter() - t0:.1f} s")
+    with tempfile.TemporaryDirectory(prefix="cbx-bench-") as tmp:
+        import soundfile as sf
+
+        if args.voice:
+            voice, voice_desc = args.voice, args.voice
+        else:
+            voice = str(Path(tmp) / "ref.wav")
+            sf.write(voice, synthetic_voice(args.ref_seconds), REF_SR)
+            voice_desc = f"synthetic {args.ref_seconds:g} s"
+        print(f"work: {args.tokens} speech tokens ({audio_s:.2f} s of audio) per utterance, reference {voice_desc}, "
+              f"CFM {args.cfm_steps} steps; engine dtype {dtype}, batch {args.batch}; repeats {args.repeats}")
+        if not args.no_warmup:
+            short = str(Path(tmp) / "warm.wav")
+            sf.write(short, synthetic_voice(1.0, seed=1), REF_SR)
+            upstream_once(model, up, short, 2, 2, args.seed, device)
+            engine_once(model, short, 2, 2, args.seed, dtype, 1, device)
+        up_runs, up_mem, en_runs, en_mem = [], 0, [], 0
+        for r in range(args.repeats):
+            st, up_audio, mem = upstream_once(model, up, voice, args.tokens, args.cfm_steps, args.seed + r, device)
+            up_runs.append(st)
+            up_mem = max(up_mem, mem)
+            st, en_audio, mem = engine_once(model, voice, args.tokens, args.cfm_steps, args.seed + r, dtype,
+                                            args.batch, device)
+            en_runs.append(st)
+            en_mem = max(en_mem, mem)
+    up_t, en_t = _median(up_runs), _median(en_runs)
+    print_table(up_t, en_t, args.batch, up_audio, en_audio, args.tokens, up_mem, en_mem)
+    speedup = up_t["total"] / (en_t["total"] / args.batch)
+    print(f"engine speed-up vs upstream: {speedup:.2f}x")
+    return 0
+
+
+def print_table(up: dict[str, float], en: dict[str, float], batch: int, up_audio: float, en_audio: float,
+                tokens: int, up_mem: int, en_mem: int) -> None:
+    """Seconds per stage side by side; the engine column is per utterance (batch time / batch)."""
+    head = f"{'stage':<16}{'upstream s':>12}{'engine s':>12}{'speed-up':>10}"
+    if batch > 1:
+        head += f"{'engine batch s':>16}"
+    print(head)
+    for stage in (*STAGES, "total"):
+        u, e = up[stage], en[stage] / batch
+        ratio = f"{u / e:.2f}x" if e > 0 else "-"
+        line = f"{stage:<16}{u:>12.3f}{e:>12.3f}{ratio:>10}"
+        if batch > 1:
+            line += f"{en[stage]:>16.3f}"
+        print(line)
+    up_rtf, en_rtf = up["total"] / up_audio, en["total"] / batch / en_audio
+    print(f"{'audio s':<16}{up_audio:>12.2f}{en_audio:>12.2f}")
+    print(f"{'RTF':<16}{up_rtf:>12.3f}{en_rtf:>12.3f}{up_rtf / en_rtf:>9.2f}x")
+    up_tps, en_tps = tokens / up["t3"], tokens * batch / en["t3"]
+    print(f"{'T3 tokens/s':<16}{up_tps:>12.1f}{en_tps:>12.1f}{en_tps / up_tps:>9.2f}x")
+    print(f"{'peak mem MiB':<16}{up_mem / 2**20:>12.0f}{en_mem / 2**20:>12.0f}")
