@@ -113,3 +113,28 @@ def test_engine_compat_perth_missing_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "perth.perth_net.perth_net_implicit.perth_watermarker", raising=False)
     with pytest.raises(CbxError, match="perth watermarker did not load"):
         compat.perth_watermarker_class()
+
+
+def test_engine_compat_watermark_module_marks_each_utterance():
+    from cbx.engine import watermark
+
+    rng = np.random.default_rng(1)
+    t = np.arange(24000 * 2) / 24000
+    voiced = (0.2 * np.sin(2 * np.pi * 150 * t) * (1 + np.sin(2 * np.pi * 2 * t)) / 2).astype(np.float32)
+    wavs = [voiced, (0.05 * rng.standard_normal(30000)).astype(np.float32)]
+    assert watermark.apply_watermark(wavs, 24000, enabled=False)[0] is wavs[0]
+    marked = watermark.apply_watermark(wavs, 24000)
+    for w, m in zip(wavs, marked):
+        assert m.dtype == np.float32 and m.shape == w.shape
+        assert np.abs(m - w).max() > 1e-4
+    assert watermark.watermark_score(marked[0], 24000) > 0.9
+    speech = Path("/usr/share/asterisk/sounds/en_US_f_Allison/activated.wav")  # real speech, if installed
+    if speech.exists():
+        from cbx.engine.audio import load_audio
+
+        clean = load_audio(speech, 24000)
+        assert watermark.watermark_score(clean, 24000) < 0.5
+        assert watermark.watermark_score(watermark.apply_watermark([clean], 24000)[0], 24000) > 0.9
+    alone = watermark.apply_watermark(wavs[1:], 24000)[0]
+    assert np.array_equal(alone, marked[1])  # independent of the other utterances
+    assert watermark.get_watermarker() is watermark.get_watermarker("cpu")
