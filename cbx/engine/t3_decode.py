@@ -1,0 +1,518 @@
+"""Batched T3 decoding: many utterances in ONE decode loop, faithful to upstream's sampling.
+
+Upstream's ``T3.inference`` / ``inference_turbo`` decode one utterance at a time (plus its CFG
+pair), grow a Hugging Face dynamic cache, and stop with a host sync on every token. This module
+decodes B utterances together on the same upstream modules (``t3.tfmr`` layers, ``cond_enc``,
+embeddings, ``speech_head``), following gpt-fast's ``generate.py``:
+
+* Each utterance contributes a (cond, uncond) row pair when classifier-free guidance is on
+  (original / multilingual with ``cfg_weight > 0``): rows ``2i`` and ``2i+1``. Prompts of
+  different lengths are LEFT-padded; every row carries its own position ids (RoPE for Llama,
+  absolute ``wpe`` for GPT-2) and a key-padding mask, so each row computes what its unpadded
+  single run computes (up to floating-point summation order).
+* The KV cache is preallocated (:class:`StaticKVCache`) and written with ``index_copy_`` at a
+  position tensor; the per-token function :func:`_backbone` has fixed shapes when called with
+  ``kv_len=None`` and no data-dependent Python control flow, so it can be wrapped by
+  ``torch.compile``/CUDA graphs. In eager mode (the default) attention reads only the filled
+  part of the cache, and the cache grows by whole chunks when it fills up.
+* Finished rows keep computing (masked); the "all done?" test syncs with the host only every
+  ``check_every`` tokens. There is no per-token ``.item()``.
+* Every utterance samples from its own ``torch.Generator`` seeded by the caller, so its tokens
+  do not depend on what else is in the batch.
+* Logit processing replicates upstream exactly, using the same Hugging Face warpers:
+  original/multilingual ``T3.inference``: CFG ``cond + w*(cond-uncond)``, repetition penalty
+  (BOS counts as generated), temperature, min_p, top_p; Turbo ``inference_turbo``: temperature,
+  top_k, top_p, repetition penalty (step 0 penalises the start token only, later steps the
+  generated tokens only). The repetition penalty uses a "seen" mask instead of a growing id
+  list: same arithmetic, fixed shape.
+
+Deliberate differences from upstream (documented, tested where it matters):
+
+* ``temperature == 0`` means greedy: the processed logits (temperature 1) are arg-maxed.
+  Upstream has no greedy mode (it would divide by zero).
+* ``cfg_weight == 0`` on the original model decodes without the uncond row (upstream crashes:
+  its BOS batch is always 2). The result is what CFG weight 0 means: the cond logits.
+* The multilingual model's ``AlignmentStreamAnalyzer`` (which may force EOS early when the
+  attention wanders, and registers hooks it never removes) is left out.
+* ``force_tokens`` (benchmarks) decodes exactly that many tokens: ids >= 6561 (EOS and the
+  other special ids) are masked out, so every row yields that many real speech tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cbx.errors import CbxError
+
+SPEECH_VOCAB = 6561  # real S3 tokens are 0..6560; the rest are start/stop/unused ids
+CACHE_CHUNK = 256
+
+
+@dataclass
+class DecodeSettings:
+    """Sampling settings shared by all rows of one decode.
+
+    Turbo ignores ``cfg_weight`` and ``min_p`` (as upstream does); the original model ignores
+    ``top_k``. ``exaggeration`` None keeps each condition's own ``emotion_adv``.
+    """
+
+    temperature: float = 0.8
+    top_p: float = 1.0
+    min_p: float = 0.05
+    top_k: int = 0
+    repetition_penalty: float = 1.2
+    cfg_weight: float = 0.5
+    exaggeration: float | None = None
+    max_new_tokens: int = 1000
+    force_tokens: int | None = None
+    check_every: int = 16
+    compute_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("temperature", self.temperature >= 0 and math.isfinite(self.temperature)),
+            ("top_p", 0 < self.top_p <= 1),
+            ("min_p", 0 <= self.min_p <= 1),
+            ("top_k", self.top_k >= 0),
+            ("repetition_penalty", self.repetition_penalty > 0),
+            ("cfg_weight", self.cfg_weight >= 0),
+            ("max_new_tokens", self.max_new_tokens >= 1),
+            ("force_tokens", self.force_tokens is None or self.force_tokens >= 1),
+            ("check_every", self.check_every >= 1),
+        ]
+        for name, ok in checks:
+            if not ok:
+                raise CbxError(f"decode setting '{name}'={getattr(self, name)!r} is out of range")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class T3Row:
+    """One utterance: its T3 text token ids (with start/stop tokens where the variant has them,
+    see :func:`cbx.engine.text.t3_text_tokens`), its upstream ``T3Cond`` (batch 1) and its seed."""
+
+    text_tokens: Sequence[int] | Tensor
+    cond: Any
+    seed: int = 0
+
+
+@dataclass
+class DecodeOutput:
+    """Per row: generated speech token ids before EOS (raw ids: may include ids >= 6561, which
+    upstream filters before S3Gen, see :func:`speech_only`), and whether the row ended by EOS."""
+
+    tokens: list[Tensor]
+    finished: list[bool]
+    steps: int
+
+
+def speech_only(tokens: Tensor) -> Tensor:
+    """Drop non-speech ids (>= 6561) as upstream's ``generate()`` does before S3Gen."""
+    return tokens[tokens < SPEECH_VOCAB]
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+class StaticKVCache:
+    """Preallocated keys/values ``[layers][rows, kv_heads, capacity, head_dim]``.
+
+    Written at explicit positions with ``index_copy_`` (gpt-fast style) so a compiled step sees
+    the same tensors every call. :meth:`ensure` grows the capacity by whole chunks in eager mode.
+    """
+
+    def __init__(self, n_layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+                 dtype: torch.dtype, device: torch.device):
+        shape = (rows, kv_heads, capacity, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[2]
+
+    def ensure(self, length: int) -> None:
+        if length <= self.capacity:
+            return
+        new_cap = max(length, self.capacity + CACHE_CHUNK)
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(*t.shape[:2], new_cap, t.shape[3])
+                grown[:, :, : t.shape[2]] = t
+                store[i] = grown
+
+
+# ----------------------------------------------------------------------------- backbone
+
+
+def _backbone_dims(t3: Any) -> tuple[int, int, int]:
+    cfg = t3.cfg
+    if t3.is_gpt:
+        heads = cfg.n_head
+        return cfg.n_layer, heads, cfg.hidden_size // heads
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads or heads, head_dim
+
+
+def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
+    if k_all.shape[1] != q.shape[1]:  # grouped-query attention
+        rep = q.shape[1] // k_all.shape[1]
+        k_all = k_all.repeat_interleave(rep, dim=1)
+        v_all = v_all.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], scale=scale)
+
+
+def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,
+              kv_len: int | None) -> Tensor:
+    """Run the upstream backbone layers on ``x`` (rows, q, d); returns the final-norm hidden states.
+
+    ``pos_ids`` (rows, q): each row's own positions; ``cache_pos`` (q,): cache slots to write;
+    ``mask`` (rows, q, kv) bool: which cache slots each query may attend to; ``kv_len``: how
+    much of the cache to read (None: all of it, fixed shapes for compiled steps).
+    """
+    n, q_len, _ = x.shape
+    tf = t3.tfmr
+    if t3.is_gpt:
+        x = x + tf.wpe(pos_ids)
+        for i, block in enumerate(tf.h):
+            attn = block.attn
+            h = block.ln_1(x)
+            q, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
+            q, k, v = (t.view(n, q_len, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            o = _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling)
+            x = x + attn.c_proj(o.transpose(1, 2).reshape(n, q_len, -1))
+            x = x + block.mlp(block.ln_2(x))
+        return tf.ln_f(x)
+
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = tf.rotary_emb(x, pos_ids)
+    for i, layer in enumerate(tf.layers):
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        q = attn.q_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        o = _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling)
+        x = x + attn.o_proj(o.transpose(1, 2).reshape(n, q_len, -1))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return tf.norm(x)
+
+
+def _cached_attention(cache: StaticKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_pos: Tensor,
+                      mask: Tensor, kv_len: int | None, scale: float) -> Tensor:
+    kc, vc = cache.k[layer], cache.v[layer]
+    kc.index_copy_(2, cache_pos, k.to(kc.dtype))
+    vc.index_copy_(2, cache_pos, v.to(vc.dtype))
+    if kv_len is not None:
+        kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
+    return _attend(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+
+def _row_cond(t3: Any, cond: Any, exaggeration: float | None) -> Any:
+    """A private copy of a ``T3Cond`` on the model's device (upstream caches the prompt speech
+    embedding inside the object; we recompute it so a changed model never sees a stale one)."""
+    device = t3.speech_emb.weight.device
+    fields = {}
+    for f in dataclasses.fields(cond):
+        v = getattr(cond, f.name)
+        fields[f.name] = v.to(device) if torch.is_tensor(v) else v
+    if cond.cond_prompt_speech_tokens is not None:
+        fields["cond_prompt_speech_emb"] = None
+    if exaggeration is not None:
+        fields["emotion_adv"] = torch.full((1, 1, 1), float(exaggeration), device=device)
+    elif torch.is_tensor(fields.get("emotion_adv")):
+        fields["emotion_adv"] = fields["emotion_adv"].to(device)
+    else:
+        fields["emotion_adv"] = torch.full((1, 1, 1), float(fields["emotion_adv"]), device=device)
+    return type(cond)(**fields)
+
+
+def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool) -> Tensor:
+    """The prompt of one row exactly as upstream builds it: (L, d).
+
+    original/multilingual: cond | text (+pos; zeros before pos for the uncond row) | start
+    speech (+pos 0) | BOS (+pos 0, the extra BOS of ``T3.inference``). Turbo: cond | text | start.
+    """
+    hp = t3.hp
+    device = t3.speech_emb.weight.device
+    text = torch.as_tensor(row.text_tokens, dtype=torch.long, device=device).view(1, -1)
+    cond_emb = t3.prepare_conditioning(_row_cond(t3, row.cond, exaggeration))[:1]
+    text_emb = t3.text_emb(text)
+    if uncond:
+        text_emb = torch.zeros_like(text_emb)
+    start = torch.full((1, 1), hp.start_speech_token, dtype=torch.long, device=device)
+    speech_emb = t3.speech_emb(start)
+    if hp.input_pos_emb == "learned":
+        text_emb = text_emb + t3.text_pos_emb(text)
+        speech_emb = speech_emb + t3.speech_pos_emb(start)
+    parts = [cond_emb[0], text_emb[0], speech_emb[0]]
+    if not t3.is_gpt:
+        parts.append(speech_emb[0])  # T3.inference appends BOS + pos 0 once more
+    return torch.cat(parts, dim=0)
+
+
+def _speech_input(t3: Any, tokens: Tensor, step: int) -> Tensor:
+    """Embedding of the token generated at ``step - 1`` fed at decode ``step`` (>= 1): (rows, 1, d)."""
+    emb = t3.speech_emb(tokens.view(-1, 1))
+    if t3.hp.input_pos_emb == "learned":
+        emb = emb + t3.speech_pos_emb.get_fixed_embedding(step)
+    return emb
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+def _warpers(variant_is_gpt: bool, s: DecodeSettings) -> list[Any]:
+    from transformers.generation.logits_process import (
+        MinPLogitsWarper,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    temp = 1.0 if s.greedy else s.temperature
+    if variant_is_gpt:  # inference_turbo: temperature, top_k, top_p (then repetition penalty)
+        out: list[Any] = []
+        if temp > 0 and temp != 1.0:
+            out.append(TemperatureLogitsWarper(temp))
+        if s.top_k > 0:
+            out.append(TopKLogitsWarper(s.top_k))
+        if s.top_p < 1.0:
+            out.append(TopPLogitsWarper(s.top_p))
+        return out
+    out = []
+    if temp != 1.0:
+        out.append(TemperatureLogitsWarper(temp))
+    out.append(MinPLogitsWarper(min_p=s.min_p))
+    out.append(TopPLogitsWarper(top_p=s.top_p))
+    return out
+
+
+def _repetition(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    if penalty == 1.0:
+        return logits
+    return torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def process_logits(is_gpt: bool, logits: Tensor, seen: Tensor, s: DecodeSettings, warpers: list[Any]) -> Tensor:
+    """Upstream's processing of next-token logits (rows, V) after CFG; ``seen`` (rows, V) marks
+    the ids the repetition penalty applies to."""
+    logits = logits.float()
+    if s.force_tokens is not None:
+        logits = logits.clone()
+        logits[:, SPEECH_VOCAB:] = float("-inf")
+    if not is_gpt:
+        logits = _repetition(logits, seen, s.repetition_penalty)
+    for w in warpers:
+        logits = w(None, logits)
+    if is_gpt:
+        logits = _repetition(logits, seen, s.repetition_penalty)
+    return logits
+
+
+def _use_cfg(t3: Any, s: DecodeSettings) -> bool:
+    return (not t3.is_gpt) and s.cfg_weight > 0
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _t3_of(model: Any) -> Any:
+    return model.t3 if hasattr(model, "t3") else model
+
+
+@torch.inference_mode()
+def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None) -> DecodeOutput:
+    """Decode speech tokens for every row in one loop (see the module docstring)."""
+    s = settings or DecodeSettings()
+    t3 = _t3_of(model)
+    if not rows:
+        return DecodeOutput([], [], 0)
+    hp = t3.hp
+    device = t3.speech_emb.weight.device
+    param_dtype = t3.speech_emb.weight.dtype
+    cdtype = s.compute_dtype or param_dtype
+    cfg = _use_cfg(t3, s)
+    group = 2 if cfg else 1
+    n_utt = len(rows)
+    n_rows = n_utt * group
+    max_new = min(s.force_tokens or s.max_new_tokens, hp.max_speech_tokens)
+    eos = hp.stop_speech_token
+
+    prompts = [_prompt_embeds(t3, r, s.exaggeration, uncond=(g == 1)) for r in rows for g in range(group)]
+    lens = torch.tensor([p.shape[0] for p in prompts], device=device)
+    p_max = int(max(p.shape[0] for p in prompts))
+    pad = p_max - lens  # (rows,)
+    x = torch.zeros(n_rows, p_max, prompts[0].shape[1], dtype=prompts[0].dtype, device=device)
+    for i, p in enumerate(prompts):
+        x[i, p_max - p.shape[0]:] = p
+
+    n_layers, kv_heads, head_dim = _backbone_dims(t3)
+    cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, min(p_max + max_new, p_max + CACHE_CHUNK),
+                          cdtype, device)
+    ar = torch.arange(p_max, device=device)
+    key_valid = ar[None, :] >= pad[:, None]  # (rows, p_max)
+    causal = ar[None, :, None] >= ar[None, None, :]
+    # Pad queries may see themselves, so no softmax row is empty (no NaN); nothing real sees them.
+    prefill_mask = (causal & key_valid[:, None, :]) | torch.eye(p_max, dtype=torch.bool, device=device)[None]
+    pos_ids = (ar[None, :] - pad[:, None]).clamp(min=0)
+
+    gens = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in rows]
+    warpers = _warpers(t3.is_gpt, s)
+    seen = torch.zeros(n_utt, hp.speech_tokens_dict_size, dtype=torch.bool, device=device)
+    seen[:, hp.start_speech_token] = True
+    done = torch.zeros(n_utt, dtype=torch.bool, device=device)
+    out = torch.full((n_utt, max_new), eos, dtype=torch.long, device=device)
+    valid = torch.zeros(n_rows, max_new, dtype=torch.bool, device=device)
+
+    with _autocast(device, s.compute_dtype):
+        hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max)
+        logits = t3.speech_head(hidden[:, -1])
+        steps = 0
+        for step in range(max_new):
+            nxt = _pick(t3, logits, seen, s, warpers, gens, cfg, group)
+            nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
+            out[:, step] = nxt
+            if t3.is_gpt and step == 0:
+                seen[:, hp.start_speech_token] = False
+            seen.scatter_(1, nxt[:, None], True)
+            if s.force_tokens is None:
+                done |= nxt == eos
+            steps = step + 1
+            if steps == max_new:
+                break
+            if s.force_tokens is None and steps % s.check_every == 0 and bool(done.all()):
+                break
+            # Feed the new token: cache slot p_max + step, each row's own position.
+            slot = p_max + step
+            cache.ensure(slot + 1)
+            valid[:, step] = True
+            kv_valid = torch.cat([key_valid, valid[:, : step + 1]], dim=1)
+            feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1)
+            pos = (lens + step)[:, None]
+            hidden = _backbone(t3, feed.to(cdtype), pos, torch.tensor([slot], device=device),
+                               kv_valid[:, None, :], cache, slot + 1)
+            logits = t3.speech_head(hidden[:, -1])
+
+    out_cpu = out[:, :steps].cpu()
+    tokens, finished = [], []
+    for r in range(n_utt):
+        seq = out_cpu[r]
+        hits = (seq == eos).nonzero()
+        if s.force_tokens is None and len(hits):
+            end = int(hits[0, 0])
+            tokens.append(seq[:end].clone())
+            finished.append(True)
+        else:
+            tokens.append(seq.clone())
+            finished.append(False)
+    return DecodeOutput(tokens, finished, steps)
+
+
+def _pick(t3: Any, logits: Tensor, seen: Tensor, s: DecodeSettings, warpers: list[Any], gens: list[torch.Generator],
+          cfg: bool, group: int) -> Tensor:
+    logits = logits.float()
+    if cfg:
+        pair = logits.view(-1, group, logits.shape[-1])
+        cond, uncond = pair[:, 0], pair[:, 1]
+        logits = cond + s.cfg_weight * (cond - uncond)
+    processed = process_logits(t3.is_gpt, logits, seen, s, warpers)
+    if s.greedy:
+        return processed.argmax(dim=-1)
+    probs = torch.softmax(processed, dim=-1)
+    return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g)[0] for i, g in enumerate(gens)])
+
+
+class _autocast:
+    """bf16/fp16 autocast around the backbone when a compute dtype is asked for."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype | None):
+        self.ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+
+    def __enter__(self) -> None:
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model: Any, conds: Any, text: str | Sequence[int], speech_tokens: Sequence[int] | Tensor,
+                          settings: DecodeSettings | None = None, language_id: str | None = None,
+                          processed: bool = True) -> Tensor:
+    """Next-token logits at every step while feeding ``speech_tokens``: (T, V) float32.
+
+    Row ``t`` is what the decoder would sample ``speech_tokens[t]`` from, after CFG and (with
+    ``processed``) upstream's repetition penalty / temperature / min_p / top_p / top_k with the
+    tokens before ``t`` as history. ``conds`` is an upstream ``Conditionals`` or ``T3Cond``;
+    ``text`` a string (normalised and tokenised as upstream does) or T3 text token ids.
+    One parallel forward pass over prompt + tokens, not a loop.
+    """
+    s = settings or DecodeSettings()
+    t3 = _t3_of(model)
+    hp = t3.hp
+    device = t3.speech_emb.weight.device
+    if isinstance(text, str):
+        from cbx.engine.text import t3_text_tokens
+
+        text = t3_text_tokens(model, text, language_id=language_id)
+    cond = getattr(conds, "t3", conds)
+    row = T3Row(text, cond, 0)
+    toks = torch.as_tensor(speech_tokens, dtype=torch.long, device=device).view(-1)
+    n_tok = toks.numel()
+    if n_tok == 0:
+        raise CbxError("teacher_forced_logits: speech_tokens is empty")
+    if n_tok > hp.max_speech_tokens:
+        raise CbxError(f"teacher_forced_logits: {n_tok} speech tokens exceed the model's maximum {hp.max_speech_tokens}")
+    cfg = _use_cfg(t3, s)
+    group = 2 if cfg else 1
+    seqs = []
+    for g in range(group):
+        prompt = _prompt_embeds(t3, row, s.exaggeration, uncond=(g == 1))
+        fed = [_speech_input(t3, toks[i], i + 1)[0] for i in range(n_tok - 1)]
+        seqs.append(torch.cat([prompt, *fed], dim=0) if fed else prompt)
+    x = torch.stack(seqs)
+    length, p_len = x.shape[1], seqs[0].shape[0] - (n_tok - 1)
+    n_layers, kv_heads, head_dim = _backbone_dims(t3)
+    cache = StaticKVCache(n_layers, group, kv_heads, head_dim, length, x.dtype, device)
+    ar = torch.arange(length, device=device)
+    mask = (ar[:, None] >= ar[None, :])[None].expand(group, -1, -1)
+    hidden = _backbone(t3, x, ar[None].expand(group, -1), ar, mask, cache, length)
+    logits = t3.speech_head(hidden[:, p_len - 1:]).float()  # (group, T, V)
+    if cfg:
+        logits = logits[0] + s.cfg_weight * (logits[0] - logits[1])
+    else:
+        logits = logits[0]
+    if not processed:
+        return logits
+    # History of step t: BOS/start + tokens[:t] (Turbo: start only at step 0, tokens[:t] after).
+    seen = torch.zeros(n_tok, logits.shape[-1], dtype=torch.bool, device=device)
+    seen[0, hp.start_speech_token] = True
+    if not t3.is_gpt:
+        seen[:, hp.start_speech_token] = True
+    if n_tok > 1:
+        hist = torch.zeros(n_tok, logits.shape[-1], dtype=torch.bool, device=device)
+        hist[torch.arange(1, n_tok, device=device), toks[:-1]] = True
+        seen |= hist.cumsum(0).bool()
+    return process_logits(t3.is_gpt, logits, seen, s, _warpers(t3.is_gpt, s))
