@@ -28,6 +28,7 @@ per-utterance measures (pyloudnorm is used for loudness, librosa for mel feature
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import numpy as np
@@ -65,7 +66,8 @@ SPILL_NMELS = 40
 SPILL_HEAD_S = 1.0  # where in the output spill-over is looked for
 SPILL_TAIL_S = 3.0  # how much of the prompt's end is compared
 SPILL_PATCH_S = 0.4
-SPILL_HOP = 160  # 10 ms at SPILL_SR
+SPILL_HOP = 160  # 10 ms at SPILL_SR (20 ms frames lost 0.05 of correlation to misalignment)
+SPILL_NFFT = 512
 SPILL_VAD_DB = 40.0
 SPILL_MIN_SPEECH = 0.8  # share of a patch's frames that must be speech
 SPILL_FLAG = 0.92
@@ -193,14 +195,22 @@ def silence_edges(levels_db: np.ndarray, duration_s: float) -> tuple[float, floa
     return float(lead), float(trail)
 
 
+@functools.lru_cache(maxsize=2)
+def _spill_mel_basis() -> np.ndarray:
+    import librosa
+
+    return librosa.filters.mel(sr=SPILL_SR, n_fft=SPILL_NFFT, n_mels=SPILL_NMELS, fmin=0.0, fmax=SPILL_FMAX)
+
+
 def _logmel_speech(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     """(log-mel frames [T, bands] at SPILL_SR, speech mask [T] from the frames' energy)."""
     import librosa
 
     y = dsp.resample(x, sr, SPILL_SR)
-    mel = librosa.feature.melspectrogram(
-        y=y, sr=SPILL_SR, n_fft=512, hop_length=SPILL_HOP, win_length=400, n_mels=SPILL_NMELS, fmin=0.0, fmax=SPILL_FMAX
-    )
+    if y.size < SPILL_NFFT:
+        return np.zeros((0, SPILL_NMELS)), np.zeros(0, dtype=bool)
+    spec = np.abs(librosa.stft(y, n_fft=SPILL_NFFT, hop_length=SPILL_HOP, win_length=400, center=False)) ** 2
+    mel = _spill_mel_basis() @ spec
     energy_db = 10.0 * np.log10(np.maximum(mel.sum(axis=0), 1e-20))
     speech = energy_db >= np.percentile(energy_db, dsp.VAD_REF_PERCENTILE) - SPILL_VAD_DB
     # floor relative to the clip's peak, so that digital silence does not dominate a patch
@@ -221,6 +231,20 @@ def _patches(m: np.ndarray, speech: np.ndarray, p: int) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-9)
 
 
+def _speech_span(x: np.ndarray, sr: int, head: bool) -> np.ndarray:
+    """The part of ``x`` that spill-over can involve: from its first speech frame on (head) or
+    up to its last (tail), SPILL_HEAD_S / SPILL_TAIL_S plus a patch and a second of margin."""
+    speech = np.flatnonzero(dsp.speech_mask(dsp.frame_levels_db(x, sr)))
+    if speech.size == 0:
+        return x
+    keep = int((SPILL_PATCH_S + 1.0 + (SPILL_HEAD_S if head else SPILL_TAIL_S)) * sr)
+    if head:
+        start = max(0, int(speech[0] * dsp.HOP_S * sr) - int(0.1 * sr))
+        return x[start : start + keep]
+    stop = min(x.size, int((speech[-1] * dsp.HOP_S + dsp.FRAME_S) * sr) + int(0.1 * sr))
+    return x[max(0, stop - keep) : stop]
+
+
 def spillover_score(out: np.ndarray, sr: int, prompt: np.ndarray, prompt_sr: int) -> float | None:
     """Best Pearson correlation between a SPILL_PATCH_S log-mel patch of the output's first
     SPILL_HEAD_S of speech and any such patch of the prompt's last SPILL_TAIL_S of speech.
@@ -233,6 +257,9 @@ def spillover_score(out: np.ndarray, sr: int, prompt: np.ndarray, prompt_sr: int
     full patch of speech."""
     hop_s = SPILL_HOP / SPILL_SR
     p = int(round(SPILL_PATCH_S / hop_s))
+    # only the output's head and the prompt's tail are compared: cut them out first (with a
+    # second of context, so the VAD below still sees some loud speech) to keep this cheap
+    out, prompt = _speech_span(out, sr, head=True), _speech_span(prompt, prompt_sr, head=False)
     head, head_sp = _logmel_speech(out, sr)
     tail, tail_sp = _logmel_speech(prompt, prompt_sr)
     if not head_sp.any() or not tail_sp.any():
