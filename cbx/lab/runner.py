@@ -150,6 +150,11 @@ class Backend:
         names = list(metrics) if metrics is not None else sorted(specs)
         return {n: specs[n].version for n in names if n in specs}
 
+    def suite_version(self) -> str:
+        from cbx.eval.schema import SUITE_VERSION
+
+        return str(SUITE_VERSION)
+
     def score(self, manifest: Path, out_dir: Path, metrics: Sequence[str] | None, eval_set: dict, progress: bool) -> dict:
         from cbx.eval.scorer import score_manifest
 
@@ -320,6 +325,7 @@ class Runner:
             "hardware_label": hardware_label(hw),
             "eval_set": {"name": set_name, "version": set_version, "n_items": len(items)},
             "metric_versions": b.metric_versions(exp.eval.metrics),
+            "eval_suite_version": b.suite_version(),
             "status": store.STATUS_RUNNING,
             "started_at": _now(),
             "command": " ".join(sys.argv),
@@ -372,7 +378,6 @@ class Runner:
             self._score(exp, run_dir, items, rows, baseline, fid_rows, record["model_bytes"], {"name": set_name, "version": set_version})
             if self.shard.is_main:
                 record["aggregate"] = _read_aggregate(run_dir / "score")
-                record["eval_suite_version"] = record["aggregate"].get("suite_version")
                 record["status"] = store.STATUS_DONE
 
         total_s = sum(float(r["timings"].get("total", 0.0)) for r in rows)
@@ -390,7 +395,7 @@ class Runner:
         record["finished_at"] = _now()
         if self.shard.is_main:
             atomic_write_json(run_dir / store.RUN_RECORD, record)
-        self.shard.wait()
+        record = self.shard.broadcast(record)  # the main process's view (status, aggregate) for all
         self._log(f"{run_id}: {record['status']}" + (f" ({record.get('failure')})" if record.get("failure") else ""))
         return record
 

@@ -14,7 +14,6 @@ import soundfile as sf
 import torch
 
 from cbx.compress.registry import register_transform
-from cbx.eval.registry import MetricSpec, register_metric
 from cbx.lab.runner import Backend, BatchOutput, EvalItemView, UttOutput
 from cbx.lab.schema import to_plain
 
@@ -40,8 +39,6 @@ def _gain(model, cfg):
     return model
 
 
-register_metric(MetricSpec("lab_test_err", higher_is_better=False, version="1"))
-register_metric(MetricSpec("lab_test_sim", higher_is_better=True, version="1"))
 
 
 class FakeModel(torch.nn.Module):
@@ -103,8 +100,11 @@ class FakeBackend(Backend):
             outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(gain, 0.1)}))
         return BatchOutput(outs, peak_mem_bytes=1000, timings={})
 
+    def suite_version(self):
+        return "fake"
+
     def metric_versions(self, metrics):
-        return {"lab_test_err": "1", "lab_test_sim": "1"}
+        return {"wer": "fake", "speaker_sim": "fake"}
 
     def score(self, manifest, out_dir, metrics, eval_set, progress):
         """Writes the eval suite's result schema (rows with a metrics dict; aggregate entries)."""
@@ -117,12 +117,14 @@ class FakeBackend(Backend):
         for n, m in enumerate(lines, 1):
             wav, _ = sf.read(manifest.parent / m["audio"], dtype="float32")
             met = {"wer": float(np.abs(wav).mean()), "speaker_sim": float(np.tanh(10 * np.abs(wav).mean()))}
+            det = {}
             if m.get("reference_audio"):
                 ref, _ = sf.read(manifest.parent / m["reference_audio"], dtype="float32")
-                met["ref_corr"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
+                met["wave_max_abs_err"] = float(np.abs(wav - ref).max())
+                det["ref_corr"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
             if "t3_top1_agreement" in m:
                 met["t3_top1_agreement"] = m["t3_top1_agreement"]
-            rows.append({"line": n, "id": m["id"], "metrics": met, "details": {}})
+            rows.append({"line": n, "id": m["id"], "metrics": met, "details": det})
         with open(out_dir / "utterances.jsonl", "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
