@@ -13,15 +13,17 @@ per-utterance measures (pyloudnorm is used for loudness, librosa for mel feature
 - clipping: samples at or above ``CLIP_LEVEL`` of full scale, and runs of ``CLIP_RUN`` of them
   (one sample at full scale is a peak; a run of them is a flattened, clipped top);
 - DC offset: the mean sample value;
-- clicks: the second difference (a high-pass that a step or an impulse turns into a spike)
-  compared with its local median, so that fricatives and plosive bursts, which raise the
-  whole neighbourhood, are not counted, while an isolated jump is;
+- clicks: peaks of the signal high-passed at 4.5 kHz that stand far above the peaks around
+  them and whose energy is concentrated in a fraction of a millisecond, so that glottal
+  pulses, fricatives and plosive releases are not counted while an impulse or a jump is;
 - noise in pauses: the level of the frames the energy VAD calls non-speech, and bursts of
-  noise-like frames (high spectral flatness in 0-4 kHz, well above the clip's quiet level),
-  which an energy VAD alone would call speech;
+  noise-like frames (spectral flatness in 0-4 kHz of at least ``NOISE_FLATNESS``, louder than
+  -55 dBFS and than 50 dB under the speech), which an energy VAD alone would call speech;
 - leading/trailing silence from the same VAD;
 - spill-over of the voice prompt (what upstream's ``trim_fade`` hides): the best correlation
-  of a log-mel patch at the start of the output with any patch of the prompt's last seconds;
+  of a log-mel patch at the start of the output with any patch of the prompt's last seconds
+  (measured: different sentences of one speaker at most 0.79, a pasted prompt end at least
+  0.97; the same words said again reach 0.89, so the flag is at 0.92);
 - NaN/Inf samples (counted; every other metric sees them as zeros);
 - integrated loudness (ITU-R BS.1770, pyloudnorm), a value with no preferred direction.
 """
@@ -47,8 +49,11 @@ DC_FLAG_LEVEL = 0.01
 CLICK_HP_HZ = 4500.0
 CLICK_BLOCK_S = 0.0025
 CLICK_NEIGHBOURS = 8  # blocks each side (20 ms)
-CLICK_QUANTILE = 0.9
-CLICK_RATIO = 5.0
+# Swept on 109 clean real clips (84 Allison prompts, 25 five-second chunks of full-band read
+# speech) and the same clips with one planted impulse or 2 ms jump at peak 0.7: with these
+# values no clean clip was flagged and recall was 0.98 at amplitude 0.2, 0.99 at 0.3.
+CLICK_QUANTILE = 0.5
+CLICK_RATIO = 8.0
 CLICK_REF_FLOOR = 0.003  # high-band level below which a neighbourhood counts as silent
 CLICK_MIN_ABS = 0.03  # high-band peak of a click worth reporting (about -30 dBFS)
 CLICK_CONCENTRATION = 0.8
@@ -85,9 +90,9 @@ SPECS = [
     _spec("clip_events", False, "count", f"runs of >= {CLIP_RUN} samples with |x| >= {CLIP_LEVEL}"),
     _spec("dc_offset", False, "FS", "absolute mean sample value"),
     _spec("dc_flag", False, "flag", f"1 when the DC offset exceeds {DC_FLAG_LEVEL}"),
-    _spec("click_count", False, "count", "isolated discontinuities (second-difference spikes)"),
+    _spec("click_count", False, "count", "isolated impulses or jumps (high-band spikes above their neighbourhood)"),
     _spec("noise_floor_dbfs", False, "dBFS", "median level of the frames the energy VAD calls non-speech"),
-    _spec("pause_noise_count", False, "count", "bursts of noise-like frames well above the quiet level"),
+    _spec("pause_noise_count", False, "count", "stretches of white-noise-like sound loud enough to hear"),
     _spec("leading_silence_s", False, "s", "silence before the first speech frame"),
     _spec("trailing_silence_s", False, "s", "silence after the last speech frame"),
     _spec("spillover_score", False, "corr", "best log-mel correlation of the output's start with the prompt's end"),
