@@ -241,3 +241,14 @@ def test_group_scores_an_utterance_and_declares_its_metrics(allison):
     specs = metric_specs()
     assert all(specs[n].version == A.VERSION for n in names)
     assert specs["click_count"].higher_is_better is False
+
+
+def test_degenerate_outputs_give_finite_scores_or_none(allison):
+    prompt = allison[0][1]
+    silent = A.artifact_scores(np.zeros(SR), SR, prompt, SR)
+    assert "spillover_score" not in silent and "loudness_lufs" not in silent  # nothing to measure
+    assert silent["click_count"] == 0 and silent["pause_noise_count"] == 0
+    for x in (np.zeros(0), np.full(5, 0.5), np.full(2400, np.nan)):
+        s = A.artifact_scores(x, SR, prompt, SR)
+        assert all(np.isfinite(v) for v in s.values())
+    assert A.artifact_scores(np.full(2400, np.nan), SR)["nonfinite_count"] == 2400

@@ -161,3 +161,10 @@ def test_group_scores_against_the_reference(speech):
     assert 0 < s["wave_snr_db"] < 60 and s["mel_l1"] > 0
     assert s["t3_top1_agreement"] == 0.97 and s["t3_kl"] == 0.02
     assert set(s) == {spec.name for spec in FidelityGroup.specs}
+
+
+def test_group_omits_the_mel_distance_of_a_too_short_output():
+    x = np.random.default_rng(3).standard_normal(100) * 0.1
+    s = FidelityGroup().score(Utterance(id="a", audio=x, sr=SR, text="", reference_audio=x + 0.01, reference_sr=SR))
+    assert "mel_l1" not in s
+    assert s["wave_snr_db"] == pytest.approx(10 * math.log10(np.sum((x + 0.01) ** 2) / (100 * 1e-4)))

@@ -236,12 +236,13 @@ def _patches(m: np.ndarray, speech: np.ndarray, p: int) -> np.ndarray:
     return w / np.maximum(np.linalg.norm(w, axis=1, keepdims=True), 1e-9)
 
 
-def _speech_span(x: np.ndarray, sr: int, head: bool) -> np.ndarray:
+def _speech_span(x: np.ndarray, sr: int, head: bool) -> np.ndarray | None:
     """The part of ``x`` that spill-over can involve: from its first speech frame on (head) or
-    up to its last (tail), SPILL_HEAD_S / SPILL_TAIL_S plus a patch and a second of margin."""
+    up to its last (tail), SPILL_HEAD_S / SPILL_TAIL_S plus a patch and a second of margin;
+    None when the energy VAD finds no speech at all."""
     speech = np.flatnonzero(dsp.speech_mask(dsp.frame_levels_db(x, sr)))
     if speech.size == 0:
-        return x
+        return None
     keep = int((SPILL_PATCH_S + 1.0 + (SPILL_HEAD_S if head else SPILL_TAIL_S)) * sr)
     if head:
         start = max(0, int(speech[0] * dsp.HOP_S * sr) - int(0.1 * sr))
@@ -265,6 +266,8 @@ def spillover_score(out: np.ndarray, sr: int, prompt: np.ndarray, prompt_sr: int
     # only the output's head and the prompt's tail are compared: cut them out first (with a
     # second of context, so the VAD below still sees some loud speech) to keep this cheap
     out, prompt = _speech_span(out, sr, head=True), _speech_span(prompt, prompt_sr, head=False)
+    if out is None or prompt is None:
+        return None
     head, head_sp = _logmel_speech(out, sr)
     tail, tail_sp = _logmel_speech(prompt, prompt_sr)
     if not head_sp.any() or not tail_sp.any():

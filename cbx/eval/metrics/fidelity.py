@@ -25,6 +25,7 @@ from cbx.eval.types import Utterance
 VERSION = "1"
 SNR_CAP_DB = 200.0
 KL_CAP = 1e6
+MIN_MEL_S = 0.08  # one S3Gen mel window (1920 samples at 24 kHz); shorter outputs get no mel_l1
 
 
 def _spec(name, higher, unit, desc):
@@ -64,7 +65,8 @@ class FidelityGroup:
         ref_sr = utt.reference_sr or utt.sr
         ref = dsp.finite(utt.reference_audio)
         test = dsp.finite(utt.audio)
-        out["mel_l1"] = fidelity.mel_l1(ref, test, ref_sr, utt.sr)
+        if min(ref.size / ref_sr, test.size / utt.sr) >= MIN_MEL_S:
+            out["mel_l1"] = fidelity.mel_l1(ref, test, ref_sr, utt.sr)
         wd = fidelity.waveform_distance(dsp.resample(ref, ref_sr, utt.sr), test)
         out["wave_snr_db"] = _clamp(wd["snr_db"], SNR_CAP_DB)
         out["wave_max_abs_err"] = wd["max_abs_err"]
