@@ -91,6 +91,18 @@ def _first(m: dict[str, float], keys: Sequence[str]) -> float | None:
     return None
 
 
+def _defaults(transform: str) -> dict:
+    """A transform's default parameters (so labels show only what an experiment changed)."""
+    try:
+        from cbx.compress.registry import registered
+        from cbx.lab.schema import to_plain
+
+        spec = registered().get(transform)
+        return to_plain(spec.config_cls()) if spec else {}
+    except Exception:  # a config without defaults, or a transform no longer registered
+        return {}
+
+
 def method_label(rec: dict) -> str:
     steps = (rec.get("config") or {}).get("steps") or []
     if not steps:
@@ -98,7 +110,11 @@ def method_label(rec: dict) -> str:
     parts = []
     for s in steps:
         params = s.get("params") or {}
-        short = ",".join(f"{k}={v}" for k, v in params.items() if k not in ("targets", "ignore") and not isinstance(v, (list, dict)) and v is not None)
+        dflt = _defaults(s["transform"])
+        short = ",".join(
+            f"{k}={v}" for k, v in params.items()
+            if (k not in dflt or dflt[k] != v) and not isinstance(v, (list, dict))
+        )
         parts.append(f"{s['transform']}({short})" if short else s["transform"])
     return " + ".join(parts)
 

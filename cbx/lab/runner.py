@@ -70,6 +70,7 @@ class UttOutput:
     speech_tokens: list[int]
     audio_s: float
     timings: dict[str, float]
+    n_chunks: int = 1
 
 
 @dataclass
@@ -138,7 +139,8 @@ class Backend:
         reqs = [SynthRequest(text=it.text, voice=it.prompt, id=it.id) for it in items]
         batch = Synthesizer(model).synthesize(reqs, settings)
         outs = [
-            UttOutput(it.id, np.asarray(r.wav, np.float32), int(r.sample_rate), [int(t) for t in np.asarray(r.speech_tokens).reshape(-1)], float(r.audio_s), dict(r.timings))
+            UttOutput(it.id, np.asarray(r.wav, np.float32), int(r.sample_rate), [int(t) for t in np.asarray(r.speech_tokens).reshape(-1)],
+                      float(r.audio_s), dict(r.timings), len(r.chunks))
             for it, r in zip(items, batch.results)
         ]
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings))
@@ -169,11 +171,16 @@ class Backend:
         import torch
 
         from cbx.engine.conditioning import prepare_voice
-        from cbx.engine.t3_decode import teacher_forced_logits
+        from cbx.engine.t3_decode import DecodeSettings, teacher_forced_logits
 
-        conds = prepare_voice(model, item.prompt) if item.prompt else model.builtin_conds
+        s = settings.resolved(model.variant)
+        conds = prepare_voice(model, item.prompt, exaggeration=s.exaggeration) if item.prompt else model.builtin_conds
+        # The same sampling-side processing the engine decodes with (engine.synth maps it so too).
+        ds = DecodeSettings(temperature=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k,
+                            repetition_penalty=s.repetition_penalty, cfg_weight=s.cfg_weight,
+                            exaggeration=s.exaggeration, max_new_tokens=s.max_speech_tokens)
         with torch.inference_mode():
-            return teacher_forced_logits(model, conds, item.text, torch.as_tensor(speech_tokens), settings).float().cpu()
+            return teacher_forced_logits(model, conds, item.text, speech_tokens, ds, language_id=s.language_id).float().cpu()
 
     def t3_fidelity(self, base_logits, logits) -> dict[str, float]:
         from cbx.eval import fidelity
@@ -428,6 +435,7 @@ class Runner:
                     "timings": {k: float(v) for k, v in u.timings.items()},
                     "peak_mem_bytes": int(out.peak_mem_bytes),
                     "batch_size": len(chunk),
+                    "n_chunks": int(u.n_chunks),
                     "check": check,
                 }
                 atomic_write_json(run_dir / "synth" / f"{_safe(it.id)}.json", row)
@@ -484,8 +492,10 @@ class Runner:
 
     def _t3_fidelity(self, exp, model, device, settings, items, baseline: RunOutcome) -> dict[str, dict[str, float]]:
         b = self.backend
-        mine = self.shard.take(items)
-        base_rows = {it.id: self._read_row(baseline.run_dir, it.id) for it in mine}
+        # Teacher forcing feeds one text with its tokens: utterances the engine split into
+        # several text chunks (long texts) are left out rather than scored on a wrong pairing.
+        base_rows = {it.id: self._read_row(baseline.run_dir, it.id) for it in self.shard.take(items)}
+        mine = [it for it in self.shard.take(items) if base_rows[it.id].get("n_chunks", 1) == 1 and base_rows[it.id]["speech_tokens"]]
         ours = {it.id: b.t3_logits(model, it, base_rows[it.id]["speech_tokens"], settings) for it in mine}
         base_model = b.load_model(exp.model, device)
         try:
