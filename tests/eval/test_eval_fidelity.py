@@ -168,3 +168,14 @@ def test_group_omits_the_mel_distance_of_a_too_short_output():
     s = FidelityGroup().score(Utterance(id="a", audio=x, sr=SR, text="", reference_audio=x + 0.01, reference_sr=SR))
     assert "mel_l1" not in s
     assert s["wave_snr_db"] == pytest.approx(10 * math.log10(np.sum((x + 0.01) ** 2) / (100 * 1e-4)))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_logits_on_the_gpu_give_the_cpu_figures():
+    g = torch.Generator().manual_seed(4)
+    base, comp = torch.randn(64, 1000, generator=g), torch.randn(64, 1000, generator=g)
+    comp[:, :10] = float("-inf")
+    cuda = (base.cuda().half(), comp.cuda().half())
+    assert F.top1_agreement(*cuda) == F.top1_agreement(base.half(), comp.half())
+    assert F.mean_kl(*cuda) == pytest.approx(F.mean_kl(base.half(), comp.half()), rel=1e-9)
