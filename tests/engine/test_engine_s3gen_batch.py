@@ -14,7 +14,7 @@ from cbx.engine import s3gen_batch as sb
 from cbx.engine.tiny_s3gen import build_tiny_s3gen
 
 TOL = 1e-4
-STEPS = 3
+STEPS = 2
 PROMPT_SECONDS = (1.0, 1.36, 0.72)
 TOKENS = (9, 14, 5)
 
@@ -66,11 +66,10 @@ def test_engine_s3gen_batch_equals_upstream_one_at_a_time(case):
 
 
 def test_engine_s3gen_batch_result_does_not_depend_on_batch(case):
+    """(Batch == upstream alone above already implies it; this is the direct check.)"""
     s3, refs, toks, meanflow = case
-    batch = sb.synthesize_mels(s3, toks, refs, [5, 6, 7], n_steps=STEPS)
-    alone = sb.synthesize_mels(s3, [toks[1]], [refs[1]], [6], n_steps=STEPS)
-    assert (batch[1] - alone[0]).abs().max().item() < TOL
-    other = sb.synthesize_mels(s3, toks, refs, [5, 9, 7], n_steps=STEPS)
+    batch = sb.synthesize_mels(s3, toks[:2], refs[:2], [5, 6], n_steps=1)
+    other = sb.synthesize_mels(s3, toks[:2], refs[:2], [5, 9], n_steps=1)
     assert (other[0] - batch[0]).abs().max().item() < TOL  # a neighbour's seed changes nothing
     assert (other[1] - batch[1]).abs().max().item() > 1e-2  # its own seed does
 
@@ -114,24 +113,24 @@ def test_engine_s3gen_batch_noise_is_per_utterance_and_upstream_ordered(case):
 
 def test_engine_s3gen_batch_bf16_estimator_stays_close(case):
     s3, refs, toks, meanflow = case
-    inputs = sb.cfm_inputs(s3, toks[:2], refs[:2])
-    noise = sb.cfm_noise(inputs, [1, 2], meanflow)
+    inputs = sb.cfm_inputs(s3, toks[:1], refs[:1])
+    noise = sb.cfm_noise(inputs, [1], meanflow)
     est = s3.flow.decoder.estimator
     cfg = 0.0 if meanflow else 0.7
-    ref = sb.solve_cfm(est, inputs, noise, 2, cfg, meanflow)
+    ref = sb.solve_cfm(est, inputs, noise, 1, cfg, meanflow)
     import copy
 
     est16 = copy.deepcopy(est).to(torch.bfloat16)
-    low = sb.solve_cfm(est16, inputs, noise, 2, cfg, meanflow)
+    low = sb.solve_cfm(est16, inputs, noise, 1, cfg, meanflow)
     assert low.dtype == torch.float32  # returned in the noise's dtype
-    valid = inputs.mask.bool().expand_as(ref)
-    rel = (low - ref)[valid].norm() / ref[valid].norm()
-    assert rel.item() < 0.05
+    rel = (low - ref).norm() / ref.norm()
+    assert 0 < rel.item() < 0.05  # bf16 really ran, and stayed close
 
 
 def test_engine_s3gen_vocode_padded_input_and_trim_fade(case):
     s3, refs, toks, _ = case
-    mels = sb.synthesize_mels(s3, toks[:2], refs[:2], [1, 2], n_steps=1)
+    inputs = sb.cfm_inputs(s3, toks[:2], refs[:2])
+    mels = sb.crop_mels(inputs.mu, inputs)  # any mel-shaped input will do for the vocoder
     padded = torch.zeros(2, 80, max(m.shape[-1] for m in mels))
     for i, m in enumerate(mels):
         padded[i, :, : m.shape[-1]] = m
