@@ -121,3 +121,15 @@ def test_engine_conditioning_bad_prompts(models, tmp_path):
         conditioning.prepare_voice(models["original"], tmp_path / "not_there.wav")
     with pytest.raises(CbxError, match="voice must be"):
         conditioning.prepare_voice(models["original"], 42)
+
+
+def test_engine_conditioning_constants_are_upstreams():
+    from cbx.engine import upstream as up
+
+    for variant, cls in (("original", up.ChatterboxTTS), ("turbo", up.ChatterboxTurboTTS),
+                         ("multilingual", up.ChatterboxMultilingualTTS)):
+        cfg = conditioning.VARIANTS[variant]
+        assert cls.ENC_COND_LEN == cfg.enc_cond_seconds * conditioning.S3_SR
+        assert cls.DEC_COND_LEN == conditioning.DEC_COND_SECONDS * conditioning.S3GEN_SR
+    assert conditioning.VARIANTS["turbo"].norm_loudness_lufs == -27.0
+    assert conditioning.VARIANTS["original"].norm_loudness_lufs is None
