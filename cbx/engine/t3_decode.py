@@ -74,6 +74,8 @@ class DecodeSettings:
     force_tokens: int | None = None
     check_every: int = 16
     compute_dtype: torch.dtype | None = None
+    static_shapes: bool = False
+    compile_backend: str | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -93,6 +95,7 @@ class DecodeSettings:
 
     @property
     def greedy(self) -> bool:
+        """``temperature == 0``: arg-max of the processed logits (upstream has no greedy mode)."""
         return self.temperature == 0
 
 
@@ -225,21 +228,23 @@ def _cached_attention(cache: StaticKVCache, layer: int, q: Tensor, k: Tensor, v:
 
 
 def _row_cond(t3: Any, cond: Any, exaggeration: float | None) -> Any:
-    """A private copy of a ``T3Cond`` on the model's device (upstream caches the prompt speech
-    embedding inside the object; we recompute it so a changed model never sees a stale one)."""
-    device = t3.speech_emb.weight.device
-    fields = {}
-    for f in dataclasses.fields(cond):
-        v = getattr(cond, f.name)
-        fields[f.name] = v.to(device) if torch.is_tensor(v) else v
+    """A private copy of a ``T3Cond`` on the model's device and float dtype (upstream caches the
+    prompt speech embedding inside the object; we recompute it so a changed model never sees a
+    stale one)."""
+    device, dtype = t3.speech_emb.weight.device, t3.speech_emb.weight.dtype
+
+    def place(v: Any) -> Any:
+        if not torch.is_tensor(v):
+            return v
+        return v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+
+    fields = {f.name: place(getattr(cond, f.name)) for f in dataclasses.fields(cond)}
     if cond.cond_prompt_speech_tokens is not None:
         fields["cond_prompt_speech_emb"] = None
     if exaggeration is not None:
-        fields["emotion_adv"] = torch.full((1, 1, 1), float(exaggeration), device=device)
-    elif torch.is_tensor(fields.get("emotion_adv")):
-        fields["emotion_adv"] = fields["emotion_adv"].to(device)
-    else:
-        fields["emotion_adv"] = torch.full((1, 1, 1), float(fields["emotion_adv"]), device=device)
+        fields["emotion_adv"] = torch.full((1, 1, 1), float(exaggeration), device=device, dtype=dtype)
+    elif not torch.is_tensor(fields.get("emotion_adv")):
+        fields["emotion_adv"] = torch.full((1, 1, 1), float(fields["emotion_adv"]), device=device, dtype=dtype)
     return type(cond)(**fields)
 
 
@@ -271,7 +276,8 @@ def _speech_input(t3: Any, tokens: Tensor, step: int) -> Tensor:
     """Embedding of the token generated at ``step - 1`` fed at decode ``step`` (>= 1): (rows, 1, d)."""
     emb = t3.speech_emb(tokens.view(-1, 1))
     if t3.hp.input_pos_emb == "learned":
-        emb = emb + t3.speech_pos_emb.get_fixed_embedding(step)
+        # = speech_pos_emb.get_fixed_embedding(step), without its host-to-device index copy
+        emb = emb + t3.speech_pos_emb.emb.weight[step]
     return emb
 
 
@@ -364,14 +370,20 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
         x[i, p_max - p.shape[0]:] = p
 
     n_layers, kv_heads, head_dim = _backbone_dims(t3)
-    cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, min(p_max + max_new, p_max + CACHE_CHUNK),
-                          cdtype, device)
+    static = s.static_shapes or s.compile_backend is not None
+    capacity = p_max + max_new if static else min(p_max + max_new, p_max + CACHE_CHUNK)
+    cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, capacity, cdtype, device)
     ar = torch.arange(p_max, device=device)
     key_valid = ar[None, :] >= pad[:, None]  # (rows, p_max)
     causal = ar[None, :, None] >= ar[None, None, :]
     # Pad queries may see themselves, so no softmax row is empty (no NaN); nothing real sees them.
     prefill_mask = (causal & key_valid[:, None, :]) | torch.eye(p_max, dtype=torch.bool, device=device)[None]
     pos_ids = (ar[None, :] - pad[:, None]).clamp(min=0)
+    kv_mask = torch.zeros(n_rows, capacity, dtype=torch.bool, device=device)
+    kv_mask[:, :p_max] = key_valid
+    # Device-side slot indices, made once: a per-step torch.tensor(...) would be a host copy.
+    slots = torch.arange(p_max, p_max + max_new, device=device)
+    step_fn = _step_function(s.compile_backend)
 
     gens = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in rows]
     warpers = _warpers(t3.is_gpt, s)
@@ -379,7 +391,6 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     seen[:, hp.start_speech_token] = True
     done = torch.zeros(n_utt, dtype=torch.bool, device=device)
     out = torch.full((n_utt, max_new), eos, dtype=torch.long, device=device)
-    valid = torch.zeros(n_rows, max_new, dtype=torch.bool, device=device)
 
     with _autocast(device, s.compute_dtype):
         hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max)
@@ -399,15 +410,18 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
                 break
             if s.force_tokens is None and steps % s.check_every == 0 and bool(done.all()):
                 break
-            # Feed the new token: cache slot p_max + step, each row's own position.
+            # Feed the new token: cache slot p_max + step, each row at its own position.
             slot = p_max + step
-            cache.ensure(slot + 1)
-            valid[:, step] = True
-            kv_valid = torch.cat([key_valid, valid[:, : step + 1]], dim=1)
-            feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1)
+            if slot >= cache.capacity:
+                cache.ensure(slot + 1)
+                kv_mask = torch.cat([kv_mask, kv_mask.new_zeros(n_rows, cache.capacity - kv_mask.shape[1])], 1)
+            kv_mask[:, slot] = True
+            feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1).to(cdtype)
             pos = (lens + step)[:, None]
-            hidden = _backbone(t3, feed.to(cdtype), pos, torch.tensor([slot], device=device),
-                               kv_valid[:, None, :], cache, slot + 1)
+            if static:
+                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, :], cache, None)
+            else:
+                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, : slot + 1], cache, slot + 1)
             logits = t3.speech_head(hidden[:, -1])
 
     out_cpu = out[:, :steps].cpu()
@@ -423,6 +437,22 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
             tokens.append(seq.clone())
             finished.append(False)
     return DecodeOutput(tokens, finished, steps)
+
+
+_COMPILED: dict[str, Any] = {}
+
+
+def _step_function(backend: str | None) -> Any:
+    """The per-token backbone call, optionally ``torch.compile``d (full graph, static shapes).
+
+    With ``static_shapes`` every decode step has the same shapes (whole cache, whole mask) and
+    the position/slot arguments are tensors, so one compiled graph serves every step.
+    """
+    if backend is None:
+        return _backbone
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_backbone, backend=backend, fullgraph=True, dynamic=False)
+    return _COMPILED[backend]
 
 
 def _pick(t3: Any, logits: Tensor, seen: Tensor, s: DecodeSettings, warpers: list[Any], gens: list[torch.Generator],

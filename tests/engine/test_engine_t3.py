@@ -8,6 +8,7 @@ force the teacher's token (teacher forcing) or to take the arg-max (greedy).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -240,3 +241,19 @@ def test_t3_cuda_greedy_equals_cpu(tiny_copy):
     bf16 = td.generate(model, rows, engine_settings(ORIGINAL, temperature=0.0, max_new_tokens=60,
                                                     compute_dtype=torch.bfloat16))
     assert all(len(t) > 0 for t in bf16.tokens)
+
+
+def test_t3_static_shapes_and_compiled_step_give_the_same_tokens(tiny_turbo, tiny_model):
+    """The fixed-shape step (whole cache, tensor positions) is what torch.compile / CUDA graphs
+    need; dynamo's "eager" backend checks it traces as ONE graph (fullgraph=True) without codegen."""
+    for model, settings in ((tiny_model, ORIGINAL), (tiny_turbo, TURBO)):
+        rows = _rows(model, _voices(model))[:2]
+        base = td.generate(model, rows, engine_settings(settings, temperature=0.0, max_new_tokens=40))
+        static = td.generate(model, rows, engine_settings(settings, temperature=0.0, max_new_tokens=40,
+                                                          static_shapes=True))
+        for a, b in zip(base.tokens, static.tokens):
+            assert torch.equal(a, b)
+        quick = engine_settings(settings, temperature=0.0, max_new_tokens=12)
+        compiled = td.generate(model, rows, dataclasses.replace(quick, compile_backend="eager"))
+        for a, b in zip(compiled.tokens, td.generate(model, rows, quick).tokens):
+            assert torch.equal(a, b)
