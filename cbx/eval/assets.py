@@ -84,7 +84,7 @@ VOICES: dict[str, Voice] = {
         ),
         Voice(
             "diane",
-            Cut("pyannote:sample", "Okay, then I thought you know, I heard a beep. This is Diane in New Jersey.", 10.60, 14.45),
+            Cut("pyannote:sample", "I thought you know, I heard a beep. This is Diane in New Jersey.", 10.85, 14.30),
             (
                 Cut("pyannote:sample", "Oh, hello. I didn't know you were there.", 8.40, 9.90),
                 Cut("pyannote:sample", "originally from Chicago also. I'm in New Jersey now though.", 18.62, 21.45),
@@ -100,7 +100,7 @@ VOICES: dict[str, Voice] = {
                 21.85,
                 27.55,
             ),
-            (Cut("pyannote:sample", "I'm Sheila in Texas, originally from Chicago.", 14.50, 17.95),),
+            (Cut("pyannote:sample", "I'm Sheila in Texas, originally from Chicago.", 14.70, 17.95),),
             "speaker 'Sheila' of pyannote-audio 4.0.7 sample.wav (phone call), 16 kHz",
             "MIT",
         ),

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=a.device, help="cpu or cuda for the ASR and speaker models")
     parser.add_argument("--speaker-backend", choices=("resemblyzer", "wavlm"), default=s.backend)
     parser.add_argument("--wavlm-model", default=s.wavlm_model, help="Hub id of a WavLM x-vector model (with --speaker-backend wavlm)")
-    parser.add_argument("--mos-backend", choices=("distillmos", "dnsmos"), default=m.backend)
+    parser.add_argument("--mos-backend", choices=("dnsmos", "distillmos"), default=m.backend)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
