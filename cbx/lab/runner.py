@@ -180,7 +180,11 @@ class Backend:
                             repetition_penalty=s.repetition_penalty, cfg_weight=s.cfg_weight,
                             exaggeration=s.exaggeration, max_new_tokens=s.max_speech_tokens)
         with torch.inference_mode():
-            return teacher_forced_logits(model, conds, item.text, speech_tokens, ds, language_id=s.language_id).float().cpu()
+            # Raw (CFG-combined, unfiltered) distributions: min_p/top_p filtering gives zero
+            # probabilities, hence infinite KL for any change, and says more about the sampler
+            # than about the model.
+            return teacher_forced_logits(model, conds, item.text, speech_tokens, ds, language_id=s.language_id,
+                                         processed=False).float().cpu()
 
     def t3_fidelity(self, base_logits, logits) -> dict[str, float]:
         from cbx.eval import fidelity
@@ -290,14 +294,24 @@ class Runner:
         run_dir = self.results.run_dir(run_id)
         with self._lock(run_id):
             # Decided once (by the main process, under the lock) so every shard agrees.
-            prev = self.results.record(run_id) if self.shard.is_main else None
-            prev = self.shard.broadcast(prev)
-            if prev is not None and prev.get("status") in (store.STATUS_DONE, store.STATUS_FAILED) and not force:
-                self._log(f"reusing {run_id} ({prev['status']})")
-                return RunOutcome(run_id, run_dir, prev, True)
+            found = self._finished(run_id, key) if (self.shard.is_main and not force) else None
+            found = self.shard.broadcast(found)
+            if found is not None:
+                d, prev = Path(found[0]), found[1]
+                self._log(f"reusing {d.name} for {exp.name} ({prev['status']})")
+                return RunOutcome(d.name, d, prev, True)
             record = self._execute(exp, run_id, run_dir, key, resolved, hw, device, baseline, force)
         self._track(exp, run_dir, record)
         return RunOutcome(run_id, run_dir, record, False)
+
+    def _finished(self, run_id: str, key: str) -> tuple[str, dict] | None:
+        """A finished run of this experiment: its own folder, or one measuring the same thing
+        under another name (a sweep's explicit baseline and the baseline a compressed run asks for)."""
+        prev = self.results.record(run_id)
+        if prev is not None and prev.get("status") in (store.STATUS_DONE, store.STATUS_FAILED):
+            return str(self.results.run_dir(run_id)), prev
+        other = self.results.find_finished(key)
+        return (str(other[0]), other[1]) if other else None
 
     def _lock(self, run_id: str):
         # Under a shard group only the main process takes the cross-process lock; its peers

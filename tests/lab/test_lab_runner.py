@@ -97,3 +97,13 @@ def test_two_processes_on_one_results_folder_do_not_corrupt_it(tmp_path):
     recs = store.ResultsDir(tmp_path).records()
     assert len(recs) == 2 and all(r["status"] == "done" for _, r in recs)
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_an_explicit_baseline_is_the_one_compressed_runs_pair_with(tmp_path):
+    be = FakeBackend(n_items=2)
+    r = Runner(tmp_path, backend=be, progress=False)
+    base = r.run(_exp(name="my-baseline", gain=None))
+    out = r.run(_exp())
+    assert out.record["baseline_run"] == base.run_id
+    assert len(be.synthesized) == 4  # the baseline was not synthesized a second time
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([base.run_id, out.run_id])
