@@ -9,7 +9,7 @@ fixed length, and a fixed number of speech tokens, through
     per token, ``output_attentions=True``), ``S3Gen.flow_inference`` (10 CFM steps with CFG),
     ``hift_inference`` and the perth watermark;
 (b) the engine: :class:`cbx.engine.synth.Synthesizer` (static KV cache, batched CFG, no per-token
-    sync, batched CFM) at ``--dtype`` (default: bf16 where the CPU has AMX or on CUDA, else fp32).
+    sync, batched CFM) at ``--dtype`` (default: bf16 on CUDA or a CPU with native bf16 (AMX, AVX512-BF16), else fp32).
 
 Why it is built this way:
 
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", type=int, default=50, help="speech tokens per utterance (25 = 1 s; default 50)")
     parser.add_argument("--batch", type=int, default=1, help="utterances the engine synthesizes at once (default 1)")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                        help="engine compute dtype (auto: bf16 on CUDA or a CPU with AMX, else fp32)")
+                        help="engine compute dtype (auto: bf16 on CUDA or a CPU with AMX/AVX512-BF16, else fp32)")
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per path; medians are printed")
     parser.add_argument("--ref-seconds", type=float, default=10.0,
                         help="length of the synthetic reference voice (default 10 s, upstream's maximum)")
@@ -87,7 +87,8 @@ def _default_dtype(device: torch.device) -> str:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "fp32"
-    return "bf16" if " amx_bf16" in flags else "fp32"
+    # AMX or AVX512-BF16: bf16 matrix products run natively (memory-bound T3 decoding gains most).
+    return "bf16" if (" amx_bf16" in flags or " avx512_bf16" in flags) else "fp32"
 
 
 @contextlib.contextmanager
@@ -143,31 +144,20 @@ def upstream_once(model: Any, up: Any, voice: str, n_tokens: int, cfm_steps: int
     return timer.seconds(), len(wav) / REF_SR, mem.peak_bytes
 
 
-def engine_once(model: Any, voice: str, n_tokens: int, cfm_steps: int, seed: int, dtype: str, batch: int,
-                device: torch.device) -> tuple[dict[str, float], float, int]:
-    """``batch`` utterances through the engine; returns (stage seconds, audio s per utterance, peak bytes)."""
-    from cbx.engine.synth import SynthRequest, SynthSettings, Synthesizer
+def engine_once(syn: Any, voice: str, n_tokens: int, cfm_steps: int, seed: int, dtype: str,
+                batch: int) -> tuple[dict[str, float], float, int]:
+    """``batch`` utterances through the engine; returns (stage seconds, audio s per utterance, peak bytes).
+    The voice cache is emptied first so every run pays for conditioning, as upstream's does."""
+    from cbx.engine.synth import SynthRequest, SynthSettings
 
     torch.manual_seed(seed)
     settings = SynthSettings(force_tokens=n_tokens, max_speech_tokens=n_tokens, cfm_steps=cfm_steps, seed=seed,
                              dtype=dtype, batch_size=batch, temperature=0.8, cfg_weight=0.5, exaggeration=0.5)
-    syn = Synthesizer(model, device=device)
-    _fresh_conditioning()
-    out = syn.synthesize([SynthRequest(BENCH_TEXT, voice, id=f"b{i}") for i in range(batch)], settings,
+    syn.clear_voices()
+    with contextlib.redirect_stdout(io.StringIO()):  # perth announces its model on stdout
+        out = syn.synthesize([SynthRequest(BENCH_TEXT, voice, id=f"b{i}") for i in range(batch)], settings,
                          progress=False)
     return dict(out.run.stages), out.run.audio_s / batch, out.run.peak_mem_bytes
-
-
-def _fresh_conditioning() -> None:
-    """Empty the conditioning module's per-file cache so every run pays for conditioning, as
-    upstream's ``generate(audio_prompt_path=...)`` does."""
-    try:
-        from cbx.engine import conditioning
-    except ImportError:
-        return
-    clear = getattr(conditioning, "clear_cache", None)
-    if callable(clear):
-        clear()
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -204,8 +194,11 @@ def run(args: argparse.Namespace) -> int:
     model = _build(args.model, device)
     from cbx.engine import upstream as U
 
+    from cbx.engine.synth import Synthesizer
+
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         up = U.ChatterboxTTS(model.t3, model.s3gen, model.ve, model.tokenizer, str(device))
+    syn = Synthesizer(model, device=device)
     audio_s = args.tokens / SPEECH_TOKENS_PER_AUDIO_S
     print(f"model: {args.model} original architecture, random weights (T3 {_millions(model.t3)}, "
           f"S3Gen {_millions(model.s3gen)}, VE {_millions(model.ve)}), built in {time.perf_counter() - t0:.1f} s")
@@ -224,14 +217,14 @@ def run(args: argparse.Namespace) -> int:
             short = str(Path(tmp) / "warm.wav")
             sf.write(short, synthetic_voice(1.0, seed=1), REF_SR)
             upstream_once(model, up, short, 2, 2, args.seed, device)
-            engine_once(model, short, 2, 2, args.seed, dtype, 1, device)
+            engine_once(syn, short, 2, 2, args.seed, dtype, 1)
         up_runs, up_mem, en_runs, en_mem = [], 0, [], 0
         for r in range(args.repeats):
             st, up_audio, mem = upstream_once(model, up, voice, args.tokens, args.cfm_steps, args.seed + r, device)
             up_runs.append(st)
             up_mem = max(up_mem, mem)
-            st, en_audio, mem = engine_once(model, voice, args.tokens, args.cfm_steps, args.seed + r, dtype,
-                                            args.batch, device)
+            st, en_audio, mem = engine_once(syn, voice, args.tokens, args.cfm_steps, args.seed + r, dtype,
+                                            args.batch)
             en_runs.append(st)
             en_mem = max(en_mem, mem)
     up_t, en_t = _median(up_runs), _median(en_runs)

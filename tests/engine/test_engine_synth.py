@@ -1,0 +1,234 @@
+"""The synthesis pipeline on the built-in tiny model: batching, chunking, seeding, timings.
+
+Voices are synthetic voiced audio (harmonics with a gliding pitch and noise) written to temp
+files at different rates and formats, so these tests need no assets. CFM runs 2 steps and
+T3 is capped to a few dozen tokens to keep the whole file within a few seconds of CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cbx.engine.bench import synthetic_voice
+from cbx.engine.synth import (
+    SAMPLE_RATE,
+    SynthRequest,
+    SynthSettings,
+    Synthesizer,
+    crossfade_join,
+    equal_power_fades,
+)
+from cbx.engine.timing import STAGES
+from cbx.errors import CbxError
+
+SAMPLES_PER_TOKEN = SAMPLE_RATE // 25  # S3Gen: 25 tokens/s -> 960 samples per token
+FAST = dict(max_speech_tokens=40, cfm_steps=2, batch_size=8)
+LONG_TEXT = ("The first sentence is here. A second one follows it closely! "
+             "And a third sentence closes the paragraph?")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny-model ops are far too small to gain from intra-op threads, and on a shared 2-core
+    machine OpenMP threads spinning against each other made these tests 20x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return tiny_model
+
+
+@pytest.fixture(scope="module")
+def voices(tmp_path_factory):
+    d = tmp_path_factory.mktemp("voices")
+    a = d / "a.wav"
+    sf.write(a, synthetic_voice(3.0, sr=16_000, seed=1), 16_000)
+    b = d / "b.flac"
+    stereo = np.stack([synthetic_voice(4.0, sr=44_100, seed=2), synthetic_voice(4.0, sr=44_100, seed=3)], axis=1)
+    sf.write(b, stereo, 44_100)
+    return str(a), str(b)
+
+
+@pytest.fixture(scope="module")
+def batch3(model, voices):
+    a, b = voices
+    reqs = [SynthRequest("Hello there, this is short.", a, id="short"),
+            SynthRequest(LONG_TEXT, b, id="long"),
+            SynthRequest("A medium length sentence for the test.", a)]
+    return reqs, Synthesizer(model).synthesize(reqs, SynthSettings(seed=3, **FAST), progress=False)
+
+
+def _expected_len(chunk_tokens: list[int], overlap: int) -> int:
+    pieces = [n * SAMPLES_PER_TOKEN for n in chunk_tokens if n > 0]
+    joints = sum(min(overlap, x, y) for x, y in zip(pieces, pieces[1:]))
+    return sum(pieces) - joints
+
+
+def test_batch_of_three_gives_finite_nonsilent_24k_audio(batch3):
+    reqs, batch = batch3
+    assert [r.id for r in batch.results] == ["short", "long", "utt2"]
+    for res in batch.results:
+        assert res.sample_rate == SAMPLE_RATE
+        assert res.wav.dtype == np.float32 and res.wav.ndim == 1
+        assert np.all(np.isfinite(res.wav))
+        assert res.speech_tokens.size > 0
+        assert np.sqrt(np.mean(res.wav**2)) > 1e-4, "silent output"
+        assert res.audio_s == pytest.approx(len(res.wav) / SAMPLE_RATE)
+        assert res.speech_tokens.max() < 6561  # only real speech tokens reach S3Gen
+    assert batch.results[1].chunks == ["The first sentence is here.", "A second one follows it closely!",
+                                       "And a third sentence closes the paragraph?"]
+
+
+def test_chunked_text_is_joined_with_crossfades(batch3):
+    _, batch = batch3
+    long = batch.results[1]
+    overlap = int(round(SynthSettings().crossfade_ms * SAMPLE_RATE / 1000))
+    per_chunk = long.chunk_tokens
+    assert len(per_chunk) == 3
+    assert sum(per_chunk) == long.speech_tokens.size
+    assert len(long.wav) == _expected_len(per_chunk, overlap)
+    short = batch.results[0]
+    assert len(short.wav) == short.speech_tokens.size * SAMPLES_PER_TOKEN
+
+
+def test_timings_cover_every_stage_and_add_up(batch3):
+    _, batch = batch3
+    t = batch.timings
+    for stage in (*STAGES, "total"):
+        assert stage in t and t[stage] >= 0.0
+    assert t["t3"] > 0 and t["cfm"] > 0 and t["vocoder"] > 0 and t["watermark"] > 0
+    staged = sum(t[s] for s in STAGES)
+    assert staged <= t["total"] + 1e-6
+    assert staged >= 0.8 * t["total"], f"{staged:.3f} s of {t['total']:.3f} s accounted for by stages"
+    # per-utterance shares add up to the batch figure, stage by stage
+    for stage in STAGES:
+        assert sum(r.timings[stage] for r in batch.results) == pytest.approx(t[stage], rel=1e-6, abs=1e-9)
+    assert batch.speech_tokens_per_s == pytest.approx(
+        sum(r.speech_tokens.size for r in batch.results) / t["t3"])
+    assert batch.peak_mem_bytes > 0
+    d = batch.run.to_dict()
+    assert d["n_utterances"] == 3 and d["speech_tokens"] == sum(r.speech_tokens.size for r in batch.results)
+
+
+def test_same_seed_same_audio_different_seed_different_audio(model, voices):
+    syn = Synthesizer(model)
+    req = [SynthRequest("Seeds make this repeatable.", voices[0])]
+    s = SynthSettings(seed=11, watermark=False, **FAST)
+    a = syn.synthesize(req, s, progress=False).results[0]
+    b = syn.synthesize(req, s, progress=False).results[0]
+    np.testing.assert_array_equal(a.speech_tokens, b.speech_tokens)
+    np.testing.assert_array_equal(a.wav, b.wav)
+    c = syn.synthesize(req, SynthSettings(seed=12, watermark=False, **FAST), progress=False).results[0]
+    assert not (a.speech_tokens.size == c.speech_tokens.size and np.array_equal(a.speech_tokens, c.speech_tokens))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batch_result_equals_alone_result(model, voices, temperature):
+    syn = Synthesizer(model)
+    target = SynthRequest("This one is checked alone and in company.", voices[1], id="t")
+    others = [SynthRequest("Some other words to pad the batch.", voices[0]),
+              SynthRequest("Yet another sentence, quite a bit longer than the rest of them.", voices[0])]
+    s = SynthSettings(seed=5, temperature=temperature, watermark=False, **FAST)
+    alone = syn.synthesize([target], s, progress=False).results[0]
+    mixed = syn.synthesize([others[0], target, others[1]], s, progress=False).results[1]
+    if temperature == 0.0:
+        np.testing.assert_array_equal(alone.speech_tokens, mixed.speech_tokens)
+    else:
+        n = min(alone.speech_tokens.size, mixed.speech_tokens.size)
+        agree = np.mean(alone.speech_tokens[:n] == mixed.speech_tokens[:n])
+        assert agree >= 0.99 and abs(alone.speech_tokens.size - mixed.speech_tokens.size) <= 1
+    if np.array_equal(alone.speech_tokens, mixed.speech_tokens):
+        np.testing.assert_allclose(alone.wav, mixed.wav, atol=1e-4)
+
+
+def test_groups_of_batch_size_give_the_same_results(model, voices):
+    reqs = [SynthRequest(f"Sentence number {w}.", voices[i % 2]) for i, w in enumerate(["one", "two", "three"])]
+    s = dict(seed=2, temperature=0.0, watermark=False, max_speech_tokens=20, cfm_steps=2)
+    whole = Synthesizer(model).synthesize(reqs, SynthSettings(batch_size=3, **s), progress=False)
+    split = Synthesizer(model).synthesize(reqs, SynthSettings(batch_size=2, **s), progress=False)
+    assert whole.run.extra["groups"] == 1 and split.run.extra["groups"] == 2
+    for x, y in zip(whole.results, split.results):
+        np.testing.assert_array_equal(x.speech_tokens, y.speech_tokens)
+        np.testing.assert_allclose(x.wav, y.wav, atol=1e-4)
+
+
+def test_force_tokens_decodes_exactly_that_many(model, voices):
+    out = Synthesizer(model).synthesize([SynthRequest("Forced length.", voices[0])],
+                                        SynthSettings(force_tokens=7, cfm_steps=1, watermark=False), progress=False)
+    res = out.results[0]
+    assert res.speech_tokens.size == 7
+    assert len(res.wav) == 7 * SAMPLES_PER_TOKEN
+
+
+def test_bad_requests_raise_cbx_errors_naming_the_problem(model, tmp_path):
+    syn = Synthesizer(model)
+    with pytest.raises(CbxError, match="empty"):
+        syn.synthesize([SynthRequest("   ", None)], SynthSettings(**FAST), progress=False)
+    with pytest.raises(CbxError, match="missing.wav"):
+        syn.synthesize([SynthRequest("Hi.", str(tmp_path / "missing.wav"))], SynthSettings(**FAST), progress=False)
+    silent = tmp_path / "silent.wav"
+    sf.write(silent, np.zeros(48_000, np.float32), 24_000)
+    with pytest.raises(CbxError, match="silent.wav"):
+        syn.synthesize([SynthRequest("Hi.", str(silent))], SynthSettings(**FAST), progress=False)
+    with pytest.raises(CbxError, match="nothing to synthesize"):
+        syn.synthesize([], SynthSettings(**FAST), progress=False)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_validate_and_name_the_field():
+    with pytest.raises(CbxError, match="'top_p'"):
+        SynthSettings(top_p=0.0)
+    with pytest.raises(CbxError, match="'temperature'"):
+        SynthSettings(temperature=float("nan"))
+    with pytest.raises(CbxError, match="'dtype'"):
+        SynthSettings(dtype="fp8")
+    with pytest.raises(CbxError, match="'batch_size'"):
+        SynthSettings(batch_size=0)
+    with pytest.raises(CbxError, match="'seed'"):
+        SynthSettings(seed=1.5)
+    with pytest.raises(CbxError, match="'watermark'"):
+        SynthSettings(watermark="yes")
+
+
+def test_settings_fill_variant_defaults_but_keep_given_values():
+    orig = SynthSettings().resolved("original")
+    turbo = SynthSettings(top_p=0.5).resolved("turbo")
+    mtl = SynthSettings().resolved("multilingual")
+    assert (orig.cfm_steps, orig.cfg_weight, orig.repetition_penalty) == (10, 0.5, 1.2)
+    assert (turbo.cfm_steps, turbo.cfg_weight, turbo.top_k, turbo.top_p) == (2, 0.0, 1000, 0.5)
+    assert mtl.repetition_penalty == 2.0
+    with pytest.raises(CbxError, match="variant"):
+        SynthSettings().resolved("huge")
+
+
+# ----------------------------------------------------------------------------- crossfade math
+
+
+def test_equal_power_fades_keep_power_constant():
+    fo, fi = equal_power_fades(257)
+    np.testing.assert_allclose(fo**2 + fi**2, 1.0, atol=1e-6)
+    assert fo[0] > 0.99 and fi[0] < 0.01 and fo[-1] < 0.01 and fi[-1] > 0.99
+    assert np.all(np.diff(fo) < 0) and np.all(np.diff(fi) > 0)
+
+
+def test_crossfade_join_lengths_and_values():
+    a, b, c = np.ones(100, np.float32), 2 * np.ones(50, np.float32), 3 * np.ones(10, np.float32)
+    out = crossfade_join([a, b, c], overlap=20)
+    # the second joint is limited by the 10-sample piece
+    assert len(out) == 100 + 50 + 10 - 20 - 10
+    np.testing.assert_array_equal(out[:80], 1.0)
+    np.testing.assert_array_equal(out[100:110], 2.0)
+    fo, fi = equal_power_fades(20)
+    np.testing.assert_allclose(out[80:100], fo * 1.0 + fi * 2.0, rtol=1e-6)
+    assert len(crossfade_join([a], 20)) == 100 and len(crossfade_join([], 20)) == 0
+    np.testing.assert_array_equal(crossfade_join([a, b], 0), np.concatenate([a, b]))
