@@ -1,6 +1,8 @@
 """The torchaudio replacements equal torchaudio 2.11 on recorded cases; upstream imports; perth loads."""
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -138,3 +140,31 @@ def test_engine_compat_watermark_module_marks_each_utterance():
     alone = watermark.apply_watermark(wavs[1:], 24000)[0]
     assert np.array_equal(alone, marked[1])  # independent of the other utterances
     assert watermark.get_watermarker() is watermark.get_watermarker("cpu")
+
+
+def test_engine_compat_real_torchaudio_wins_and_broken_one_is_replaced(tmp_path):
+    """In a fresh interpreter: a torchaudio that imports is kept; one that fails to load
+    (as the 2.11 wheels do on torch 2.13) is dropped, half-imported pieces included."""
+    import subprocess
+
+    good, bad = tmp_path / "good" / "torchaudio", tmp_path / "bad" / "torchaudio"
+    good.mkdir(parents=True)
+    (good / "__init__.py").write_text("REAL = True\n")
+    bad.mkdir(parents=True)
+    (bad / "__init__.py").write_text("from . import lib\n")
+    (bad / "lib.py").write_text("raise OSError('undefined symbol: fake')\n")
+    script = (
+        "import sys\n"
+        "sys.modules['s3tokenizer'] = type(sys)('s3tokenizer')  # keep the check light\n"
+        "from cbx.engine import compat\n"
+        "print(compat.install(), getattr(sys.modules['torchaudio'], 'REAL', False),"
+        " 'torchaudio.lib' in sys.modules, hasattr(sys.modules['torchaudio'], 'transforms'))\n"
+    )
+    out = {}
+    for name, root in (("good", good.parent), ("bad", bad.parent)):
+        env = dict(os.environ, PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+        res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        out[name] = res.stdout.split()
+    assert out["good"] == ["False", "True", "False", "False"]  # real one kept, no shim
+    assert out["bad"] == ["True", "False", "False", "True"]  # shim in, broken pieces gone
