@@ -1,0 +1,200 @@
+"""Typed configuration of a distillation run, loaded from YAML; every default is written here.
+
+A config file has six sections (``teacher``, ``data``, ``student``, ``objective``, ``train``,
+``tracking``), each a frozen dataclass below. Keys and types are checked by the same walker the
+experiment files use (:func:`cbx.lab.schema.from_mapping`), so an unknown key, a wrong type or
+a value outside a ``Literal`` is a :class:`CbxError` naming the file, the key's path
+(``train.mixed_precision``) and the valid choices, before anything is written. The objective's
+parameters are checked against the config class registered for the chosen objective
+(:mod:`cbx.distill.objectives`), as transform parameters are in experiment files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cbx.errors import CbxError
+from cbx.lab.schema import TrackingConfig, from_mapping, to_plain
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "tiny"  # cbx.engine.model.load_model source: tiny, a Hub id or a local folder
+    steps: int = 10  # the teacher's Euler steps (upstream default)
+    cfg_rate: float = 0.7  # the teacher's CFG strength (upstream CFM_PARAMS.inference_cfg_rate)
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"teacher.steps must be >= 1, got {self.steps}")
+        if self.cfg_rate < 0:
+            raise ValueError(f"teacher.cfg_rate must be >= 0, got {self.cfg_rate}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str | None = None  # teacher-data folder; None: <train.out_dir>/data
+    # Voice prompts: names of offline voices (cbx.eval.assets.VOICES), audio file paths, or
+    # "synthetic" (a deterministic harmonic test signal, no files needed).
+    voices: tuple[str, ...] = ("allison", "diane")
+    prompt_seconds: float = 2.0  # prompts are cut to at most this long (CFM cost grows with it)
+    tokens: Literal["random", "audio"] = "random"  # random speech tokens, or real speech tokenized
+    audio_clips: int = 64  # tokens: audio -> this many real clips (cbx.eval.assets), cycled
+    min_tokens: int = 10  # speech tokens per utterance (25 per second), drawn uniformly
+    max_tokens: int = 25
+    n_train: int = 64
+    n_heldout: int = 16
+    shard_size: int = 32  # examples per shard (a shard is written atomically; resume skips it)
+    batch_size: int = 8  # teacher batch while recording
+    trajectory: bool = True  # also record the teacher's intermediate Euler states
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.voices:
+            raise ValueError("data.voices must name at least one voice")
+        for name in ("n_train", "n_heldout", "shard_size", "batch_size", "min_tokens", "audio_clips"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens < self.min_tokens:
+            raise ValueError(f"data.max_tokens ({self.max_tokens}) must be >= data.min_tokens ({self.min_tokens})")
+        if self.prompt_seconds <= 0:
+            raise ValueError(f"data.prompt_seconds must be > 0, got {self.prompt_seconds}")
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    eval_steps: tuple[int, ...] = (1, 2)  # step counts evaluated against the teacher at equal steps
+    default_steps: int = 2  # steps the checkpoint asks for when a transform does not say
+
+    def __post_init__(self):
+        if not self.eval_steps or any(s < 1 for s in self.eval_steps):
+            raise ValueError(f"student.eval_steps must be positive integers, got {list(self.eval_steps)}")
+        if self.default_steps < 1:
+            raise ValueError(f"student.default_steps must be >= 1, got {self.default_steps}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    name: str = "endpoint"  # a registered objective: endpoint, intmeanflow, mixed
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    out_dir: str = "runs/distill"
+    max_steps: int = 200  # optimizer steps
+    batch_size: int = 8  # per process and micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    device: Literal["auto", "cpu"] = "auto"  # auto: what accelerate finds (CUDA when present)
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50  # steps between evaluations on held-out data (0: only at the end)
+    save_every: int = 50  # steps between resumable checkpoints (0: only at the end)
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every", "save_every", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.data.dir) if self.data.dir else Path(self.train.out_dir) / "data"
+
+    def objective_config(self) -> Any:
+        from cbx.distill.objectives import get_objective
+
+        spec = get_objective(self.objective.name)
+        return from_mapping(spec.config_cls, self.objective.params, "objective.params")
+
+    def resolved(self) -> dict[str, Any]:
+        """Plain dict with every default filled in, the objective's parameters included."""
+        d = to_plain(self)
+        d["objective"]["params"] = to_plain(self.objective_config())
+        return d
+
+    def training_fingerprint(self) -> str:
+        """Hash of what determines the trained weights (not cadence, tracking or max_steps),
+        so a resumed run can check it continues the same training."""
+        d = self.resolved()
+        d.pop("tracking")
+        for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "out_dir"):
+            d["train"].pop(k)
+        d["data"].pop("dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
+    if isinstance(data.get("tracking"), str):  # `tracking: none` / `tracking: wandb`
+        data = {**data, "tracking": {"backend": data["tracking"]}}
+    cfg = from_mapping(DistillConfig, data, where)
+    try:
+        cfg.objective_config()
+    except CbxError as e:
+        raise CbxError(f"{where + ': ' if where else ''}{e}") from None
+    if cfg.student.default_steps not in cfg.student.eval_steps:
+        raise CbxError(f"student.default_steps ({cfg.student.default_steps}) must be one of "
+                       f"student.eval_steps {list(cfg.student.eval_steps)}")
+    return cfg
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
+    """Config from a YAML file; ``overrides`` maps dotted keys (``train.out_dir``) to values."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise CbxError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except yaml.YAMLError as e:
+        raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise CbxError(f"{path}: expected a mapping with keys teacher, data, student, objective, train, tracking")
+    for dotted, value in (overrides or {}).items():
+        cur = data
+        keys = dotted.split(".")
+        for k in keys[:-1]:
+            cur = cur.setdefault(k, {})
+            if not isinstance(cur, dict):
+                raise CbxError(f"{path}: cannot override {dotted}: {k} is not a mapping")
+        cur[keys[-1]] = value
+    try:
+        return from_dict(data)
+    except CbxError as e:
+        raise CbxError(f"{path}: {e}") from None
+
+
+def replace(cfg: DistillConfig, **sections: dict[str, Any]) -> DistillConfig:
+    """A copy with some fields of some sections changed: ``replace(cfg, train={"max_steps": 5})``."""
+    out = {}
+    for name, changes in sections.items():
+        out[name] = dataclasses.replace(getattr(cfg, name), **changes)
+    return dataclasses.replace(cfg, **out)

@@ -1,0 +1,162 @@
+"""The few-step student: upstream's CFM estimator with the MeanFlow time mixer, and its checkpoint.
+
+The student is the teacher's own ``ConditionalDecoder`` turned into a MeanFlow estimator the
+way Chatterbox Turbo's is built (``ConditionalDecoder(meanflow=True)``): same weights, plus the
+``time_embed_mixer`` that maps ``[emb(t), emb(r)]`` to one time embedding, initialized
+diagonally (upstream ``get_intmeanflow_time_mixer``, IntMeanFlow arXiv 2510.07979 sec. 3.3) so
+that at step 0 the student *is* the conditional teacher. Keeping upstream's class and parameter
+names means a student checkpoint loads with ``strict=True`` into upstream
+``S3Gen(meanflow=True)`` (see :func:`s3gen_state_dict`) and runs in upstream's
+``basic_euler`` without code of ours.
+
+A checkpoint is a folder: ``student.safetensors`` (the estimator's state dict, keys relative to
+``flow.decoder.estimator``) and ``student.json`` (format, version, default number of steps, the
+step counts it was trained for, a fingerprint of the teacher architecture, training metadata).
+What a checkpoint is comes from ``student.json``, never from its file name.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import inspect
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cbx.errors import CbxError
+
+FORMAT = "cbx-cfm-student"
+VERSION = 1
+WEIGHTS = "student.safetensors"
+MANIFEST = "student.json"
+ESTIMATOR_PREFIX = "flow.decoder.estimator."
+
+
+def _intmeanflow_time_mixer(dims: int) -> torch.nn.Module:
+    from cbx.engine import upstream
+
+    # upstream decoder.py imports get_intmeanflow_time_mixer into its module namespace; reaching
+    # it through the gateway's ConditionalDecoder keeps every upstream import behind one door.
+    return inspect.getmodule(upstream.ConditionalDecoder).get_intmeanflow_time_mixer(dims)
+
+
+def time_embed_dim(estimator: torch.nn.Module) -> int:
+    return estimator.time_mlp.linear_2.out_features
+
+
+def make_student(teacher_estimator: torch.nn.Module) -> torch.nn.Module:
+    """A MeanFlow copy of ``teacher_estimator`` (left untouched); diagonal time mixer."""
+    if getattr(teacher_estimator, "meanflow", False):
+        raise CbxError("teacher estimator is already a MeanFlow estimator (meanflow=True); "
+                       "distill from a CFG teacher such as the original model's S3Gen")
+    student = copy.deepcopy(teacher_estimator)
+    student.meanflow = True
+    mixer = _intmeanflow_time_mixer(time_embed_dim(student))
+    p = next(student.parameters())
+    student.time_embed_mixer = mixer.to(device=p.device, dtype=p.dtype)
+    student.requires_grad_(True)
+    return student
+
+
+def architecture_fingerprint(estimator: torch.nn.Module) -> str:
+    """Hash of parameter names and shapes (not values): which teachers a student fits."""
+    h = hashlib.sha256()
+    for k, v in sorted(estimator.state_dict().items()):
+        if k.startswith("time_embed_mixer."):
+            continue
+        h.update(f"{k}:{tuple(v.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
+                 trained_steps: list[int], meta: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint folder atomically (temp folder, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        for f in tmp.iterdir():
+            f.unlink()
+    tmp.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
+    save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meanflow": True,
+        "n_steps": int(n_steps),
+        "trained_steps": [int(s) for s in trained_steps],
+        "architecture": architecture_fingerprint(student),
+        "dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
+        "meta": meta or {},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+    return out_dir
+
+
+def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        raise CbxError(f"{ckpt_dir}: not a student checkpoint (no {MANIFEST})")
+    try:
+        m = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CbxError(f"{path}: not valid JSON ({e})") from e
+    if m.get("format") != FORMAT:
+        raise CbxError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
+    if m.get("version") != VERSION:
+        raise CbxError(f"{path}: version {m.get('version')!r} not supported (expected {VERSION})")
+    if not (ckpt_dir / WEIGHTS).is_file():
+        raise CbxError(f"{ckpt_dir}: {WEIGHTS} is missing")
+    return m
+
+
+def load_student(ckpt_dir: str | Path, teacher_estimator: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
+    """Student module shaped like ``teacher_estimator`` with the checkpoint's weights (strict)."""
+    manifest = read_manifest(ckpt_dir)
+    fp = architecture_fingerprint(teacher_estimator)
+    if manifest["architecture"] != fp:
+        raise CbxError(
+            f"{ckpt_dir}: student architecture {manifest['architecture']} does not match this "
+            f"model's CFM estimator ({fp}); it was trained for another teacher"
+        )
+    student = make_student(teacher_estimator) if not getattr(teacher_estimator, "meanflow", False) \
+        else copy.deepcopy(teacher_estimator)
+    sd = load_file(str(Path(ckpt_dir) / WEIGHTS))
+    want = student.state_dict()
+    missing = sorted(set(want) - set(sd))
+    extra = sorted(set(sd) - set(want))
+    if missing or extra:
+        raise CbxError(f"{ckpt_dir}/{WEIGHTS}: keys do not match the estimator "
+                       f"(missing {missing[:3]}, unexpected {extra[:3]})")
+    for k, v in sd.items():
+        if tuple(v.shape) != tuple(want[k].shape):
+            raise CbxError(f"{ckpt_dir}/{WEIGHTS}: {k} has shape {tuple(v.shape)}, expected {tuple(want[k].shape)}")
+    p = next(teacher_estimator.parameters())
+    student.load_state_dict(sd, strict=True)
+    student.to(device=p.device)
+    student.eval()
+    return student, manifest
+
+
+def s3gen_state_dict(s3gen: torch.nn.Module, student: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The teacher S3Gen's state dict with the student estimator in place: the weights of an
+    upstream ``S3Gen(meanflow=True)`` (e.g. ``s3gen_meanflow.safetensors`` of Turbo's layout)."""
+    sd = {k: v for k, v in s3gen.state_dict().items() if not k.startswith(ESTIMATOR_PREFIX)}
+    for k, v in student.state_dict().items():
+        sd[ESTIMATOR_PREFIX + k] = v
+    return sd
