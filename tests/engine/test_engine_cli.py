@@ -1,0 +1,127 @@
+"""``cbx synth``, ``cbx demo`` and ``cbx bench engine`` through ``cbx.cli.main``: outputs, exit
+codes and one-line reasons, and that a failed call writes nothing."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from cbx.cli import main
+from cbx.engine.bench import synthetic_voice
+
+FAST = ["--max-speech-tokens", "20", "--cfm-steps", "2", "--no-watermark", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny-model ops gain nothing from intra-op threads (see test_engine_synth.py)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def voice(tmp_path_factory):
+    p = tmp_path_factory.mktemp("cli") / "ref.wav"
+    sf.write(p, synthetic_voice(2.5, sr=22_050, seed=4), 22_050)
+    return str(p)
+
+
+def _err_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, f"expected a one-line reason, got {err}"
+    return err[0]
+
+
+def test_synth_writes_a_24k_wav_and_prints_timings(voice, tmp_path, capsys):
+    out = tmp_path / "o.wav"
+    rc = main(["synth", "--text", "Hello from the command line. Two sentences.", "--voice", voice,
+               "--out", str(out), "--model", "tiny", "--seed", "3", *FAST])
+    assert rc == 0
+    wav, sr = sf.read(out)
+    assert sr == 24_000 and wav.ndim == 1 and len(wav) > 0 and np.all(np.isfinite(wav))
+    printed = capsys.readouterr().out
+    for word in ("conditioning", "t3", "cfm", "vocoder", "watermark", "total", "real-time factor"):
+        assert word in printed
+    assert not [p for p in tmp_path.iterdir() if p.name != "o.wav"], "temporary files left behind"
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--voice", "{tmp}/nope.wav"], r"--voice .*nope\.wav.*no such file"),
+    (["--out", "{tmp}/missing_dir/o.wav"], r"--out .*does not exist"),
+    (["--out", "{tmp}/o.mp4"], r"--out .*\.wav or \.flac"),
+    (["--top-p", "5"], r"'top_p'=5\.0"),
+    (["--dtype", "fp8"], r"'dtype'"),
+    (["--temperature", "warm"], r"--temperature.*invalid float"),
+    (["--seed", "-1"], r"'seed'=-1"),
+    (["--model", "no-such-model"], r"no-such-model"),
+    (["--device", "tpu"], r"--device 'tpu'"),
+])
+def test_synth_bad_arguments_exit_2_with_one_line_and_write_nothing(voice, tmp_path, capsys, args, reason):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    base = {"--text": "Hi.", "--voice": voice, "--out": str(tmp_path / "o.wav")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    argv = ["synth", *FAST, *[x for kv in base.items() for x in kv]]
+    try:
+        rc = main(argv)
+    except SystemExit as e:  # argparse type errors exit from the parser itself
+        rc = e.code
+    assert rc == 2
+    assert re.search(reason, _err_line(capsys)), reason
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_writes_out_demo_wav_with_an_offline_voice(tmp_path, capsys):
+    from cbx.errors import CbxError
+
+    try:
+        from cbx.demo import offline_voice
+
+        offline_voice()
+    except CbxError as e:
+        pytest.skip(f"offline voices not installed: {e}")
+    out = tmp_path / "out" / "demo.wav"
+    assert main(["demo", "--out", str(out), *FAST]) == 0
+    wav, sr = sf.read(out)
+    assert sr == 24_000 and len(wav) > 0
+    printed = capsys.readouterr().out
+    assert "voice /" in printed and "total" in printed
+
+
+def test_demo_without_offline_voices_says_how_to_install_them(monkeypatch, tmp_path, capsys):
+    import cbx.eval.sets as sets
+    from cbx.errors import CbxError
+
+    def missing(name):
+        raise CbxError("asset folder /usr/share/asterisk/sounds/en_US_f_Allison is missing")
+
+    monkeypatch.setattr(sets, "get_eval_set", missing)
+    assert main(["demo", "--out", str(tmp_path / "demo.wav"), *FAST]) == 2
+    line = _err_line(capsys)
+    assert "asterisk-core-sounds-en-wav" in line and "--voice" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_engine_smoke_prints_both_paths_and_the_speedup_last(capsys):
+    rc = main(["bench", "engine", "--model", "tiny", "--tokens", "3", "--ref-seconds", "1", "--cfm-steps", "1",
+               "--no-warmup", "--device", "cpu", "--dtype", "fp32"])
+    assert rc == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert re.fullmatch(r"engine speed-up vs upstream: \d+\.\d\dx", lines[-1])
+    table = {ln.split()[0]: ln.split()[1:] for ln in lines if ln.split()}
+    for stage in ("conditioning", "t3", "cfm", "vocoder", "watermark", "total"):
+        upstream_s, engine_s = float(table[stage][0]), float(table[stage][1])
+        assert upstream_s > 0 and engine_s > 0
+    assert lines[0].startswith("machine:") and "torch" in lines[0]
+
+
+def test_bench_engine_rejects_bad_numbers(capsys):
+    assert main(["bench", "engine", "--tokens", "0"]) == 2
+    assert "--tokens" in _err_line(capsys)
