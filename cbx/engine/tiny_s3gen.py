@@ -122,15 +122,30 @@ def _scale_estimator_output(s3, scale: float) -> None:
         s3.flow.decoder.estimator.final_proj.weight.mul_(scale)
 
 
+def _resolve_arch(arch: dict | None) -> dict:
+    """Defaults completed by ``arch`` (a saved folder's dict may omit keys; "seed" is ignored)."""
+    from cbx.errors import CbxError
+
+    full = tiny_s3gen_arch()
+    for key, value in (arch or {}).items():
+        if key == "seed":
+            continue
+        if key not in full:
+            raise CbxError(f"tiny S3Gen architecture: unknown key '{key}' (known: {', '.join(sorted(full))})")
+        full[key] = copy.deepcopy(value)
+    return full
+
+
 def build_tiny_s3gen(meanflow: bool = False, seed: int = 0, arch: dict | None = None):
     """An upstream ``S3Token2Wav`` with the tiny sizes of ``arch`` and weights seeded by ``seed``.
 
-    ``meanflow=True`` gives the Turbo variant (MeanFlow estimator with its time mixer). The
+    ``meanflow=True`` gives the Turbo variant (MeanFlow estimator with its time mixer). ``arch``
+    overrides top-level entries of :data:`TINY_S3GEN_ARCH`; an unknown key is a CbxError. The
     global torch RNG is left as it was. The module is returned in eval mode on the CPU.
     """
     from cbx.engine import upstream as up
 
-    arch = tiny_s3gen_arch() if arch is None else arch
+    arch = _resolve_arch(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         s3 = _build(up, bool(meanflow), arch)

@@ -37,6 +37,13 @@ def test_engine_s3gen_tiny_is_upstream_small_seeded_and_rebuildable():
 
 
 def test_engine_s3gen_tiny_original_has_no_meanflow_mixer():
-    s3 = build_tiny_s3gen(meanflow=False, seed=0)
+    import pytest
+
+    from cbx.errors import CbxError
+
+    with pytest.raises(CbxError, match="unknown key 'decoder'"):
+        build_tiny_s3gen(arch={"decoder": {}})
+    s3 = build_tiny_s3gen(meanflow=False, seed=0, arch={"seed": 0, "encoder": {"attention_heads": 4, "linear_units": 128, "num_blocks": 1}})
+    assert s3.flow.encoder.encoders[0].feed_forward.w_1.out_features == 128
     assert s3.flow.decoder.estimator.time_embed_mixer is None and not s3.meanflow
     assert s3.flow.decoder.inference_cfg_rate == 0.7
