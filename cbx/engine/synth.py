@@ -448,7 +448,8 @@ class Synthesizer:
         audio_s = sum(r.audio_s for r in results)
         run = RunTiming(stages=stages, speech_tokens=n_tok, audio_s=audio_s, peak_mem_bytes=int(mem.peak_bytes),
                         mem_kind=mem.kind, device=str(self.device), n_utterances=len(results),
-                        extra={"rows": float(len(rows)), "groups": float(len(groups))})
+                        extra={"rows": float(len(rows)), "groups": float(len(groups)),
+                               "mem_start_bytes": float(mem.start_bytes)})
         return SynthBatch(results=results, run=run, settings=s)
 
     def _join(self, requests: Sequence[SynthRequest], rows: list[_Row], s: SynthSettings, timer: StageTimer,

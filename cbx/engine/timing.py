@@ -94,7 +94,8 @@ class StageTimer:
 
 
 class PeakMemory:
-    """Peak memory of the code run inside ``with PeakMemory(device) as pm:``; read ``pm.peak_bytes``.
+    """Peak memory of the code run inside ``with PeakMemory(device) as pm:``; read ``pm.peak_bytes``
+    (and ``pm.start_bytes``, what was in use on entry: the weights, mostly).
 
     ``kind`` says what was measured: ``"cuda_max_allocated"`` or ``"cpu_peak_rss"``.
     """
@@ -103,6 +104,7 @@ class PeakMemory:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.interval_s = interval_s
         self.peak_bytes = 0
+        self.start_bytes = 0
         self.kind = "cuda_max_allocated" if self._cuda else "cpu_peak_rss"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -115,11 +117,12 @@ class PeakMemory:
         if self._cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = int(torch.cuda.memory_allocated(self.device))
         else:
             import psutil
 
             proc = psutil.Process()
-            self.peak_bytes = proc.memory_info().rss
+            self.peak_bytes = self.start_bytes = proc.memory_info().rss
 
             def sample() -> None:
                 while not self._stop.wait(self.interval_s):

@@ -49,6 +49,7 @@ def test_peak_rss_sees_a_large_temporary_allocation():
         time.sleep(0.05)
         del a
     assert pm.kind == "cpu_peak_rss"
+    assert pm.start_bytes == base
     assert pm.peak_bytes - base > 0.8 * n
 
 
