@@ -378,6 +378,10 @@ class Runner:
         mine = self.shard.take(items)
         todo = [it for it in mine if force or not (run_dir / "synth" / f"{_safe(it.id)}.json").is_file()]
         batch_size = int(record["synth_resolved"].get("batch_size") or 1)
+        if todo and exp.eval.warmup:
+            # First calls pay one-time costs (allocator, kernel selection, lazy init) that
+            # would otherwise land on whichever run comes first; the output is discarded.
+            self.backend.synthesize(model, todo[: exp.eval.warmup], settings)
         self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
         self.shard.wait()
 

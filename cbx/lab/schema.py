@@ -50,6 +50,7 @@ class EvalConfig:
     metrics: tuple[str, ...] | None = None  # None: the scorer's default metrics
     samples: int = 4  # audio samples listed in the run folder for the leaderboard page
     t3_fidelity: bool = True  # teacher-forced T3 top-1 agreement / KL against the baseline
+    warmup: int = 1  # untimed utterances synthesized first (one-time costs would skew RTF)
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,8 @@ def validate(exp: Experiment, path: str = "") -> Experiment:
                 )
     if exp.eval.limit is not None and exp.eval.limit < 1:
         raise CbxError(f"{_join(path, 'eval.limit')}: expected a positive integer or null, got {exp.eval.limit}")
+    if exp.eval.warmup < 0:
+        raise CbxError(f"{_join(path, 'eval.warmup')}: expected 0 or more, got {exp.eval.warmup}")
     if exp.eval.samples < 0:
         raise CbxError(f"{_join(path, 'eval.samples')}: expected 0 or more, got {exp.eval.samples}")
     if "seed" in exp.synth:

@@ -16,7 +16,7 @@ from lab_fakes import FakeBackend
 
 def _exp(name="int", gain=0.5, nan=False, **kw):
     steps = (Step("lab_test_gain", {"gain": gain, "nan": nan}),) if gain is not None else ()
-    return Experiment(name=name, model="tiny", steps=steps, synth={"batch_size": 2}, eval=EvalConfig(set="fake", samples=2), **kw)
+    return Experiment(name=name, model="tiny", steps=steps, synth={"batch_size": 2}, eval=EvalConfig(set="fake", samples=2, warmup=0), **kw)
 
 
 def test_compressed_run_is_paired_with_a_baseline_it_runs_once(tmp_path):
@@ -107,3 +107,14 @@ def test_an_explicit_baseline_is_the_one_compressed_runs_pair_with(tmp_path):
     assert out.record["baseline_run"] == base.run_id
     assert len(be.synthesized) == 4  # the baseline was not synthesized a second time
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == sorted([base.run_id, out.run_id])
+
+
+def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
+    be = FakeBackend(n_items=3)
+    exp = Experiment(name="w", synth={"batch_size": 3}, eval=EvalConfig(set="fake", warmup=1))
+    out = Runner(tmp_path, backend=be, progress=False).run(exp)
+    assert be.synthesized == ["utt0", "utt0", "utt1", "utt2"]
+    assert len(list((out.run_dir / "synth").glob("*.json"))) == 3
+    # a resumed run with nothing left to do does not warm up
+    again = Runner(tmp_path, backend=be, progress=False).run(exp, force=False)
+    assert again.reused and len(be.synthesized) == 4

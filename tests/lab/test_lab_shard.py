@@ -37,7 +37,7 @@ EXP = """
 name: sharded
 steps: [{transform: lab_test_gain, params: {gain: 0.5}}]
 synth: {batch_size: 2}
-eval: {set: fake}
+eval: {set: fake, warmup: 0}
 """
 
 
