@@ -24,6 +24,8 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     p = Path(path)
     if not p.is_file():
         raise CbxError(f"{p}: audio file not found")
+    if p.stat().st_size == 0:
+        raise CbxError(f"{p}: audio file is empty (0 bytes)")
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports every format problem as a plain RuntimeError

@@ -207,6 +207,7 @@ class Scorer:
 def aggregate(rows: list[dict], scorer: Scorer) -> dict[str, dict]:
     """Per-metric aggregate entries over result rows (see :mod:`cbx.eval.schema`)."""
     cfg = scorer.config
+    rows = sorted(rows, key=lambda r: r["id"])  # bootstrap resamples by position: make it order-free
     out: dict[str, dict] = {}
     for name in scorer.metrics:
         spec = scorer.specs[name]
