@@ -108,8 +108,38 @@ class Experiment:
             {"transform": n, "params": to_plain(c)} for n, c in self.transform_configs()
         ]
         d["synth"] = to_plain(self.synth_settings())
+        d["inputs"] = self.input_hashes()
         d["schema_version"] = SCHEMA_VERSION
         return d
+
+    def input_hashes(self) -> dict[str, str]:
+        """Content hashes of files/folders that step parameters name (a student checkpoint):
+        a retrained checkpoint at the same path is a different experiment, not a cached one."""
+        out = {}
+        for i, (_, cfg) in enumerate(self.transform_configs()):
+            for k, v in to_plain(cfg).items():
+                if isinstance(v, str) and v and Path(v).exists():
+                    out[f"steps[{i}].params.{k}"] = content_hash(Path(v))
+        return out
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 over a file, or over a folder's sorted (relative path, file hash) pairs."""
+    import hashlib
+
+    def file_hash(p: Path) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if path.is_file():
+        return file_hash(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(path)}\0{file_hash(p)}\n".encode())
+    return h.hexdigest()
 
 
 def _slug(s: str) -> str:

@@ -38,6 +38,7 @@ def test_a_valid_file_loads_with_defaults_filled_in(tmp_path):
     assert res["synth"]["cfm_steps"] == 2 and res["synth"]["temperature"] == 1.0
     assert res["synth"]["max_speech_tokens"] == 1000  # the engine's default, recorded
     assert res["steps"] == [{"transform": "lab_test_gain", "params": {"gain": 1.0, "nan": False}}]
+    assert res["inputs"] == {}
 
 
 @pytest.mark.parametrize(
@@ -126,3 +127,42 @@ def test_cbx_run_rejects_a_bad_file_with_status_2_and_writes_nothing(tmp_path, c
     assert not results.exists()
     assert main(["run", str(tmp_path / "missing.yaml"), "--results", str(results)]) == 2
     assert "cannot read experiment file" in capsys.readouterr().err
+
+
+def test_shipped_experiment_files_load():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    files = sorted(root.glob("*.yaml"))
+    assert {f.name for f in files} >= {"demo.yaml", "baseline-original.yaml", "baseline-turbo.yaml", "baseline-multilingual.yaml"}
+    for f in files:
+        exps = load_experiments(f)
+        assert exps and all(e.resolved()["synth"] for e in exps)
+    demo = load_experiments(root / "demo.yaml")
+    assert demo[0].is_baseline and demo[0].model == "tiny" and demo[0].eval.set == "offline"
+    from cbx.compress.registry import registered
+
+    used = {s.transform for e in demo for s in e.steps}
+    # every registered compression is in the demo, except the student (it needs a trained checkpoint)
+    assert used == set(registered()) - {"lab_test_gain", "cfm_student"}
+
+
+def test_a_checkpoint_named_by_a_step_is_part_of_the_experiment_identity(tmp_path):
+    from dataclasses import dataclass
+
+    from cbx.compress.registry import register_transform
+
+    @dataclass(frozen=True)
+    class LabCkptConfig:
+        checkpoint: str = ""
+
+    register_transform("lab_test_ckpt", LabCkptConfig)(lambda model, cfg: model)
+    ck = tmp_path / "student"
+    ck.mkdir()
+    (ck / "w.bin").write_bytes(b"one")
+    p = _write(tmp_path, f"steps: [{{transform: lab_test_ckpt, params: {{checkpoint: {ck}}}}}]\n")
+    (exp,) = load_experiments(p)
+    first = exp.resolved()["inputs"]
+    assert list(first) == ["steps[0].params.checkpoint"]
+    (ck / "w.bin").write_bytes(b"two")  # retrained in place
+    assert exp.resolved()["inputs"] != first
