@@ -23,6 +23,7 @@ the transforms applied in order.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -158,7 +159,8 @@ def _select(model, config, what: str):
 
 
 def _record(model, name: str, config) -> dict:
-    cfg = dataclasses.asdict(config)
+    # JSON-plain (tuples become lists) so the manifest and model.meta agree after a round trip.
+    cfg = json.loads(json.dumps(dataclasses.asdict(config)))
     model_meta = getattr(model, "meta", None)
     if isinstance(model_meta, dict):
         model_meta.setdefault("compress", []).append({"transform": name, "params": cfg})
