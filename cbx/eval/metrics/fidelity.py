@@ -54,6 +54,10 @@ class FidelityGroup:
         """Nothing to load."""
 
     def score(self, utt: Utterance) -> dict[str, float]:
+        with dsp.one_blas_thread():
+            return self._score(utt)
+
+    def _score(self, utt: Utterance) -> dict[str, float]:
         out: dict[str, float] = {}
         extra = utt.extra or {}
         if "t3_top1_agreement" in extra:
