@@ -26,6 +26,7 @@ import json
 import math
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 
 from cbx.distill.config import DistillConfig
-from cbx.distill.flow import CFMBatch, teacher_solve
+from cbx.distill.flow import CFMBatch, teacher_solve, teacher_times
 from cbx.distill.objectives import TrainBatch
 from cbx.errors import CbxError
 
@@ -225,6 +226,19 @@ def _shard_complete(path: Path) -> bool:
     return (path / "dataset_info.json").is_file() and (path / "state.json").is_file()
 
 
+def _quiet_save(ds, path: Path) -> None:
+    # datasets draws its own bar per save; ours already counts examples.
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_off = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        ds.save_to_disk(str(path))
+    finally:
+        if not was_off:
+            enable_progress_bars()
+
+
 def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Path:
     """Make sure ``cfg.data_dir`` holds every shard; record the missing ones. Returns the dir."""
     import datasets as hfd
@@ -244,7 +258,7 @@ def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Pat
                 f"(fingerprint {old.get('fingerprint')} != {fp}); delete it or set data.dir elsewhere"
             )
     root.mkdir(parents=True, exist_ok=True)
-    times = [float(t) for t in __import__("cbx.distill.flow", fromlist=["x"]).teacher_times(cfg.teacher.steps)]
+    times = [float(t) for t in teacher_times(cfg.teacher.steps)]
     manifest = {
         "format": FORMAT, "version": VERSION, "fingerprint": fp, "times": times,
         "trajectory": cfg.data.trajectory, "teacher": {"model": cfg.teacher.model, "steps": cfg.teacher.steps,
@@ -264,7 +278,7 @@ def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Pat
     n_states = cfg.teacher.steps - 1 if cfg.data.trajectory else 0
     features = _features(n_states)
     bar = tqdm(total=sum(len(r) for _, _, r in todo), desc="teacher data", unit="ex",
-               disable=not progress, file=__import__("sys").stderr)
+               disable=not progress, file=sys.stderr)
     for split, path, rng in todo:
         rows: list[dict] = []
         idx = list(rng)
@@ -276,7 +290,7 @@ def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Pat
         part = path.with_name(path.name + ".partial")
         if part.exists():
             shutil.rmtree(part)
-        ds.save_to_disk(str(part))
+        _quiet_save(ds, part)
         os.replace(part, path)
     bar.close()
     return root
