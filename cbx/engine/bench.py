@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: full-size random weights (default); tiny: the built-in tiny model (smoke test)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -185,6 +186,10 @@ def run(args: argparse.Namespace) -> int:
     if not 1.0 <= args.ref_seconds <= 30.0:
         raise CbxError(f"--ref-seconds {args.ref_seconds}: must be between 1 and 30")
     check_voice(args.voice)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CbxError(f"--threads {args.threads}: must be >= 1")
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     dtype = _default_dtype(device) if args.dtype == "auto" else args.dtype
 

@@ -345,7 +345,7 @@ class Synthesizer:
         The copy costs the module's size in bf16 once (about 1 GB for the full T3).
         """
         want = DTYPES[s.dtype]
-        if want == torch.float32 or next(module.parameters()).dtype == want:
+        if want == torch.float32 or _float_dtype(module) == want:
             return module
         key = (id(module), want)
         if key not in self._casts:
@@ -372,13 +372,11 @@ class Synthesizer:
         from cbx.engine.t3_decode import T3Row, generate
 
         # Low precision = weights cast once (see _low_precision) + autocast, which reconciles the
-        # fp32 tensors upstream code creates on the way (conditioning, time embeddings).
-        def low() -> _autocast:
-            return _autocast(self.device, None if s.dtype == "fp32" else DTYPES[s.dtype])
-
-        with timer.stage("t3") as lap, low():
-            out = generate(self._low_precision(self.model.t3, s),
-                           [T3Row(r.text_tokens, conds[r.voice_key].t3, r.seed) for r in group],
+        # fp32 tensors upstream code creates on the way (conditioning, time embeddings). A model
+        # loaded with a bf16 T3 runs under autocast too, whatever settings.dtype says.
+        t3 = self._low_precision(self.model.t3, s)
+        with timer.stage("t3") as lap, _autocast(self.device, _float_dtype(t3)):
+            out = generate(t3, [T3Row(r.text_tokens, conds[r.voice_key].t3, r.seed) for r in group],
                            self._decode_settings(s))
         for r, toks in zip(group, out.tokens):
             r.tokens = toks.reshape(-1).cpu()
@@ -400,9 +398,9 @@ class Synthesizer:
                                    [conds[r.voice_key] for r in live])
             noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
             cfg_rate = s3.flow.decoder.inference_cfg_rate
-            with low():
-                mels = sb.solve_cfm(self._low_precision(s3.flow.decoder.estimator, s), inputs, noise,
-                                    int(s.cfm_steps), cfg_rate, meanflow)
+            estimator = self._low_precision(s3.flow.decoder.estimator, s)
+            with _autocast(self.device, _float_dtype(estimator)):
+                mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]
         for r, sh in zip(live, apportion(lap.seconds, inputs.total_lens)):
             r.shares["cfm"] = sh
@@ -485,11 +483,20 @@ class Synthesizer:
         return results
 
 
+def _float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (fp32 if it has none)."""
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
 class _autocast:
-    """Autocast to ``dtype`` on ``device``; a no-op for None."""
+    """Autocast to ``dtype`` on ``device``; a no-op for None or fp32."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype | None):
-        self.ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
+        use = dtype is not None and dtype != torch.float32
+        self.ctx = torch.autocast(device.type, dtype=dtype) if use else None
 
     def __enter__(self) -> None:
         if self.ctx is not None:

@@ -232,3 +232,45 @@ def test_crossfade_join_lengths_and_values():
     np.testing.assert_allclose(out[80:100], fo * 1.0 + fi * 2.0, rtol=1e-6)
     assert len(crossfade_join([a], 20)) == 100 and len(crossfade_join([], 20)) == 0
     np.testing.assert_array_equal(crossfade_join([a, b], 0), np.concatenate([a, b]))
+
+
+# ----------------------------------------------------------------------------- variants, dtype
+
+
+def test_turbo_appends_silence_tokens_before_s3gen(tiny_turbo):
+    out = Synthesizer(tiny_turbo).synthesize([SynthRequest("Turbo speaks too.", None)],
+                                             SynthSettings(force_tokens=6, watermark=False), progress=False)
+    res = out.results[0]
+    assert out.settings.cfm_steps == 2 and out.settings.cfg_weight == 0.0  # Turbo's own defaults
+    assert res.speech_tokens.size == 6
+    # tts_turbo.generate() adds 3 silence tokens: S3Gen renders 6 + 3 tokens
+    assert len(res.wav) == 9 * SAMPLES_PER_TOKEN
+    assert np.all(np.isfinite(res.wav))
+
+
+def test_multilingual_uses_the_language_of_each_request(tiny_multilingual):
+    syn = Synthesizer(tiny_multilingual)
+    s = SynthSettings(force_tokens=4, cfm_steps=1, watermark=False, language_id="fr")
+    out = syn.synthesize([SynthRequest("Bonjour tout le monde.", None),
+                          SynthRequest("Hola a todos.", None, language_id="es")], s, progress=False)
+    assert [r.speech_tokens.size for r in out.results] == [4, 4]
+    with pytest.raises(CbxError, match="xx"):
+        syn.synthesize([SynthRequest("Hi.", None, language_id="xx")], s, progress=False)
+
+
+def test_bf16_runs_on_cast_copies_and_leaves_the_model_fp32(model):
+    import torch
+
+    syn = Synthesizer(model)
+    s = dict(seed=4, temperature=0.0, watermark=False, max_speech_tokens=24, cfm_steps=2)
+    fp = syn.synthesize([SynthRequest("Precision check.", None)], SynthSettings(**s), progress=False).results[0]
+    bf = syn.synthesize([SynthRequest("Precision check.", None)], SynthSettings(dtype="bf16", **s),
+                        progress=False).results[0]
+    assert next(model.t3.parameters()).dtype == torch.float32
+    assert next(model.s3gen.flow.decoder.estimator.parameters()).dtype == torch.float32
+    assert bf.wav.dtype == np.float32 and np.all(np.isfinite(bf.wav)) and bf.speech_tokens.size > 0
+    cast = [copy for _, copy in syn._casts.values()]
+    assert len(cast) == 2 and all(next(m.parameters()).dtype == torch.bfloat16 for m in cast)
+    # greedy decoding in bf16 follows fp32 for a while on the tiny model
+    n = min(8, fp.speech_tokens.size, bf.speech_tokens.size)
+    assert np.mean(fp.speech_tokens[:n] == bf.speech_tokens[:n]) >= 0.75
