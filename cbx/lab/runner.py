@@ -133,6 +133,11 @@ class Backend:
     def resolved_settings(self, model, settings) -> dict[str, Any]:
         return to_plain(settings.resolved(model.variant))
 
+    def reset_caches(self, model) -> None:
+        from cbx.engine.conditioning import clear_cache
+
+        clear_cache(model)
+
     def synthesize(self, model, items: Sequence[EvalItemView], settings) -> BatchOutput:
         from cbx.engine.synth import SynthRequest, Synthesizer
 
@@ -379,9 +384,13 @@ class Runner:
         todo = [it for it in mine if force or not (run_dir / "synth" / f"{_safe(it.id)}.json").is_file()]
         batch_size = int(record["synth_resolved"].get("batch_size") or 1)
         if todo and exp.eval.warmup:
-            # First calls pay one-time costs (allocator, kernel selection, lazy init) that
-            # would otherwise land on whichever run comes first; the output is discarded.
-            self.backend.synthesize(model, todo[: exp.eval.warmup], settings)
+            # First calls pay one-time costs (allocator, kernel selection for each new shape,
+            # lazy init) that would otherwise land on whichever run comes first. The warm-up
+            # repeats the first timed batch(es), so the shapes match; the output is discarded
+            # and cached voice conditioning is dropped so that its cost is still measured.
+            for start in range(0, min(len(todo), exp.eval.warmup * batch_size), batch_size):
+                self.backend.synthesize(model, todo[start : start + batch_size], settings)
+            self.backend.reset_caches(model)
         self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
         self.shard.wait()
 

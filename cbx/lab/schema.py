@@ -50,7 +50,7 @@ class EvalConfig:
     metrics: tuple[str, ...] | None = None  # None: the scorer's default metrics
     samples: int = 4  # audio samples listed in the run folder for the leaderboard page
     t3_fidelity: bool = True  # teacher-forced T3 top-1 agreement / KL against the baseline
-    warmup: int = 1  # untimed utterances synthesized first (one-time costs would skew RTF)
+    warmup: int = 1  # untimed batches synthesized first (one-time costs would skew RTF)
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,9 @@ class FakeBackend(Backend):
         out_dir.mkdir(parents=True)
         (out_dir / "manifest.json").write_text(json.dumps({"gain": model.gain}))
 
+    def reset_caches(self, model):
+        self.resets = getattr(self, "resets", 0) + 1
+
     def eval_set(self, name):
         items = [EvalItemView(f"utt{i}", f"sentence number {i}", None) for i in range(self.n_items)]
         return "fake", "1", items

@@ -111,10 +111,11 @@ def test_an_explicit_baseline_is_the_one_compressed_runs_pair_with(tmp_path):
 
 def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
     be = FakeBackend(n_items=3)
-    exp = Experiment(name="w", synth={"batch_size": 3}, eval=EvalConfig(set="fake", warmup=1))
+    exp = Experiment(name="w", synth={"batch_size": 2}, eval=EvalConfig(set="fake", warmup=1))
     out = Runner(tmp_path, backend=be, progress=False).run(exp)
-    assert be.synthesized == ["utt0", "utt0", "utt1", "utt2"]
+    assert be.synthesized == ["utt0", "utt1", "utt0", "utt1", "utt2"]  # the first batch, twice
+    assert be.resets == 1
     assert len(list((out.run_dir / "synth").glob("*.json"))) == 3
     # a resumed run with nothing left to do does not warm up
     again = Runner(tmp_path, backend=be, progress=False).run(exp, force=False)
-    assert again.reused and len(be.synthesized) == 4
+    assert again.reused and len(be.synthesized) == 5
