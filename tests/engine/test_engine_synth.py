@@ -274,3 +274,19 @@ def test_bf16_runs_on_cast_copies_and_leaves_the_model_fp32(model):
     # greedy decoding in bf16 follows fp32 for a while on the tiny model
     n = min(8, fp.speech_tokens.size, bf.speech_tokens.size)
     assert np.mean(fp.speech_tokens[:n] == bf.speech_tokens[:n]) >= 0.75
+
+
+@pytest.mark.cuda
+def test_cuda_synthesis_matches_cpu_greedy_tokens(tiny_copy, voices):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    s = SynthSettings(seed=1, temperature=0.0, watermark=False, max_speech_tokens=24, cfm_steps=2)
+    req = [SynthRequest("Same on every device.", voices[0])]
+    cpu = Synthesizer(tiny_copy("original")).synthesize(req, s, progress=False)
+    gpu = Synthesizer(tiny_copy("original"), device="cuda").synthesize(req, s, progress=False)
+    assert gpu.run.mem_kind == "cuda_max_allocated" and gpu.peak_mem_bytes > 0
+    n = min(cpu.results[0].speech_tokens.size, gpu.results[0].speech_tokens.size)
+    assert np.mean(cpu.results[0].speech_tokens[:n] == gpu.results[0].speech_tokens[:n]) >= 0.9
+    assert np.all(np.isfinite(gpu.results[0].wav))
