@@ -6,7 +6,8 @@ This is the pipeline every other layer calls (the runner, the eval suite, ``cbx 
     conditioning   cbx.engine.conditioning.prepare_voice (cached per voice file)
     text           cbx.engine.text (normalisation and sentence chunking)
     t3             cbx.engine.t3_decode (ONE batched decode: CFG pairs, static KV cache)
-    cfm            cbx.engine.s3gen_batch.cfm_inputs + solve_cfm (ONE batched flow-matching solve)
+    cfm            cbx.engine.s3gen_batch.cfm_inputs + solve_cfm (flow encoder, then ONE batched
+                   flow-matching solve; the stage includes the encoder, as upstream's flow does)
     vocoder        cbx.engine.s3gen_batch.vocode
     watermark      perth, once per joined utterance
 

@@ -178,6 +178,14 @@ def test_bad_requests_raise_cbx_errors_naming_the_problem(model, tmp_path):
     sf.write(silent, np.zeros(48_000, np.float32), 24_000)
     with pytest.raises(CbxError, match="silent.wav"):
         syn.synthesize([SynthRequest("Hi.", str(silent))], SynthSettings(**FAST), progress=False)
+    short = tmp_path / "short.wav"
+    sf.write(short, synthetic_voice(0.3, sr=16_000), 16_000)
+    with pytest.raises(CbxError, match="short.wav.*too short"):
+        syn.synthesize([SynthRequest("Hi.", str(short))], SynthSettings(**FAST), progress=False)
+    garbage = tmp_path / "garbage.mp3"
+    garbage.write_bytes(b"this is not audio at all" * 100)
+    with pytest.raises(CbxError, match="garbage.mp3"):
+        syn.synthesize([SynthRequest("Hi.", str(garbage))], SynthSettings(**FAST), progress=False)
     with pytest.raises(CbxError, match="nothing to synthesize"):
         syn.synthesize([], SynthSettings(**FAST), progress=False)
 
