@@ -297,7 +297,8 @@ class Runner:
                 )
         run_id, key, resolved, hw, device = self.identify(exp)
         run_dir = self.results.run_dir(run_id)
-        with self._lock(run_id):
+        # Locked by what is measured (not by name): two names for one measurement never run twice.
+        with self._lock(key):
             # Decided once (by the main process, under the lock) so every shard agrees.
             found = self._finished(run_id, key) if (self.shard.is_main and not force) else None
             found = self.shard.broadcast(found)
@@ -318,10 +319,10 @@ class Runner:
         other = self.results.find_finished(key)
         return (str(other[0]), other[1]) if other else None
 
-    def _lock(self, run_id: str):
+    def _lock(self, key: str):
         # Under a shard group only the main process takes the cross-process lock; its peers
         # are coordinated by barriers (they would otherwise wait on each other's lock).
-        return self.shard.group_lock(self.results, run_id)
+        return self.shard.group_lock(self.results, key)
 
     # ------------------------------------------------------------------ work
 

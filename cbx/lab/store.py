@@ -133,7 +133,8 @@ class ResultsDir:
 
     @contextmanager
     def lock(self, run_id: str, timeout: float = -1) -> Iterator[None]:
-        """Exclusive work on ``run_id`` (another process waits, then finds the run finished)."""
+        """Exclusive work on ``run_id`` (or a config key; another process waits, then finds
+        the run finished)."""
         lock_dir = self.root / ".locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
         lk = FileLock(str(lock_dir / f"{run_id}.lock"), timeout=timeout)

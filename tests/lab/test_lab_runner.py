@@ -75,16 +75,19 @@ def test_nan_or_silent_outputs_mark_the_run_failed_and_unscored(tmp_path, gain, 
     assert store.ResultsDir(tmp_path).find_finished(rec["config_key"]) is None
 
 
-def _worker(path, q):
+def _worker(path, q, explicit_baseline):
     be = FakeBackend(n_items=4)
-    out = Runner(path, backend=be, progress=False).run(_exp())
+    r = Runner(path, backend=be, progress=False)
+    if explicit_baseline:  # same measurement as the other process's automatic baseline
+        r.run(_exp(name="my-baseline", gain=None))
+    out = r.run(_exp())
     q.put((out.run_id, out.reused, len(be.synthesized)))
 
 
 def test_two_processes_on_one_results_folder_do_not_corrupt_it(tmp_path):
     ctx = mp.get_context("fork")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(tmp_path, q)) for _ in range(2)]
+    procs = [ctx.Process(target=_worker, args=(tmp_path, q, i == 0)) for i in range(2)]
     for p in procs:
         p.start()
     for p in procs:
