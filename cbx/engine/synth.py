@@ -124,11 +124,22 @@ class SynthSettings:
         if self.language_id is not None and (not isinstance(self.language_id, str) or not self.language_id):
             raise bad("language_id", "must be a language code such as 'en' or 'fr'")
 
-    def resolved(self, variant: str) -> "SynthSettings":
-        """A copy with every ``None`` default filled in for ``variant``."""
+    def resolved(self, model_or_variant: Any) -> "SynthSettings":
+        """A copy with every ``None`` default filled in for a model (or a variant name).
+
+        A model's own ``meta["cfm_steps"]`` (set by the ``cfm_student`` transform) comes before
+        the variant's CFM step count.
+        """
+        if isinstance(model_or_variant, str):
+            variant, meta = model_or_variant, {}
+        else:
+            variant, meta = model_or_variant.variant, dict(getattr(model_or_variant, "meta", None) or {})
         if variant not in VARIANT_DEFAULTS:
             raise CbxError(f"unknown model variant '{variant}' (expected one of {sorted(VARIANT_DEFAULTS)})")
-        fill = {k: v for k, v in VARIANT_DEFAULTS[variant].items() if getattr(self, k) is None}
+        defaults = dict(VARIANT_DEFAULTS[variant])
+        if meta.get("cfm_steps") is not None:
+            defaults["cfm_steps"] = int(meta["cfm_steps"])
+        fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
         return replace(self, **fill)
 
     def to_dict(self) -> dict[str, Any]:
@@ -418,7 +429,7 @@ class Synthesizer:
         """Synthesize every request; see the module docstring for batching and seeding."""
         from tqdm.auto import tqdm
 
-        s = (settings or SynthSettings()).resolved(self.model.variant)
+        s = (settings or SynthSettings()).resolved(self.model)
         requests = list(requests)
         if not requests:
             raise CbxError("nothing to synthesize: the request list is empty")

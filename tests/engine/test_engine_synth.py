@@ -219,6 +219,15 @@ def test_settings_fill_variant_defaults_but_keep_given_values():
         SynthSettings().resolved("huge")
 
 
+def test_a_student_models_step_count_is_the_default_but_an_explicit_one_wins():
+    from types import SimpleNamespace
+
+    student = SimpleNamespace(variant="original", meta={"cfm_steps": 3})
+    assert SynthSettings().resolved(student).cfm_steps == 3
+    assert SynthSettings(cfm_steps=7).resolved(student).cfm_steps == 7
+    assert SynthSettings().resolved(SimpleNamespace(variant="original", meta={})).cfm_steps == 10
+
+
 # ----------------------------------------------------------------------------- crossfade math
 
 
