@@ -79,3 +79,19 @@ def test_wandb_failure_keeps_the_local_results(tmp_path, wandb_env):
         out = r.run(_exp(TrackingConfig(backend="wandb")))
     rec = json.loads((out.run_dir / "run.json").read_text())
     assert rec["status"] == "done" and rec["aggregate"]["metrics"]["wer"]["value"] > 0
+
+
+def test_an_export_is_logged_as_a_model_artifact(tmp_path, wandb_env):
+    from cbx.lab.tracking import log_export
+
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "export.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"\0" * 64)
+    rec = {"run_id": "int8-abc", "config": {"model": "tiny"}}
+    assert log_export(TrackingConfig(backend="wandb", project="cbx-test", mode="offline"), out, rec)
+    (run_dir,) = list((wandb_env / "wandb").glob("offline-run-*"))
+    (art,) = [v for k, v in read_offline_run(run_dir) if k == "artifact"]
+    assert art["type"] == "model" and art["name"] == "export-int8-abc"
+    assert sorted(c["path"] for c in art["manifest"]["contents"]) == ["export.json", "model.safetensors"]
+    assert not log_export(TrackingConfig(), out, rec)  # tracking: none
