@@ -125,6 +125,9 @@ def write_audio_atomic(path: Path, wav, sr: int) -> None:
     os.close(fd)
     try:
         sf.write(tmp, wav, sr, subtype="PCM_16" if path.suffix.lower() == ".wav" else None)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
