@@ -265,6 +265,7 @@ class FP8Linear(_Quantized):
                  matmul_dtype: str = "bfloat16", orig_class: str = "Linear"):
         super().__init__(qweight.shape[1], qweight.shape[0], bias, orig_class)
         self.matmul_dtype = matmul_dtype
+        self._gemm_ok = True
         self.register_buffer("_w_bits", qweight.to(torch.float8_e4m3fn).contiguous().view(torch.uint8))
         self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
 
@@ -292,12 +293,16 @@ class FP8Linear(_Quantized):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if _has_fp8_gemm(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+        if self._gemm_ok and _has_fp8_gemm(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
             x2 = x.reshape(-1, self.in_features)
             xq, xs = P.quantize_fp8_per_token(x2)
-            y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :],
-                                 out_dtype=torch.bfloat16)
-            return self._finish(y, x)
+            try:
+                y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :].contiguous(),
+                                     out_dtype=torch.bfloat16)
+                return self._finish(y, x)
+            except (RuntimeError, NotImplementedError):
+                # Row-wise scaling needs sm90+ in some builds: fall back to the emulation for good.
+                self._gemm_ok = False
         return self.forward_reference(x)
 
     def forward_reference(self, x: Tensor) -> Tensor:
@@ -419,3 +424,47 @@ def from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None, dty
     elif kind == "fp8":
         return FP8Linear(tensors["qweight"], tensors["scale"], bias, params.get("matmul_dtype", "bfloat16"), orig)
     raise ValueError(f"unknown quantized module kind {kind!r} for class {orig!r}")
+
+
+def dequantized_module(mod: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A floating-point module of the original class holding the dequantized weights
+    (for exports that upstream code must load)."""
+    if isinstance(mod, _QuantEmbedding):
+        emb = nn.Embedding(mod.num_embeddings, mod.embedding_dim, padding_idx=mod.padding_idx, dtype=dtype)
+        emb.weight.data.copy_(mod.dequantize())
+        return emb
+    w = mod.dequantize().to(dtype)
+    bias = mod.bias is not None
+    if mod.orig_class == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+
+        new = Conv1D(mod.out_features, mod.in_features)
+        new.weight.data = w.t().contiguous()
+    else:
+        if mod.orig_class == "LoRACompatibleLinear":
+            from diffusers.models.lora import LoRACompatibleLinear as cls
+        else:
+            cls = nn.Linear
+        new = cls(mod.in_features, mod.out_features, bias=bias)
+        new.weight.data = w
+    if bias:
+        new.bias.data = mod.bias.detach().to(dtype).clone()
+    return new.to(dtype)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized module of ``model`` by its floating-point original (in place).
+
+    ``dtype`` None: the dtype of the floating parameters of the same top-level part (``t3``,
+    ``s3gen``), so a bf16 T3 exports bf16 weights.
+    """
+    def part_dtype(name: str) -> torch.dtype:
+        part = model.get_submodule(name.split(".")[0])
+        for p in part.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    for name, mod in [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_CLASSES)]:
+        model.set_submodule(name, dequantized_module(mod, dtype or part_dtype(name)))
+    return model

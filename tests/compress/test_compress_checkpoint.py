@@ -132,3 +132,21 @@ def test_save_refuses_non_empty_folder_and_leaves_nothing(saved, tmp_path):
     with pytest.raises(CbxError, match="not an empty folder"):
         save_compressed(model, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+
+
+def test_dequantized_export_loads_as_a_plain_upstream_model(saved, tmp_path):
+    import copy
+
+    from cbx.compress.modules import QUANT_CLASSES, dequantize_model
+    from cbx.engine.model import load_model, save_upstream_layout
+
+    model, _ = saved
+    plain = dequantize_model(copy.deepcopy(model))
+    assert not any(isinstance(m, QUANT_CLASSES) for m in plain.modules())
+    w = plain.t3.tfmr.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.bfloat16  # the cast model's dtype, not fp32
+    q = model.t3.tfmr.layers[0].mlp.down_proj
+    assert torch.equal(w, q.dequantize().to(torch.bfloat16))
+    back = load_model(save_upstream_layout(plain, tmp_path / "export"))
+    assert torch.equal(back.t3.tfmr.layers[0].mlp.down_proj.weight, w.float()) or torch.equal(
+        back.t3.tfmr.layers[0].mlp.down_proj.weight, w)
