@@ -22,7 +22,11 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    return tmp_path / "wb"
+    import wandb
+
+    wandb.teardown()  # wandb keeps the first run's settings (its directory) process-wide
+    yield tmp_path / "wb"
+    wandb.teardown()
 
 
 def _exp(tracking, gain=0.5):
