@@ -15,7 +15,8 @@ SR = 24000
 
 
 def _utt(seconds: float, timings: dict, extra: dict) -> Utterance:
-    return Utterance(id="u", audio=np.zeros(int(seconds * SR), np.float32), sr=SR, text="", timings=timings, extra=extra)
+    audio = np.zeros(int(seconds * SR), np.float32)
+    return Utterance(id="u", audio=audio, sr=SR, text="", timings=timings, extra=extra)
 
 
 def test_rates_from_engine_figures():
@@ -38,7 +39,8 @@ def test_token_count_from_any_container():
 def test_missing_or_bad_inputs_omit_the_metric():
     s = CostGroup().score(_utt(2.0, {"t3": 1.0}, {}))
     assert s == {"rtf_t3": 0.5}
-    assert cost_scores({"total": None, "t3": "n/a", "cfm": float("nan"), "vocoder": -1.0}, {"peak_mem_bytes": None}, 2.0) == {}
+    bad = {"total": None, "t3": "n/a", "cfm": float("nan"), "vocoder": -1.0}
+    assert cost_scores(bad, {"peak_mem_bytes": None}, 2.0) == {}
     assert cost_scores({"total": 1.0}, {}, 0.0) == {}  # no audio: no real-time factor
     assert "speech_tokens_per_s" not in cost_scores({"t3": 0.0}, {"speech_tokens": 10}, 1.0)
 
