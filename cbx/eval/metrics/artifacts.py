@@ -132,8 +132,8 @@ def click_positions(x: np.ndarray, sr: int) -> np.ndarray:
     the high-passed signal is cut into CLICK_BLOCK_S blocks and a block is a click when its
     peak is CLICK_RATIO times the CLICK_QUANTILE of the peaks of the blocks around it (skipping
     the adjacent ones, which the click's own ringing reaches), is at least CLICK_MIN_ABS, and
-    CLICK_CONCENTRATION of the high-band energy within +-2.5 ms lies within +-0.25 ms of the
-    peak. The quantile of the neighbours makes periodic glottal pulses and fricative noise
+    CLICK_CONCENTRATION of the high-band energy above that reference within +-2.5 ms lies
+    within +-0.25 ms of the peak. The quantile of the neighbours makes periodic glottal pulses and fricative noise
     their own reference; the concentration test separates an impulse or a jump from a
     plosive release, whose high-band burst lasts milliseconds.
     """
@@ -182,8 +182,9 @@ def band_flatness(x: np.ndarray, sr: int) -> tuple[np.ndarray, np.ndarray]:
     band = spec[(freqs > 50.0) & (freqs <= min(FLAT_BAND_HZ, sr / 2)), :]
     k = FLAT_AVG_FRAMES
     kernel = np.ones(k) / k
-    avg = np.stack([np.convolve(row, kernel, mode="valid") for row in band])
-    avg = np.maximum(avg, 1e-20)
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    avg = np.maximum(sliding_window_view(band, k, axis=1).mean(axis=-1), 1e-20)
     flat = np.exp(np.mean(np.log(avg), axis=0)) / np.mean(avg, axis=0)
     frames = dsp.frame_signal(x, sr, n_fft / sr, n_fft / sr)[: spec.shape[1]]
     pw = np.mean(frames**2, axis=1)
