@@ -201,8 +201,10 @@ def test_prompt_end_pasted_before_output_is_found(allison):
     print(f"\n[artifacts] spill-over: clean max score {clean_max:.3f}, clean flagged {clean_flags}/{len(pairs)}")
     recall = {kind: _report(f"spill-over ({kind})", h) for kind, h in hits.items()}
     assert clean_flags == 0
-    assert recall["copy"] >= 0.9 and recall["griffin-lim"] >= 0.9 and recall["stretch 0.9"] >= 0.9
-    assert recall["stretch 1.15"] >= 0.7  # measured 0.79: a faster fragment is the hardest case
+    assert recall["copy"] >= 0.9 and recall["griffin-lim"] >= 0.9  # the bound
+    # regression bounds under the measured 0.92 and 0.79 (24 pairs): a re-timed fragment is
+    # the hard case, a faster one the hardest
+    assert recall["stretch 0.9"] >= 0.8 and recall["stretch 1.15"] >= 0.65
 
 
 def test_nonfinite_samples_are_counted_and_do_not_poison_other_metrics(clean):
