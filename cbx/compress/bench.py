@@ -16,9 +16,10 @@ real sizes and costs, meaningless outputs), built once:
   CPU; ``torch._scaled_mm`` on sm89+ GPUs).
 
 Every candidate runs in this one process beside its fp32 baseline and is printed with its
-ratio to it, so figures from a shared, noisy machine stay comparable. The last line is exactly
-``t3 int4 decode speed-up vs fp32: N.NNx, weights N.NN GB``. Variants are built one at a time
-from the fp32 T3 and freed after measuring, so peak memory stays near two copies of T3.
+ratio to it; the timed runs of all candidates are interleaved round-robin, so a drift in the
+load of a shared machine hits them alike. All four T3 variants are held at once (about 4 GB
+for the full-size model). The last line is exactly
+``t3 int4 decode speed-up vs fp32: N.NNx, weights N.NN GB``.
 """
 
 from __future__ import annotations
@@ -65,31 +66,29 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: lazy kernels, allocator
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
+    """Median seconds of each function, timed round-robin (one warm-up call each first) so
+    that every candidate sees the same drift in machine load."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _decode_step_s(model, args, prompt_ids) -> float:
+def _decode_fn(model, t3, prompt_ids, n):
     from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
 
     # The engine copies the T3Cond to the model's device but not to its dtype: cast it here so
     # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
-    dtype = next(model.t3.cond_enc.parameters()).dtype
+    dtype = next(t3.cond_enc.parameters()).dtype
     rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
-
-    def run(n):
-        return lambda: generate(model, rows, DecodeSettings(force_tokens=n, cfg_weight=0.5))
-
-    n1, n2 = args.tokens
-    t1 = _median_time(run(n1), args.repeats)
-    t2 = _median_time(run(n2), args.repeats)
-    return max(t2 - t1, 1e-9) / (n2 - n1)
+    settings = DecodeSettings(force_tokens=n, cfg_weight=0.5)
+    return lambda: generate(t3, rows, settings)
 
 
 def _prompt_ids(model, n_positions: int) -> list[int]:
@@ -113,34 +112,44 @@ def _fresh(t3_cond):
     return dataclasses.replace(t3_cond, cond_prompt_speech_emb=None)
 
 
+class _Holder(torch.nn.Module):
+    """Just enough of a ChatterboxModel for the transforms: ``t3``/``s3gen``, variant, meta."""
+
+    def __init__(self, variant: str, **parts):
+        super().__init__()
+        for k, v in parts.items():
+            setattr(self, k, v)
+        self.variant, self.meta = variant, {}
+
+
 def _t3_rows(model, args) -> list[tuple[str, float, int]]:
     from cbx.compress.registry import apply_transforms, build_config
 
     prompt = _prompt_ids(model, args.prompt)
-    fp32_t3 = model.t3
-    variants = [
-        ("fp32", None),
-        ("bf16", []),
-        ("int8", [("int8_weight_only", build_config("int8_weight_only", {}))]),
-        ("int4", [("int4_weight_only", build_config("int4_weight_only", {"group_size": args.group_size}))]),
-    ]
-    rows = []
-    for label, steps in variants:
-        if steps is None:
-            model.t3 = fp32_t3
-        else:
-            model.t3 = copy.deepcopy(fp32_t3)
-            meta = dict(model.meta)
-            apply_transforms(model, steps)
-            model.meta = meta
-            model.t3.to(torch.bfloat16)
+    fp32 = model.t3
+    t3s = {"fp32": fp32}
+    steps = {
+        "bf16": [],
+        "int8": [("int8_weight_only", build_config("int8_weight_only", {}))],
+        "int4": [("int4_weight_only", build_config("int4_weight_only", {"group_size": args.group_size}))],
+    }
+    for label, st in steps.items():
+        print(f"  preparing t3 {label} ...", flush=True)
+        holder = _Holder(model.variant, t3=copy.deepcopy(fp32))
+        apply_transforms(holder, st)
+        t3s[label] = holder.t3.to(torch.bfloat16)
         gc.collect()
-        step = _decode_step_s(model, args, prompt)
-        rows.append((label, step, _weight_bytes(model.t3)))
-        print(f"  t3 {label}: {1e3 * step:.1f} ms/step, {_weight_bytes(model.t3) / 1e9:.3f} GB", flush=True)
-        if steps is not None:
-            model.t3 = fp32_t3
-            gc.collect()
+    n1, n2 = args.tokens
+    fns = {}
+    for label, t3 in t3s.items():
+        fns[(label, n1)] = _decode_fn(model, t3, prompt, n1)
+        fns[(label, n2)] = _decode_fn(model, t3, prompt, n2)
+    print(f"  timing {len(fns)} decode runs x {args.repeats} (interleaved) ...", flush=True)
+    med = _interleaved_medians(fns, args.repeats)
+    rows = []
+    for label, t3 in t3s.items():
+        step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
+        rows.append((label, step, _weight_bytes(t3)))
     return rows
 
 
@@ -157,31 +166,21 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
                        cond=torch.cat([torch.randn(1, 80, prompt, generator=g), torch.zeros(1, 80, T - prompt)], -1),
                        prompt_lens=[prompt], out_lens=[T - prompt], token_lens=[(T - prompt) // 2])
     noise = torch.randn(1, 80, T, generator=g)
-    rows = []
-    for label in ("fp32", "bf16", "fp8"):
-        if label == "fp32":
-            est = est32
-        elif label == "bf16":
-            est = copy.deepcopy(est32).to(torch.bfloat16)
-        else:
-            est = copy.deepcopy(est32)
-            model.s3gen.flow.decoder.estimator = est
-            meta = dict(model.meta)
-            apply_transforms(model, [("fp8_cfm", build_config("fp8_cfm", {}))])
-            model.meta = meta
-            est = model.s3gen.flow.decoder.estimator
-            model.s3gen.flow.decoder.estimator = est32
+    ests = {"fp32": est32, "bf16": copy.deepcopy(est32).to(torch.bfloat16)}
+    holder = _Holder(model.variant, s3gen=_Holder(model.variant, flow=_Holder(
+        model.variant, decoder=_Holder(model.variant, estimator=copy.deepcopy(est32)))))
+    apply_transforms(holder, [("fp8_cfm", build_config("fp8_cfm", {}))])
+    ests["fp8"] = holder.s3gen.flow.decoder.estimator
 
-        def run(e=est):
+    def fn(e):
+        def run():
             with torch.inference_mode():
                 solve_cfm(e, inputs, noise, args.cfm_steps, 0.7, False)
+        return run
 
-        secs = _median_time(run, args.repeats)
-        rows.append((label, secs, _weight_bytes(est)))
-        print(f"  cfm {label}: {secs:.3f} s for {args.cfm_steps} steps, {_weight_bytes(est) / 1e6:.1f} MB", flush=True)
-        del est
-        gc.collect()
-    return rows
+    print(f"  timing CFM x {args.repeats} (interleaved) ...", flush=True)
+    med = _interleaved_medians({k: fn(e) for k, e in ests.items()}, args.repeats)
+    return [(k, med[k], _weight_bytes(e)) for k, e in ests.items()]
 
 
 def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:
