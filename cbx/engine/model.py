@@ -47,6 +47,9 @@ S3GEN_OPTIONAL_KEYS = ("tokenizer._mel_filters", "tokenizer.window")
 # Turbo's GPT-2 keeps an input embedding it never uses (T3 feeds inputs_embeds); upstream loads it
 # and then deletes it, and so do we. It is written back (zeros) so upstream can load our files.
 TURBO_UNUSED_WTE = "tfmr.wte.weight"
+# Upstream's T3.inference() attaches its HF wrapper as ``t3.patched_model`` (the same backbone
+# again); it is not part of any checkpoint.
+UPSTREAM_ALIASES = ("patched_model.",)
 
 
 class ChatterboxModel(nn.Module):
@@ -314,6 +317,8 @@ def _tensors_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
     # safetensors refuses tensors that share storage; clone only those.
     out, seen = {}, set()
     for key, tensor in module.state_dict().items():
+        if key.startswith(UPSTREAM_ALIASES):
+            continue
         t = tensor.detach().cpu()
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
         if ptr is not None and ptr in seen:

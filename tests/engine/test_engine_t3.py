@@ -8,6 +8,7 @@ force the teacher's token (teacher forcing) or to take the arg-max (greedy).
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 
 import pytest
@@ -57,8 +58,10 @@ def hooked_upstream(teacher: list[int] | None, turbo: bool):
 
 
 def upstream_run(model, text_ids, cond, settings: dict, n_tokens: int, teacher=None):
-    """Upstream's decode loop for one utterance; returns (tokens, recorded processed logits)."""
-    t3 = model.t3
+    """Upstream's decode loop for one utterance; returns (tokens, recorded processed logits).
+
+    Runs on a copy: upstream's ``inference`` attaches a ``patched_model`` submodule to its T3."""
+    t3 = copy.deepcopy(model.t3)
     c = td._row_cond(t3, cond, None)
     tt = torch.tensor([text_ids])
     with hooked_upstream(teacher, model.variant == "turbo") as rec, torch.inference_mode():
@@ -257,3 +260,14 @@ def test_t3_static_shapes_and_compiled_step_give_the_same_tokens(tiny_turbo, tin
         compiled = td.generate(model, rows, dataclasses.replace(quick, compile_backend="eager"))
         for a, b in zip(compiled.tokens, td.generate(model, rows, quick).tokens):
             assert torch.equal(a, b)
+
+
+def test_t3_multilingual_batch_with_language_tags(tiny_multilingual):
+    model = tiny_multilingual
+    rows = [td.T3Row(t3_text_tokens(model, t, language_id=lang), model.builtin_conds.t3, seed=i)
+            for i, (t, lang) in enumerate([("Bonjour à tous.", "fr"), ("Guten Tag, wie geht es?", "de")])]
+    s = td.DecodeSettings(temperature=0.0, repetition_penalty=2.0, max_new_tokens=40)
+    batch = td.generate(model, rows, s)
+    for row, toks in zip(rows, batch.tokens):
+        assert torch.equal(toks, td.generate(model, [row], s).tokens[0])
+    assert not torch.equal(batch.tokens[0][:5], batch.tokens[1][:5])
