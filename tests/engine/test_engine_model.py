@@ -199,3 +199,29 @@ def test_model_dtype_casts_t3_only():
     m = M.load_model("tiny-turbo", dtype=torch.bfloat16)
     assert m.t3.speech_head.weight.dtype == torch.bfloat16
     assert next(m.s3gen.parameters()).dtype == torch.float32
+
+
+def test_model_hub_ids_fetch_only_upstreams_files(saved, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, sorted(allow_patterns)))
+        return str(saved["multilingual" if "ve.pt" in allow_patterns else "original"])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    m = M.load_model("ResembleAI/chatterbox")
+    assert m.variant == "original" and m.source == "ResembleAI/chatterbox"
+    assert calls[-1] == ("ResembleAI/chatterbox", sorted(["ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors",
+                                                          "tokenizer.json", "conds.pt"]))
+    m = M.load_model("ResembleAI/chatterbox:multilingual")
+    assert m.variant == "multilingual" and calls[-1][0] == "ResembleAI/chatterbox"
+    assert "t3_mtl23ls_v2.safetensors" in calls[-1][1]
+
+    def offline(*a, **k):
+        raise OSError("offline mode is enabled")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(CbxError, match="cannot download 'ResembleAI/chatterbox-turbo'.*offline mode"):
+        M.load_model("ResembleAI/chatterbox-turbo")
