@@ -25,6 +25,7 @@ peaks around 0.1 (finite, bounded, not silent).
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 
@@ -146,7 +147,9 @@ def build_tiny_s3gen(meanflow: bool = False, seed: int = 0, arch: dict | None = 
     from cbx.engine import upstream as up
 
     arch = _resolve_arch(arch)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # diffusers announces LoRACompatibleLinear's deprecation for every estimator block.
+        warnings.filterwarnings("ignore", message=".*LoRACompatibleLinear.*")
         torch.manual_seed(int(seed))
         s3 = _build(up, bool(meanflow), arch)
         _scale_estimator_output(s3, float(arch.get("estimator_output_scale", 1.0)))
