@@ -12,7 +12,7 @@ ways to make its mel and waveform:
 
 Speed only: the student's weights are untrained, which does not change its cost. All three run
 in one process on the same weights and inputs (the engine's batched path,
-:mod:`cbx.engine.s3gen_batch`), each warmed up once; figures are medians over ``--repeats``.
+:mod:`cbx.engine.s3gen_batch`), each warmed up once; figures are medians over ``--repeats`` runs, interleaved.
 S3Gen time = encoder + CFM + vocoder; the CFM column is what distillation shortens. The last
 line is exactly ``student S3Gen speed-up vs teacher: 2 steps N.NNx, 1 step N.NNx``.
 """
@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", choices=["full", "tiny"], default="full",
                         help="full: full-size random S3Gen (default); tiny: the tiny model (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is steadier on a busy shared CPU)")
 
 
 def _sync(device: torch.device) -> None:
@@ -89,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         raise CbxError("--tokens, --teacher-steps and --repeats must be >= 1 and --ref-seconds > 0")
     if any(k < 1 for k in args.student_steps):
         raise CbxError(f"--student-steps: step counts must be >= 1, got {args.student_steps}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CbxError(f"--threads: expected a positive number, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -112,11 +118,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"S3Gen {'full-size' if args.model == 'full' else 'tiny'} (random weights), estimator {n_params / 1e6:.1f}M params, "
           f"{device.type} {args.dtype}, threads {torch.get_num_threads()}; {args.tokens} tokens "
           f"({args.tokens / 25:.1f} s audio), {args.ref_seconds:g} s prompt; repeats {args.repeats}")
-    results = {}
     for name, k, est, cfg, mf in configs:
         _once(s3, est, tokens, gen, 1, cfg, mf, device)  # warm-up
-        runs = [_once(s3, est, tokens, gen, k, cfg, mf, device) for _ in range(args.repeats)]
-        results[(name, k)] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+    # Repeats interleave the configurations, so a change of machine load hits all of them alike.
+    runs: dict[tuple[str, int], list[dict[str, float]]] = {(c[0], c[1]): [] for c in configs}
+    for _ in range(args.repeats):
+        for name, k, est, cfg, mf in configs:
+            runs[(name, k)].append(_once(s3, est, tokens, gen, k, cfg, mf, device))
+    results = {key: {m: statistics.median(r[m] for r in rs) for m in rs[0]} for key, rs in runs.items()}
     base = results[("teacher", args.teacher_steps)]
     print(f"{'decoder':<10}{'steps':>6}{'NFE':>5}{'encoder s':>11}{'CFM s':>9}{'vocoder s':>11}{'S3Gen s':>9}"
           f"{'CFM x':>8}{'S3Gen x':>9}")

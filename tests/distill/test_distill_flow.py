@@ -84,3 +84,14 @@ def test_batch_order_is_a_per_epoch_permutation_split_across_ranks():
     r1 = batch_indices(n, 7, 1, 0, 1, 2, rank=1, world=2)
     assert not set(r0) & set(r1)
     assert r0 + r1 == batch_indices(n, 7, 1, 0, 1, 4)  # two ranks of 2 = one rank of 4
+
+
+def test_bench_student_runs_on_the_tiny_model(capsys):
+    """Smoke test of `cbx bench student` (the figures themselves are not asserted: no timings in tests)."""
+    from cbx.cli import main
+
+    assert main(["bench", "student", "--model", "tiny", "--tokens", "4", "--ref-seconds", "0.4", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("student S3Gen speed-up vs teacher: 2 steps ") and "1 step " in lines[-1]
+    assert [ln.split()[:3] for ln in lines[2:5]] == [["teacher", "10", "20"], ["student", "2", "2"], ["student", "1", "1"]]
