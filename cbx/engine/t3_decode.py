@@ -13,8 +13,10 @@ embeddings, ``speech_head``), following gpt-fast's ``generate.py``:
 * The KV cache is preallocated (:class:`StaticKVCache`) and written with ``index_copy_`` at a
   position tensor; the per-token function :func:`_backbone` has fixed shapes when called with
   ``kv_len=None`` and no data-dependent Python control flow, so it can be wrapped by
-  ``torch.compile``/CUDA graphs. In eager mode (the default) attention reads only the filled
-  part of the cache, and the cache grows by whole chunks when it fills up.
+  ``torch.compile``/CUDA graphs (``static_shapes``/``compile_backend``: the cache is then
+  allocated for the full length up front). In eager mode (the default) attention reads only the
+  filled part of the cache, which starts at prompt + 256 slots and doubles when full, so short
+  utterances never pay for ``max_new_tokens`` of memory.
 * Finished rows keep computing (masked); the "all done?" test syncs with the host only every
   ``check_every`` tokens. There is no per-token ``.item()``.
 * Every utterance samples from its own ``torch.Generator`` seeded by the caller, so its tokens
@@ -144,10 +146,11 @@ class StaticKVCache:
     def capacity(self) -> int:
         return self.k[0].shape[2]
 
-    def ensure(self, length: int) -> None:
+    def ensure(self, length: int, limit: int | None = None) -> None:
+        """Grow to hold ``length`` positions: double (at most ``limit``), copying what is there."""
         if length <= self.capacity:
             return
-        new_cap = max(length, self.capacity + CACHE_CHUNK)
+        new_cap = max(length, min(2 * self.capacity, limit or 2 * self.capacity))
         for store in (self.k, self.v):
             for i, t in enumerate(store):
                 grown = t.new_zeros(*t.shape[:2], new_cap, t.shape[3])
@@ -169,11 +172,9 @@ def _backbone_dims(t3: Any) -> tuple[int, int, int]:
 
 
 def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
-    if k_all.shape[1] != q.shape[1]:  # grouped-query attention
-        rep = q.shape[1] // k_all.shape[1]
-        k_all = k_all.repeat_interleave(rep, dim=1)
-        v_all = v_all.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], scale=scale)
+    # enable_gqa: grouped-query attention (fewer KV heads) without materialising repeated keys.
+    return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], scale=scale,
+                                          enable_gqa=k_all.shape[1] != q.shape[1])
 
 
 def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,
@@ -413,7 +414,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
             # Feed the new token: cache slot p_max + step, each row at its own position.
             slot = p_max + step
             if slot >= cache.capacity:
-                cache.ensure(slot + 1)
+                cache.ensure(slot + 1, limit=p_max + max_new)
                 kv_mask = torch.cat([kv_mask, kv_mask.new_zeros(n_rows, cache.capacity - kv_mask.shape[1])], 1)
             kv_mask[:, slot] = True
             feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1).to(cdtype)
