@@ -185,7 +185,9 @@ def t3_text_tokens(model: Any, text: str, language_id: str | None = None, normal
     return [hp.start_text_token, *ids, hp.stop_text_token]
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?。！？])[\"')\]]*\s+|(?<=[。！？])")
+# A cut is whitespace after a sentence end (optionally followed by a closing quote or bracket,
+# which stays with its sentence), or right after a CJK full stop, which needs no space.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?。！？])|(?<=[.!?。！？][\"'”’)\]]))\s+|(?<=[。！？])(?=\S)")
 _CLAUSE_END = re.compile(r"(?<=[,;:，、；：])\s+")
 
 

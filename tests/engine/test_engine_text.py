@@ -49,5 +49,6 @@ def test_text_split_sentences_then_clauses_then_words():
     chunks = T.split_text(text, max_chars=300)
     assert len(chunks) == 30 and " ".join(chunks) == text.strip()
     assert T.split_text("他来了。她也来了。") == ["他来了。", "她也来了。"]
+    assert T.split_text('He said "Hi." Then (he left.) Done') == ['He said "Hi."', "Then (he left.)", "Done"]
     with pytest.raises(CbxError, match="max_chars=0"):
         T.split_text("a", 0)
