@@ -258,6 +258,11 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
     hp = t3.hp
     device = t3.speech_emb.weight.device
     text = torch.as_tensor(row.text_tokens, dtype=torch.long, device=device).view(1, -1)
+    if hp.input_pos_emb == "learned" and text.shape[1] > t3.text_pos_emb.emb.num_embeddings:
+        raise CbxError(f"text of {text.shape[1]} tokens is longer than the model takes "
+                       f"({t3.text_pos_emb.emb.num_embeddings}); split it (cbx.engine.text.split_text)")
+    if text.numel() and (int(text.min()) < 0 or int(text.max()) >= hp.text_tokens_dict_size):
+        raise CbxError(f"text token ids must lie in [0, {hp.text_tokens_dict_size})")
     cond_emb = t3.prepare_conditioning(_row_cond(t3, row.cond, exaggeration))[:1]
     text_emb = t3.text_emb(text)
     if uncond:
@@ -365,6 +370,11 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     prompts = [_prompt_embeds(t3, r, s.exaggeration, uncond=(g == 1)) for r in rows for g in range(group)]
     lens = torch.tensor([p.shape[0] for p in prompts], device=device)
     p_max = int(max(p.shape[0] for p in prompts))
+    if t3.is_gpt and p_max + max_new > t3.cfg.n_positions:
+        # GPT-2 has absolute positions: prompt + speech must fit its position table.
+        max_new = t3.cfg.n_positions - p_max
+        if max_new < 1:
+            raise CbxError(f"prompt of {p_max} positions leaves no room in the model's {t3.cfg.n_positions}")
     pad = p_max - lens  # (rows,)
     x = torch.zeros(n_rows, p_max, prompts[0].shape[1], dtype=prompts[0].dtype, device=device)
     for i, p in enumerate(prompts):

@@ -273,3 +273,24 @@ def test_t3_multilingual_batch_with_language_tags(tiny_multilingual):
     for row, toks in zip(rows, batch.tokens):
         assert torch.equal(toks, td.generate(model, [row], s).tokens[0])
     assert not torch.equal(batch.tokens[0][:5], batch.tokens[1][:5])
+
+
+def test_t3_exaggeration_and_bad_text(tiny_model):
+    from cbx.errors import CbxError
+
+    ids = t3_text_tokens(tiny_model, TEXTS[0])
+    toks = list(range(200, 210))
+    base = tiny_model.builtin_conds.t3
+    strong = type(base)(speaker_emb=base.speaker_emb, cond_prompt_speech_tokens=base.cond_prompt_speech_tokens,
+                        emotion_adv=0.9 * torch.ones(1, 1, 1))
+    by_setting = td.teacher_forced_logits(tiny_model, base, ids, toks, engine_settings(ORIGINAL, exaggeration=0.9),
+                                          processed=False)
+    by_cond = td.teacher_forced_logits(tiny_model, strong, ids, toks, engine_settings(ORIGINAL), processed=False)
+    plain = td.teacher_forced_logits(tiny_model, base, ids, toks, engine_settings(ORIGINAL), processed=False)
+    assert torch.allclose(by_setting, by_cond, atol=1e-5)
+    assert (by_setting - plain).abs().max().item() > 1e-3
+    too_long = [255] + [5] * 400 + [0]
+    with pytest.raises(CbxError, match="longer than the model takes"):
+        td.generate(tiny_model, [td.T3Row(too_long, base, 0)], engine_settings(ORIGINAL, max_new_tokens=2))
+    with pytest.raises(CbxError, match="text token ids must lie in"):
+        td.generate(tiny_model, [td.T3Row([255, 9999, 0], base, 0)], engine_settings(ORIGINAL, max_new_tokens=2))
