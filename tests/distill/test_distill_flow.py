@@ -95,3 +95,36 @@ def test_bench_student_runs_on_the_tiny_model(capsys):
     lines = out.strip().splitlines()
     assert lines[-1].startswith("student S3Gen speed-up vs teacher: 2 steps ") and "1 step " in lines[-1]
     assert [ln.split()[:3] for ln in lines[2:5]] == [["teacher", "10", "20"], ["student", "2", "2"], ["student", "1", "1"]]
+
+
+def test_intmeanflow_intervals():
+    from cbx.distill.objectives import IntMeanFlowConfig, sample_intervals
+
+    g = torch.Generator().manual_seed(0)
+    t, r = sample_intervals(4000, IntMeanFlowConfig(p_inference=0.0), g)
+    assert torch.all(t < r) and t.min() >= 0 and r.max() <= 1
+    assert 0.3 < t.mean() < 0.37 and 0.63 < r.mean() < 0.7  # min/max of two uniforms: 1/3, 2/3
+    t, r = sample_intervals(600, IntMeanFlowConfig(steps=(1, 2), p_inference=1.0), g)
+    pairs = {(round(float(a), 3), round(float(b), 3)) for a, b in zip(t, r)}
+    assert pairs == {(0.0, 1.0), (0.0, 0.5), (0.5, 1.0)}
+
+
+def test_intmeanflow_target_is_the_teacher_average_velocity(tiny_model):
+    """Planted check: a 'student' that returns the exact average velocity of the recorded
+    trajectory has zero IntMeanFlow loss; the fresh student does not."""
+    from cbx.distill.objectives import IntMeanFlowConfig, TrainBatch, intmeanflow_loss
+
+    cfm = tiny_model.s3gen.flow.decoder
+    b, z = _batch(seed=3)
+    states, times = teacher_solve(cfm.estimator, b, z, 10, 0.7, trajectory=True)
+    batch = TrainBatch(b, z, states[-1], states, times)
+
+    class Oracle(torch.nn.Module):
+        def forward(self, x, mask, mu, t, spks, cond, r):
+            z_r = interpolate_trajectory(states, times, r)
+            return (z_r - x) / (r - t).view(-1, 1, 1)
+
+    cfg = IntMeanFlowConfig(loss="mse")
+    assert intmeanflow_loss(Oracle(), batch, cfg, torch.Generator().manual_seed(1)).item() < 1e-8
+    fresh = make_student(cfm.estimator)
+    assert intmeanflow_loss(fresh, batch, cfg, torch.Generator().manual_seed(1)).item() > 1e-5
