@@ -5,8 +5,8 @@ Why this way: GPTQ minimises a layer's output error on the inputs the layer real
 the inputs must come from T3 doing its real job. For each calibration sentence we
 
 1. let the *unquantized* T3 sample its own speech tokens (conditioned on the model's built-in
-   voice, seeded, with a KV cache), so that the speech part of the sequence is in T3's own
-   distribution rather than random ids;
+   voice, seeded, all texts in one batched decode of :mod:`cbx.engine.t3_decode`), so that the
+   speech part of the sequence is in T3's own distribution rather than random ids;
 2. run one teacher-forced pass over ``[conditioning | text | speech]`` (and, for the models
    that use classifier-free guidance, the unconditional row with the text embeddings zeroed,
    exactly as inference runs it), with forward pre-hooks accumulating each target layer's
@@ -66,37 +66,21 @@ def _t3_cond(model, device) -> object:
     return t3c.to(device=device, dtype=next(model.t3.cond_enc.parameters()).dtype)
 
 
-@torch.inference_mode()
-def generate_sequences(model, texts: Sequence[str], max_speech_tokens: int, seed: int,
-                       temperature: float = 0.8) -> list[CalibrationSequence]:
-    """Sample speech tokens for each text with the (unquantized) T3, batch 1, KV cache."""
+def generate_sequences(model, texts: Sequence[str], max_speech_tokens: int, seed: int) -> list[CalibrationSequence]:
+    """Sample speech tokens for each text with the (unquantized) T3 through the engine's
+    batched decoder (upstream's sampling: CFG, temperature, min_p, repetition penalty)."""
+    from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
     from cbx.engine.text import t3_text_tokens
 
     t3 = model.t3
-    device = next(t3.parameters()).device
-    hp = t3.hp
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     lang = "en" if model.variant == "multilingual" else None
-    out = []
-    for text in tqdm(texts, desc="calibration: sampling speech tokens", leave=False):
-        tt = torch.tensor([t3_text_tokens(model, text, language_id=lang)], device=device)
-        speech = [hp.start_speech_token]
-        embeds, _ = t3.prepare_input_embeds(t3_cond=_t3_cond(model, device), text_tokens=tt,
-                                            speech_tokens=torch.tensor([speech], device=device))
-        res = t3.tfmr(inputs_embeds=embeds, use_cache=True)
-        for _ in range(max_speech_tokens):
-            logits = t3.speech_head(res.last_hidden_state[:, -1]).float().cpu()
-            probs = torch.softmax(logits / temperature, dim=-1)
-            tok = int(torch.multinomial(probs, 1, generator=gen))
-            if tok == hp.stop_speech_token:
-                break
-            speech.append(tok)
-            emb = t3.speech_emb(torch.tensor([[tok]], device=device))
-            if hp.input_pos_emb == "learned":
-                emb = emb + t3.speech_pos_emb.get_fixed_embedding(len(speech) - 1)
-            res = t3.tfmr(inputs_embeds=emb, past_key_values=res.past_key_values, use_cache=True)
-        out.append(CalibrationSequence(tt.cpu(), torch.tensor([speech])))
-    return out
+    cond = _t3_cond(model, next(t3.parameters()).device)
+    ids = [t3_text_tokens(model, text, language_id=lang) for text in texts]
+    rows = [T3Row(i, cond, seed=seed + k) for k, i in enumerate(ids)]
+    out = generate(model, rows, DecodeSettings(max_new_tokens=max_speech_tokens))
+    start = t3.hp.start_speech_token
+    return [CalibrationSequence(torch.tensor([i]), torch.tensor([[start, *tok.tolist()]]))
+            for i, tok in zip(ids, out.tokens)]
 
 
 @torch.inference_mode()
