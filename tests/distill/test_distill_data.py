@@ -63,3 +63,25 @@ def test_unknown_voice_is_a_clear_error(tiny_model, tmp_path):
     cfg = _cfg(tmp_path, voices=["no-such-voice"])
     with pytest.raises(CbxError, match="no-such-voice"):
         record_teacher_data(cfg, tiny_model, progress=False)
+
+
+def test_tokens_from_real_speech_and_real_voice_prompts(tiny_model, tmp_path):
+    """`tokens: audio` cuts token windows from real recorded clips tokenized by the model itself."""
+    from cbx.distill.data import _audio_token_source, example_plan
+    from cbx.eval import assets
+
+    try:
+        assets.voice_prompt("allison")
+        clips = _audio_token_source(tiny_model, 2)
+    except CbxError as e:  # the offline speech packages are not installed here
+        pytest.skip(str(e))
+    cfg = _cfg(tmp_path, voices=["allison"], tokens="audio", audio_clips=2, n_train=2, n_heldout=1, min_tokens=5,
+               max_tokens=5, trajectory=False)
+    tokens, voice = example_plan(cfg, 1, clips)
+    src = clips[1]
+    assert voice == 0 and tokens.numel() == 5
+    assert any(torch.equal(src[i : i + 5], tokens) for i in range(src.numel() - 4))  # a window of the clip
+    root = record_teacher_data(cfg, tiny_model, progress=False)
+    ex = TeacherExamples(root, "train")
+    assert len(ex) == 2 and not ex.has_states
+    assert list(ex.ds[1]["tokens"]) == tokens.tolist()
