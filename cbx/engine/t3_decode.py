@@ -278,12 +278,18 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
     return torch.cat(parts, dim=0)
 
 
-def _speech_input(t3: Any, tokens: Tensor, step: int) -> Tensor:
-    """Embedding of the token generated at ``step - 1`` fed at decode ``step`` (>= 1): (rows, 1, d)."""
+def _speech_input(t3: Any, tokens: Tensor, step: int, positions: Tensor | None = None) -> Tensor:
+    """Embedding of the token generated at ``step - 1`` fed at decode ``step`` (>= 1): (rows, 1, d).
+
+    ``positions`` is a device-side ``arange`` made once per decode, so the speech position is
+    looked up without the host-to-device index copy ``get_fixed_embedding(step)`` makes; the
+    lookup calls the embedding module (which a compression transform may have replaced).
+    """
     emb = t3.speech_emb(tokens.view(-1, 1))
     if t3.hp.input_pos_emb == "learned":
-        # = speech_pos_emb.get_fixed_embedding(step), without its host-to-device index copy
-        emb = emb + t3.speech_pos_emb.emb.weight[step]
+        if positions is None:
+            positions = torch.arange(step + 1, device=emb.device)
+        emb = emb + t3.speech_pos_emb.emb(positions[step: step + 1])
     return emb
 
 
@@ -394,6 +400,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     kv_mask[:, :p_max] = key_valid
     # Device-side slot indices, made once: a per-step torch.tensor(...) would be a host copy.
     slots = torch.arange(p_max, p_max + max_new, device=device)
+    speech_positions = torch.arange(max_new + 1, device=device)
     step_fn = _step_function(s.compile_backend)
 
     gens = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in rows]
@@ -427,7 +434,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
                 cache.ensure(slot + 1, limit=p_max + max_new)
                 kv_mask = torch.cat([kv_mask, kv_mask.new_zeros(n_rows, cache.capacity - kv_mask.shape[1])], 1)
             kv_mask[:, slot] = True
-            feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1).to(cdtype)
+            feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1, speech_positions).to(cdtype)
             pos = (lens + step)[:, None]
             if static:
                 hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, :], cache, None)
@@ -531,8 +538,11 @@ def teacher_forced_logits(model: Any, conds: Any, text: str | Sequence[int], spe
     seqs = []
     for g in range(group):
         prompt = _prompt_embeds(t3, row, s.exaggeration, uncond=(g == 1))
-        fed = [_speech_input(t3, toks[i], i + 1)[0] for i in range(n_tok - 1)]
-        seqs.append(torch.cat([prompt, *fed], dim=0) if fed else prompt)
+        # Token i is fed at decode step i + 1 (speech position i + 1), as in generate().
+        fed = t3.speech_emb(toks[:-1])
+        if hp.input_pos_emb == "learned":
+            fed = fed + t3.speech_pos_emb.emb(torch.arange(1, n_tok, device=device))
+        seqs.append(torch.cat([prompt, fed], dim=0))
     x = torch.stack(seqs)
     length, p_len = x.shape[1], seqs[0].shape[0] - (n_tok - 1)
     n_layers, kv_heads, head_dim = _backbone_dims(t3)
