@@ -34,17 +34,10 @@ def test_clean_speech_beats_the_same_speech_with_5db_noise(mos_group):
 def test_dnsmos_matches_the_speechmos_reference(mos_group):
     from speechmos import dnsmos
 
-    path, _ = assets.voice_prompt("dickens")
-    w, sr = read_audio(path)
+    w, sr = read_audio(assets.source_path("moonshine:two_cities.wav"))
     x = Utterance("x", w, sr, "").audio_at(MOS_SR)
-    for clip in (x, x[: 3 * MOS_SR], _with_noise(x, 5.0, seed=1).clip(-1, 1)):  # tiled, several hops, noisy
+    # several 1 s hops; a short clip that the reference also scores on one window; noisy speech
+    for clip in (x[: int(11.5 * MOS_SR)], x[: int(4.7 * MOS_SR)], _with_noise(x[: 10 * MOS_SR], 5.0, seed=1).clip(-1, 1)):
         ref = float(dnsmos.run(clip, MOS_SR)["ovrl_mos"])
         # speechmos cuts windows at float-rounded sample indices (one sample off at some hops)
         assert abs(mos_group.predict(clip) - ref) < 0.01
-
-
-def test_mos_skips_silence_and_nonfinite_audio(mos_group):
-    z = np.zeros(MOS_SR, dtype=np.float32)
-    assert mos_group.score(Utterance("z", z, MOS_SR, "")) == {}
-    z[10] = np.nan
-    assert mos_group.score(Utterance("n", z, MOS_SR, "")) == {}
