@@ -147,6 +147,18 @@ def _compute(model, wav24: np.ndarray, cfg: VariantConditioning, name: str):
     return {"speaker_emb": ve_embed, "cond_prompt_speech_tokens": prompt_tokens}, gen
 
 
+def _model_cache(model) -> dict:
+    """This model's cache: weakly keyed by the model; objects that cannot be weakly referenced
+    (a SimpleNamespace standing in for a model) keep it as an attribute."""
+    try:
+        return _CACHE.setdefault(model, {})
+    except TypeError:
+        try:
+            return vars(model).setdefault("_cbx_voice_cache", {})
+        except TypeError:
+            return {}
+
+
 def _clone(x):
     return x.clone() if torch.is_tensor(x) else x
 
@@ -170,7 +182,7 @@ def prepare_voice(model, voice, exaggeration: float = 0.5, *, use_cache: bool = 
     else:
         wav24, digest, name = _load(voice, cfg)
         key = (digest, model.variant, cfg.norm_loudness_lufs, str(_device(model)))
-    per_model = _CACHE.setdefault(model, {}) if use_cache else {}
+    per_model = _model_cache(model) if use_cache else {}
     if key not in per_model:
         if wav24 is None:
             wav24, _, name = _load(voice, cfg)
@@ -189,5 +201,8 @@ def clear_cache(model=None) -> None:
     """Forget cached conditioning (of one model, or of all)."""
     if model is None:
         _CACHE.clear()
-    else:
+        return
+    try:
         _CACHE.pop(model, None)
+    except TypeError:
+        getattr(model, "__dict__", {}).pop("_cbx_voice_cache", None)

@@ -96,9 +96,13 @@ def test_engine_conditioning_cache_and_fresh_tensors(models, tmp_path, monkeypat
     _voice(path, 1.5, sr=16000, seed=2)  # same name, new content
     conditioning.prepare_voice(model, path, 0.5)
     assert len(calls) == 2
+    stand_in = types.SimpleNamespace(t3=model.t3, s3gen=model.s3gen, ve=model.ve, variant="original")
+    conditioning.prepare_voice(stand_in, path, 0.5)  # anything with the four attributes works
+    conditioning.prepare_voice(stand_in, path, 0.5)
+    assert len(calls) == 3
     wav, sr = sf.read(path, dtype="float32")
     arr = conditioning.prepare_voice(model, (wav, sr), 0.5)  # an array works too
-    assert len(calls) == 3
+    assert len(calls) == 4
     assert torch.equal(arr.gen["prompt_token"], conditioning.prepare_voice(model, path, 0.5).gen["prompt_token"])
 
 
