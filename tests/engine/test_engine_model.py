@@ -225,3 +225,11 @@ def test_model_hub_ids_fetch_only_upstreams_files(saved, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     with pytest.raises(CbxError, match="cannot download 'ResembleAI/chatterbox-turbo'.*offline mode"):
         M.load_model("ResembleAI/chatterbox-turbo")
+
+
+def test_model_tiny_copy_fixture_is_independent(tiny_copy, tiny_model):
+    mine = tiny_copy("original")
+    with torch.no_grad():
+        mine.t3.speech_head.weight.zero_()
+    assert tiny_model.t3.speech_head.weight.abs().sum() > 0
+    assert mine.tokenizer.encode("Hi there") == tiny_model.tokenizer.encode("Hi there")
