@@ -22,6 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config value, e.g. --set train.out_dir=runs/x (repeatable)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",
                         help="save a checkpoint after N steps and stop (rerun to resume)")
+    parser.add_argument("--record-only", action="store_true",
+                        help="only record the teacher data (resumable), then stop")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, parse_overrides(args.set))
     if args.stop_after is not None and args.stop_after < 1:
         raise CbxError(f"--stop-after: expected a positive number of steps, got {args.stop_after}")
-    train(cfg, stop_after=args.stop_after, progress=not args.no_progress)
+    train(cfg, stop_after=args.stop_after, progress=not args.no_progress, record_only=args.record_only)
     return 0
 
 

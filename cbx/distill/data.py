@@ -239,8 +239,26 @@ def _quiet_save(ds, path: Path) -> None:
             enable_progress_bars()
 
 
-def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Path:
-    """Make sure ``cfg.data_dir`` holds every shard; record the missing ones. Returns the dir."""
+def _write_manifest(cfg: DistillConfig, root: Path, fp: str) -> None:
+    manifest = {
+        "format": FORMAT, "version": VERSION, "fingerprint": fp,
+        "times": [float(t) for t in teacher_times(cfg.teacher.steps)],
+        "trajectory": cfg.data.trajectory, "teacher": {"model": cfg.teacher.model, "steps": cfg.teacher.steps,
+                                                       "cfg_rate": cfg.teacher.cfg_rate},
+        "splits": {k: len(v) for k, v in _split_ranges(cfg).items()},
+    }
+    path = root / "manifest.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def record_teacher_data(cfg: DistillConfig, model, progress: bool = True, rank: int = 0, world: int = 1) -> Path:
+    """Make sure ``cfg.data_dir`` holds every shard; record the missing ones. Returns the dir.
+
+    With several processes (``rank`` of ``world``) each records every ``world``-th missing
+    shard; only rank 0 writes the manifest. Callers wait for all ranks before reading.
+    """
     import datasets as hfd
     from tqdm.auto import tqdm
 
@@ -258,19 +276,10 @@ def record_teacher_data(cfg: DistillConfig, model, progress: bool = True) -> Pat
                 f"(fingerprint {old.get('fingerprint')} != {fp}); delete it or set data.dir elsewhere"
             )
     root.mkdir(parents=True, exist_ok=True)
-    times = [float(t) for t in teacher_times(cfg.teacher.steps)]
-    manifest = {
-        "format": FORMAT, "version": VERSION, "fingerprint": fp, "times": times,
-        "trajectory": cfg.data.trajectory, "teacher": {"model": cfg.teacher.model, "steps": cfg.teacher.steps,
-                                                       "cfg_rate": cfg.teacher.cfg_rate},
-        "splits": {k: len(v) for k, v in _split_ranges(cfg).items()},
-    }
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, manifest_path)
-
+    if rank == 0:
+        _write_manifest(cfg, root, fp)
     todo = [(split, p, r) for split, shards in _shard_dirs(cfg, root).items() for p, r in shards
-            if not _shard_complete(p)]
+            if not _shard_complete(p)][rank::world]
     if not todo:
         return root
     conds = voice_conditions(model, cfg.data.voices, cfg.data.prompt_seconds)

@@ -150,10 +150,11 @@ def _append_jsonl(path: Path, row: dict) -> None:
 
 
 def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool = True,
-          model=None) -> dict[str, Any]:
-    """Record teacher data if needed, train (resuming from the newest checkpoint), evaluate,
-    write ``<out_dir>/student``. ``stop_after``: save a checkpoint after that many steps and
-    return early (what a preempted job leaves behind). Returns a summary dict."""
+          model=None, record_only: bool = False) -> dict[str, Any]:
+    """Record teacher data if needed (split across processes), train (resuming from the newest
+    checkpoint), evaluate, write ``<out_dir>/student``. ``stop_after``: save a checkpoint after
+    that many steps and return early (what a preempted job leaves behind); ``record_only``:
+    stop once the teacher data is complete. Returns a summary dict."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -203,9 +204,12 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
 
         model = load_model(cfg.teacher.model)
     model.to(device)
-    if main:
-        record_teacher_data(cfg, model, progress=progress)
+    record_teacher_data(cfg, model, progress=progress and main, rank=accelerator.process_index,
+                        world=accelerator.num_processes)
     accelerator.wait_for_everyone()
+    if record_only:
+        accelerator.end_training()
+        return {"step": 0, "out_dir": str(out_dir), "finished": False, "data_dir": str(cfg.data_dir)}
     train_ex = TeacherExamples(cfg.data_dir, "train")
     held_ex = TeacherExamples(cfg.data_dir, "heldout")
     teacher_est = model.s3gen.flow.decoder.estimator.eval()
