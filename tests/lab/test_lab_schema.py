@@ -133,7 +133,8 @@ def test_shipped_experiment_files_load():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "experiments"
-    files = sorted(root.glob("*.yaml"))
+    # (experiments/ also holds distillation configs for `cbx distill`, which have their own schema)
+    files = [root / "demo.yaml"] + sorted(root.glob("baseline-*.yaml"))
     assert {f.name for f in files} >= {"demo.yaml", "baseline-original.yaml", "baseline-turbo.yaml", "baseline-multilingual.yaml"}
     for f in files:
         exps = load_experiments(f)
@@ -144,7 +145,7 @@ def test_shipped_experiment_files_load():
 
     used = {s.transform for e in demo for s in e.steps}
     # every registered compression is in the demo, except the student (it needs a trained checkpoint)
-    assert used == set(registered()) - {"lab_test_gain", "cfm_student"}
+    assert used == {n for n in registered() if not n.startswith("lab_test_")} - {"cfm_student"}
 
 
 def test_a_checkpoint_named_by_a_step_is_part_of_the_experiment_identity(tmp_path):
