@@ -15,6 +15,7 @@ else was scored. Speed settings (measured by ``cbx bench scorer``): int8, no tim
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,7 +48,7 @@ class AsrConfig:
     device: str = "cpu"
     compute_type: str = "int8"
     beam_size: int = 5
-    cpu_threads: int = 0  # 0: CTranslate2's default (all cores)
+    cpu_threads: int = 0  # 0: the CPUs this process may use (CTranslate2's own default is 4)
     language: str = "en"
 
     @property
@@ -113,7 +114,8 @@ class AsrGroup:
 
         c = self.config
         try:
-            self._model = WhisperModel(_model_path(c.model), device=c.device, compute_type=c.compute_type, cpu_threads=c.cpu_threads)
+            threads = c.cpu_threads or len(os.sched_getaffinity(0))
+            self._model = WhisperModel(_model_path(c.model), device=c.device, compute_type=c.compute_type, cpu_threads=threads)
         except CbxError:
             raise
         except Exception as e:  # hub/network/format errors come in many types
