@@ -11,7 +11,6 @@ parameters are checked against the config class registered for the chosen object
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -191,10 +190,3 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Di
     except CbxError as e:
         raise CbxError(f"{path}: {e}") from None
 
-
-def replace(cfg: DistillConfig, **sections: dict[str, Any]) -> DistillConfig:
-    """A copy with some fields of some sections changed: ``replace(cfg, train={"max_steps": 5})``."""
-    out = {}
-    for name, changes in sections.items():
-        out[name] = dataclasses.replace(getattr(cfg, name), **changes)
-    return dataclasses.replace(cfg, **out)

@@ -7,12 +7,12 @@ issue 6 (at least 30% lower mel L1 than the teacher itself at 1 and at 2 steps).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from cbx.distill.config import from_dict
@@ -58,7 +58,6 @@ def test_resume_matches_uninterrupted_run(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     straight = _small(tmp_path, "straight")
-    import dataclasses
     straight = dataclasses.replace(straight, tracking=dataclasses.replace(straight.tracking, backend="wandb",
                                                                           project="cbx-distill-test"))
     train(straight, progress=False, model=tiny_model)
