@@ -24,12 +24,10 @@ real pipeline with the built-in tiny model.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import gc
 import importlib.metadata as md
 import json
-import math
 import os
 import subprocess
 import sys
@@ -575,11 +573,3 @@ def run_experiment(exp: Experiment, results: str | Path = store.DEFAULT_RESULTS,
     """Run (or reuse) one experiment and its baseline; see :class:`Runner`."""
     force = kw.pop("force", False)
     return Runner(results, **kw).run(exp, force=force)
-
-
-def finite_or_none(x: Any) -> float | None:
-    try:
-        f = float(x)
-    except (TypeError, ValueError):
-        return None
-    return f if math.isfinite(f) else None

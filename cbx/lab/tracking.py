@@ -21,7 +21,6 @@ server; wandb itself ships no Python reader for it any more.
 from __future__ import annotations
 
 import json
-import os
 import struct
 import sys
 import warnings
