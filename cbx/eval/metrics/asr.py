@@ -48,7 +48,9 @@ class AsrConfig:
     device: str = "cpu"
     compute_type: str = "int8"
     beam_size: int = 5
-    cpu_threads: int = 0  # 0: the CPUs this process may use (CTranslate2's own default is 4)
+    # 0: half the CPUs this process may use (the scorer runs ASR beside the other groups);
+    # CTranslate2's own default, 4, oversubscribes a 2-core machine.
+    cpu_threads: int = 0
     language: str = "en"
 
     @property
@@ -114,7 +116,7 @@ class AsrGroup:
 
         c = self.config
         try:
-            threads = c.cpu_threads or len(os.sched_getaffinity(0))
+            threads = c.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
             self._model = WhisperModel(_model_path(c.model), device=c.device, compute_type=c.compute_type, cpu_threads=threads)
         except CbxError:
             raise
