@@ -81,6 +81,19 @@ class BatchOutput:
 class Backend:
     """The engine and eval suite as the runner uses them (the real ones; tests override)."""
 
+    _threads: int | None = None
+
+    def keep_threads(self) -> None:
+        """Torch's thread count as it was at the first call. Scoring libraries change it
+        (seen here: a run after the eval suite had run got 1 thread instead of 2), which
+        would change speed, numerics and the hardware fingerprint of every later run."""
+        import torch
+
+        if Backend._threads is None:
+            Backend._threads = torch.get_num_threads()
+        elif torch.get_num_threads() != Backend._threads:
+            torch.set_num_threads(Backend._threads)
+
     def device(self, requested: str) -> str:
         import torch
 
@@ -276,6 +289,7 @@ class Runner:
     # ------------------------------------------------------------------ identity
 
     def identify(self, exp: Experiment) -> tuple[str, str, dict[str, Any], dict[str, Any], str]:
+        self.backend.keep_threads()
         device = self.backend.device(exp.device)
         hw = self.backend.hardware(device)
         resolved = exp.resolved()
