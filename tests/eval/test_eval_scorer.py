@@ -138,3 +138,31 @@ def test_metric_subset_and_eval_set_are_recorded(workdir):
 def test_models_load_once_per_process():
     a, b = Scorer(["wer", "speaker_sim", "mos"]), Scorer(["asr"])
     assert a.groups["asr"] is b.groups["asr"] is get_group("asr", a.config.asr)
+
+
+def test_asr_lane_beside_the_others_gives_the_same_scores(workdir):
+    import dataclasses
+
+    from cbx.eval.scorer import ManifestEntry, ScorerConfig, _AudioCache, _utterance
+
+    d, good = workdir
+    cfg = ScorerConfig()
+    par = Scorer(["asr", "speaker", "mos"], cfg)
+    seq = Scorer(["asr", "speaker", "mos"], dataclasses.replace(cfg, parallel_asr=False))
+    for k, line in enumerate(good[:2]):
+        a = par.score(_utterance(ManifestEntry(k + 1, line), d, _AudioCache()))
+        b = seq.score(_utterance(ManifestEntry(k + 1, line), d, _AudioCache()))
+        assert a == b and set(a[0]) == {"wer", "cer", "wer_corpus", "speaker_sim", "mos"}
+
+
+def test_bad_model_choices_are_clear_errors(tmp_path):
+    from cbx.eval.metrics.asr import AsrConfig, AsrGroup
+    from cbx.eval.metrics.mos import MosConfig, MosGroup
+    from cbx.eval.metrics.speaker import SpeakerConfig, SpeakerGroup
+
+    with pytest.raises(CbxError, match="cannot load ASR model"):
+        AsrGroup(AsrConfig(model=str(tmp_path / "no-such-model"))).load()
+    with pytest.raises(CbxError, match="valid choices"):
+        SpeakerGroup(SpeakerConfig(backend="ecapa"))
+    with pytest.raises(CbxError, match="valid choices"):
+        MosGroup(MosConfig(backend="utmos"))
