@@ -3,7 +3,6 @@ clear errors for network sets that are not available (nothing downloads)."""
 
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
