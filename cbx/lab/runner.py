@@ -76,6 +76,8 @@ class BatchOutput:
     utterances: list[UttOutput]
     peak_mem_bytes: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    mem_start_bytes: int = 0  # in use when the batch started (weights, other models in the process)
+    mem_kind: str = ""
 
 
 class Backend:
@@ -159,7 +161,8 @@ class Backend:
                       float(r.audio_s), dict(r.timings), len(r.chunks))
             for it, r in zip(items, batch.results)
         ]
-        return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings))
+        return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
+                           int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
 
     def metric_versions(self, metrics: Sequence[str] | None) -> dict[str, str]:
         from cbx.eval.registry import metric_specs
@@ -435,6 +438,10 @@ class Runner:
             "rtf": total_s / audio_s if audio_s > 0 else None,
             "stage_s": _sum_stages(rows),
             "peak_mem_bytes": max(int(r.get("peak_mem_bytes", 0)) for r in rows),
+            # Growth over what was in use when a batch started: on a CPU the peak is the whole
+            # process's RSS (earlier runs' and the scorer's models too), this part is the run's own.
+            "work_mem_bytes": max(max(0, int(r.get("peak_mem_bytes", 0)) - int(r.get("mem_start_bytes", 0))) for r in rows),
+            "mem_kind": rows[0].get("mem_kind", ""),
             "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in rows),
         }
         record["checkpoint_bytes"] = store.dir_size(ckpt) if ckpt.is_dir() else None
@@ -474,6 +481,8 @@ class Runner:
                     "speech_tokens": list(u.speech_tokens),
                     "timings": {k: float(v) for k, v in u.timings.items()},
                     "peak_mem_bytes": int(out.peak_mem_bytes),
+                    "mem_start_bytes": int(out.mem_start_bytes),
+                    "mem_kind": out.mem_kind,
                     "batch_size": len(chunk),
                     "n_chunks": int(u.n_chunks),
                     "check": check,

@@ -101,7 +101,7 @@ class FakeBackend(Backend):
             self.synthesized.append(it.id)
             tokens = [int(t) for t in rng.integers(0, 100, size=5)]
             outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(gain, 0.1)}))
-        return BatchOutput(outs, peak_mem_bytes=1000, timings={})
+        return BatchOutput(outs, peak_mem_bytes=3000, timings={}, mem_start_bytes=1000, mem_kind="fake")
 
     def suite_version(self):
         return "fake"

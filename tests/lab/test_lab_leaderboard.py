@@ -50,6 +50,7 @@ def test_rows_are_baseline_relative_grouped_and_ranked_inside_groups(results):
     assert half["wer_delta"] == pytest.approx(half["wer"] - base["wer"])
     assert half["wer"] == pytest.approx(0.5 * base["wer"], rel=1e-5)
     assert half["sim_ratio"] == pytest.approx(half["sim"] / base["sim"]) and half["sim_ratio"] < 1
+    assert half["work_mem_mib"] == pytest.approx(2000 / 2**20)  # peak minus what was in use at start
     # ranked by WER change (lower is better): quarter < half < baseline; the failed run unranked, last
     assert [r["name"] for r in big] == ["quarter", "half", "baseline-tiny", "mute"]
     assert [r["rank"] for r in big] == [1, 2, 3, None]
