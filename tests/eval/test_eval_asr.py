@@ -9,7 +9,7 @@ from cbx.eval.audio import read_audio
 from cbx.eval.metrics.asr import ASR_SR, error_counts, normalizer
 from cbx.eval.types import Utterance
 
-N_CLIPS = 24
+N_CLIPS = 40
 
 
 def test_error_counts_arithmetic():
