@@ -12,7 +12,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.cbx-installed"
-want=$(cat pyproject.toml scripts/setup_env.sh scripts/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
+want=$(cat pyproject.toml scripts/setup_env.sh scripts/setup_system.sh scripts/requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi

@@ -25,7 +25,10 @@ def get_watermarker(device: str | torch.device = "cpu"):
 
     key = str(torch.device(device))
     if key not in _WATERMARKERS:
-        _WATERMARKERS[key] = perth_watermarker_class()(device=key)
+        # Shared across calls: built outside any caller's inference_mode, or its weights would
+        # be inference tensors that a later call with autograd enabled cannot use.
+        with torch.inference_mode(False):
+            _WATERMARKERS[key] = perth_watermarker_class()(device=key)
     return _WATERMARKERS[key]
 
 
@@ -36,6 +39,13 @@ def apply_watermark(wavs, sr: int, enabled: bool = True, device: str | torch.dev
     if not enabled:
         return wavs
     wm = get_watermarker(device)
+    out = []
+    with torch.inference_mode():
+        out = _mark_each(wm, wavs, sr)
+    return out
+
+
+def _mark_each(wm, wavs, sr: int) -> list[np.ndarray]:
     out = []
     for wav in wavs:
         wav = np.asarray(wav, dtype=np.float32)
@@ -49,5 +59,7 @@ def apply_watermark(wavs, sr: int, enabled: bool = True, device: str | torch.dev
 
 def watermark_score(wav, sr: int, device: str | torch.device = "cpu") -> float:
     """Fraction of Perth's watermark bits detected in ``wav`` (about 1.0 when marked)."""
-    bits = get_watermarker(device).get_watermark(np.asarray(wav, dtype=np.float32), sample_rate=int(sr))
+    wm = get_watermarker(device)
+    with torch.inference_mode():
+        bits = wm.get_watermark(np.asarray(wav, dtype=np.float32), sample_rate=int(sr))
     return float(np.mean(bits))
