@@ -50,15 +50,18 @@ def run(args: argparse.Namespace) -> int:
     shard = from_environment()
     runner = Runner(args.results, shard=shard, progress=not args.quiet)
     failed = 0
-    for exp in exps:
-        out = runner.run(exp, force=args.force)
-        rec = out.record
-        if shard.is_main:
-            status = rec.get("status")
-            note = " (reused)" if out.reused else ""
-            extra = f": {rec.get('failure')}" if status == "failed" else ""
-            print(f"{exp.name}: {status}{note} -> {out.run_dir}{extra}")
-        failed += rec.get("status") != "done"
+    try:
+        for exp in exps:
+            out = runner.run(exp, force=args.force)
+            rec = out.record
+            if shard.is_main:
+                status = rec.get("status")
+                note = " (reused)" if out.reused else ""
+                extra = f": {rec.get('failure')}" if status == "failed" else ""
+                print(f"{exp.name}: {status}{note} -> {out.run_dir}{extra}")
+            failed += rec.get("status") != "done"
+    finally:
+        shard.close()
     if shard.is_main and failed:
         print(f"cbx run: {failed} run(s) failed (listed on the leaderboard, not ranked)", file=sys.stderr)
     return 0

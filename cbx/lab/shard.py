@@ -63,6 +63,12 @@ class Shard:
             out.update(part)
         return out
 
+    def close(self) -> None:
+        """End the process group (a process exiting with it open can abort at teardown)."""
+        if self.world > 1:
+            self.wait()
+            self.state.destroy_process_group()
+
     @contextmanager
     def group_lock(self, results, run_id: str) -> Iterator[None]:
         """The results folder's lock on ``run_id``, held by the main process for the group.

@@ -179,23 +179,25 @@ def log_run(cfg, run_dir: Path, record: dict, results_root: Path, factory: Calla
         return False
 
 
-def log_export(cfg, out_dir: Path, record: dict, factory: Callable[..., Any] | None = None) -> bool:
-    """Log an exported checkpoint folder as a W&B ``model`` artifact of its run."""
+def log_export(cfg, out_dir: Path, record: dict, factory: Callable[..., Any] | None = None) -> str | None:
+    """Log an exported checkpoint folder as a W&B ``model`` artifact of its run; returns the
+    W&B run's local folder (None when nothing was logged)."""
     tracker = (factory or make_tracker)(cfg)
     if not tracker.enabled:
-        return False
+        return None
     try:
         tracker.start(f"export-{record['run_id']}", {"run_id": record["run_id"], **record.get("config", {})})
         tracker.artifact(f"export-{record['run_id']}", "model", out_dir, {"run_id": record["run_id"]})
+        where = getattr(tracker, "dir", None)
         tracker.finish()
-        return True
+        return str(where) if where else ""
     except Exception as e:
         warnings.warn(f"W&B logging of export {out_dir} failed ({type(e).__name__}: {e}); the export is on disk")
         try:
             tracker.finish()
         except Exception:
             pass
-        return False
+        return None
 
 
 # ---------------------------------------------------------------- reading offline runs

@@ -4,6 +4,7 @@ nothing; W&B failures never lose the run's local results."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +30,20 @@ def wandb_env(tmp_path, monkeypatch):
     wandb.teardown()
 
 
+def _records(run_dir, n_artifacts=1, timeout_s=30.0):
+    """The offline run's records once ``want`` kinds are there: after ``finish()`` returns,
+    wandb's service process may still be appending (artifact records come last, seen flaky)."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = read_offline_run(run_dir)
+        kinds = [k for k, _ in recs]
+        if (kinds.count("artifact") >= n_artifacts and "exit" in kinds) or time.monotonic() > deadline:
+            return recs
+        time.sleep(0.25)
+
+
 def _exp(tracking, gain=0.5):
     return Experiment(name="tracked", steps=(Step("lab_test_gain", {"gain": gain}),), synth={"batch_size": 3},
                       eval=EvalConfig(set="fake"), tracking=tracking)
@@ -38,10 +53,11 @@ def test_offline_run_logs_config_summary_tables_audio_and_checkpoint(tmp_path, w
     out = Runner(tmp_path / "runs", backend=FakeBackend(3), progress=False).run(_exp(TrackingConfig(backend="wandb", project="cbx-test", mode="offline")))
     assert out.record["status"] == "done"
     info = json.loads((out.run_dir / "tracking.json").read_text())
-    runs = list((wandb_env / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2  # the baseline it ran is mirrored too
-    (run_dir,) = [p for p in runs if p.name.endswith(info["run"])]
-    recs = read_offline_run(run_dir)
+    run_dir = Path(info["dir"]).parent  # <wandb dir>/offline-run-<time>-<id>/files
+    assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(info["run"])
+    base_info = json.loads((out.run_dir.parent / out.record["baseline_run"] / "tracking.json").read_text())
+    assert base_info["run"] != info["run"]  # the baseline it ran is mirrored too
+    recs = _records(run_dir, n_artifacts=3)  # two tables and the checkpoint
     kinds = [k for k, _ in recs]
     run = next(v for k, v in recs if k == "run")
     config = {u["key"]: json.loads(u["value_json"]) for u in run["config"]["update"]}
@@ -67,7 +83,7 @@ def test_offline_run_logs_config_summary_tables_audio_and_checkpoint(tmp_path, w
 def test_tracking_none_logs_nothing(tmp_path, wandb_env):
     out = Runner(tmp_path / "runs", backend=FakeBackend(2), progress=False).run(_exp(TrackingConfig()))
     assert out.record["status"] == "done" and not (out.run_dir / "tracking.json").exists()
-    assert not (wandb_env / "wandb").exists()
+    assert not (wandb_env / "wandb").exists() and not list(out.run_dir.parent.glob("*/tracking.json"))
 
 
 class BrokenTracker(NullTracker):
@@ -93,9 +109,9 @@ def test_an_export_is_logged_as_a_model_artifact(tmp_path, wandb_env):
     (out / "export.json").write_text("{}")
     (out / "model.safetensors").write_bytes(b"\0" * 64)
     rec = {"run_id": "int8-abc", "config": {"model": "tiny"}}
-    assert log_export(TrackingConfig(backend="wandb", project="cbx-test", mode="offline"), out, rec)
-    (run_dir,) = list((wandb_env / "wandb").glob("offline-run-*"))
-    (art,) = [v for k, v in read_offline_run(run_dir) if k == "artifact"]
+    where = log_export(TrackingConfig(backend="wandb", project="cbx-test", mode="offline"), out, rec)
+    run_dir = Path(where).parent
+    (art,) = [v for k, v in _records(run_dir) if k == "artifact"]
     assert art["type"] == "model" and art["name"] == "export-int8-abc"
     assert sorted(c["path"] for c in art["manifest"]["contents"]) == ["export.json", "model.safetensors"]
-    assert not log_export(TrackingConfig(), out, rec)  # tracking: none
+    assert log_export(TrackingConfig(), out, rec) is None  # tracking: none
