@@ -7,7 +7,7 @@ env:
 	@bash scripts/setup_env.sh
 
 demo: env
-	$(VENV)/bin/cbx demo
+	$(VENV)/bin/cbx run experiments/demo.yaml && $(VENV)/bin/cbx leaderboard
 
 test: env
 	$(PY) -m pytest -q tests

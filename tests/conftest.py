@@ -18,6 +18,12 @@ import os
 
 import pytest
 
+# No test may reach a model hub (CI has no network, and a test that downloads is not offline).
+# Set before anything imports huggingface_hub/transformers, which read these once.
+for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_var] = "1"
+os.environ.setdefault("WANDB_MODE", "offline")
+
 
 def pytest_configure(config):
     if "OMP_NUM_THREADS" not in os.environ:
