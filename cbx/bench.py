@@ -25,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from cbx.cli import one_line_errors
+
     module = importlib.import_module(MODES[args.mode])
-    p = argparse.ArgumentParser(prog=f"cbx bench {args.mode}")
+    p = one_line_errors(argparse.ArgumentParser(prog=f"cbx bench {args.mode}"))
     module.add_arguments(p)
     return int(module.run(p.parse_args(args.rest)) or 0)

@@ -27,13 +27,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make a bad argument print one line and exit 2 (argparse would print its usage block too)."""
+
+    def error(message: str) -> None:
+        print(f"{parser.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = error
+    return parser
+
+
 def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = argparse.ArgumentParser(prog="cbx", description=__doc__.splitlines()[0])
+    parser = one_line_errors(argparse.ArgumentParser(prog="cbx", description=__doc__.splitlines()[0]))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     module = None
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (modname, help_) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_)
+        p = one_line_errors(sub.add_parser(name, help=help_))
         if name == wanted:
             try:
                 module = importlib.import_module(modname)

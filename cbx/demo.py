@@ -23,9 +23,8 @@ INSTALL_HINT = ("install the offline voices: `sudo apt-get install asterisk-core
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from cbx.engine.cli_synth import _one_line_error, add_settings_arguments
+    from cbx.engine.cli_synth import add_settings_arguments
 
-    parser.error = _one_line_error(parser)
     parser.add_argument("--text", default=DEMO_TEXT, help="text to speak")
     parser.add_argument("--voice", default=None, help="reference audio (default: first offline voice)")
     parser.add_argument("--out", default=DEMO_OUT, help=f"output wav (default: {DEMO_OUT})")
@@ -51,8 +50,8 @@ def offline_voice() -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cbx.engine.cli_synth import check_out, check_voice, format_timings, resolve_device, settings_from_args, \
-        write_audio_atomic
+    from cbx.engine.audio import write_wav
+    from cbx.engine.cli_synth import check_out, check_voice, format_timings, resolve_device, settings_from_args
 
     settings = settings_from_args(args)
     voice = args.voice or offline_voice()
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=str(device))
     batch = Synthesizer(model, device=device).synthesize([SynthRequest(args.text, voice, id="demo")], settings)
     res = batch.results[0]
-    write_audio_atomic(out, res.wav, res.sample_rate)
+    write_wav(out, res.wav, res.sample_rate)
     print(f"model {args.model} ({model.variant}), voice {voice}")
     print(f"wrote {out} ({res.audio_s:.2f} s of audio, {res.sample_rate} Hz, {len(res.chunks)} chunk(s))")
     print(format_timings(batch))

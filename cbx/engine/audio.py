@@ -13,13 +13,13 @@ here once.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from cbx.errors import CbxError
+from cbx.files import atomic_write_audio
 
 # A file whose peak stays below -60 dBFS, or whose RMS stays below -70 dBFS, carries no usable
 # voice (real speech prompts peak well above -30 dBFS).
@@ -100,13 +100,11 @@ def load_audio_native(path: str | os.PathLike, *, min_seconds: float = 0.0) -> t
 
 
 def write_wav(path: str | os.PathLike, wav, sr: int) -> Path:
-    """Write mono (or [channels, frames]) float audio as 16-bit PCM wav, atomically.
+    """Write mono (or [channels, frames]) float audio as 16-bit PCM wav (flac for a .flac path), atomically.
 
     The file appears complete or not at all (written beside the target, then renamed), so an
     interrupted run never leaves a truncated wav that looks valid.
     """
-    import soundfile as sf
-
     path = Path(path)
     data = np.asarray(wav.detach().cpu().float().numpy() if hasattr(wav, "detach") else wav, dtype=np.float32)
     if data.ndim == 2:
@@ -115,13 +113,5 @@ def write_wav(path: str | os.PathLike, wav, sr: int) -> Path:
         raise CbxError(f"{path}: cannot write audio of shape {tuple(data.shape)}")
     if not np.all(np.isfinite(data)):
         raise CbxError(f"{path}: refusing to write audio with NaN or infinite samples")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".wav", dir=path.parent)
-    os.close(fd)
-    try:
-        sf.write(tmp, np.clip(data, -1.0, 1.0), int(sr), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_audio(path, np.clip(data, -1.0, 1.0), sr, subtype="PCM_16")
     return path

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +34,6 @@ SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--batch-size": ("batch_size", int, "text chunks decoded together"),
     "--language-id": ("language_id", str, "language code for the multilingual model"),
 }
-
-
-def _one_line_error(parser: argparse.ArgumentParser):
-    def error(message: str) -> None:
-        print(f"{parser.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-    return error
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +58,6 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.error = _one_line_error(parser)  # one line, exit 2, like every other bad input
     parser.add_argument("--text", required=True, help="text to speak (long text is split into sentences)")
     parser.add_argument("--voice", default=None,
                         help="reference audio (wav/flac/mp3, any rate); default: the model's built-in voice")
@@ -117,23 +107,6 @@ def check_out(path: str) -> Path:
     return p
 
 
-def write_audio_atomic(path: Path, wav, sr: int) -> None:
-    """Write ``wav`` to ``path`` via a temporary file in the same folder and a rename."""
-    import soundfile as sf
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent or ".")
-    os.close(fd)
-    try:
-        sf.write(tmp, wav, sr, subtype="PCM_16" if path.suffix.lower() == ".wav" else None)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def format_timings(batch) -> str:
     """A small table of stage seconds, totals, RTF, tokens/s and peak memory."""
     run = batch.run
@@ -160,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.text.strip():
         raise CbxError("--text: empty")
 
+    from cbx.engine.audio import write_wav
     from cbx.engine.model import load_model
     from cbx.engine.synth import SynthRequest, Synthesizer
 
@@ -167,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     batch = Synthesizer(model, device=device).synthesize(
         [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
     res = batch.results[0]
-    write_audio_atomic(out, res.wav, res.sample_rate)
+    write_wav(out, res.wav, res.sample_rate)
     print(f"wrote {out} ({res.audio_s:.2f} s, {res.sample_rate} Hz, {len(res.chunks)} chunk(s))")
     print(format_timings(batch))
     return 0

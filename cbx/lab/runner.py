@@ -144,7 +144,7 @@ class Backend:
         return es.name, str(es.version), items
 
     def resolved_settings(self, model, settings) -> dict[str, Any]:
-        return to_plain(settings.resolved(model.variant))
+        return to_plain(settings.resolved(model))
 
     def reset_caches(self, model) -> None:
         from cbx.engine.conditioning import clear_cache
@@ -192,7 +192,7 @@ class Backend:
         from cbx.engine.conditioning import prepare_voice
         from cbx.engine.t3_decode import DecodeSettings, teacher_forced_logits
 
-        s = settings.resolved(model.variant)
+        s = settings.resolved(model)
         conds = prepare_voice(model, item.prompt, exaggeration=s.exaggeration) if item.prompt else model.builtin_conds
         # The same sampling-side processing the engine decodes with (engine.synth maps it so too).
         ds = DecodeSettings(temperature=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k,

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +30,7 @@ from typing import Any, Iterator
 from filelock import FileLock, Timeout
 
 from cbx.errors import CbxError
+from cbx.files import atomic_write_audio, atomic_write_bytes, atomic_write_json, atomic_write_text  # noqa: F401 (re-exported)
 
 RUN_RECORD = "run.json"
 RECORD_VERSION = "1"
@@ -58,59 +58,11 @@ def run_id_for(name: str, key: str) -> str:
     return f"{slug(name)}-{key[:8]}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; keep the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
-
-
 def write_wav_atomic(path: Path, wav: Any, sr: int) -> None:
     """32-bit float WAV (exact: resumed and sharded runs compare equal to single runs)."""
-    import io
-
     import numpy as np
-    import soundfile as sf
 
-    buf = io.BytesIO()
-    sf.write(buf, np.asarray(wav, dtype=np.float32).reshape(-1), int(sr), format="WAV", subtype="FLOAT")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "tolist"):
-        return o.tolist()
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+    atomic_write_audio(path, np.asarray(wav, dtype=np.float32).reshape(-1), sr, subtype="FLOAT")
 
 
 def read_json(path: Path) -> Any:

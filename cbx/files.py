@@ -1,0 +1,72 @@
+"""Atomic file writes shared by every layer.
+
+A run that is interrupted must never leave a truncated wav, JSON or checkpoint that looks
+valid: each file is written beside its target (``mkstemp`` in the same folder), flushed and
+renamed over it, so it appears complete or not at all. ``mkstemp`` creates files readable by
+the owner only; the final file gets the permissions a plain ``open()`` would have given it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serializable: {type(o).__name__}")
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+_AUDIO_FORMATS = {".wav": "WAV", ".flac": "FLAC"}
+
+
+def atomic_write_audio(path: str | os.PathLike, wav: np.ndarray, sr: int, subtype: str = "PCM_16") -> Path:
+    """``wav`` (mono, or [frames, channels]) as WAV or FLAC (from the suffix) of ``subtype``."""
+    import soundfile as sf
+
+    fmt = _AUDIO_FORMATS.get(Path(path).suffix.lower(), "WAV")
+    buf = io.BytesIO()
+    sf.write(buf, wav, int(sr), format=fmt, subtype=subtype)
+    return atomic_write_bytes(path, buf.getvalue())
