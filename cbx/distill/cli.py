@@ -14,6 +14,7 @@ import sys
 import yaml
 
 from cbx.errors import CbxError
+from cbx.lab.schema import load_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +35,7 @@ def parse_overrides(items: list[str]) -> dict:
             raise CbxError(f"--set {item!r}: expected KEY=VALUE, e.g. train.max_steps=400")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[k.strip()] = load_yaml(v)
         except yaml.YAMLError as e:
             raise CbxError(f"--set {item!r}: value is not a YAML scalar ({e})") from e
     return out

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from cbx.errors import CbxError
-from cbx.lab.schema import TrackingConfig, from_mapping, to_plain
+from cbx.lab.schema import TrackingConfig, from_mapping, load_yaml, to_plain
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Di
     """Config from a YAML file; ``overrides`` maps dotted keys (``train.out_dir``) to values."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except OSError as e:
         raise CbxError(f"{path}: cannot read config ({e.strerror or e})") from e
     except yaml.YAMLError as e:

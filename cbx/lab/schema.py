@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -366,6 +367,23 @@ def expand_sweep(data: dict[str, Any], where: str = "sweep") -> list[tuple[str, 
     return out
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that ``1e-3`` is a float (YAML 1.2) rather than the string
+    YAML 1.1 makes of an exponent without a dot, which researchers write for learning rates."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML text for experiment and training configs (raises ``yaml.YAMLError``)."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_experiments(path: str | Path) -> list[Experiment]:
     """Experiments defined by one YAML file (one, or many for a sweep), all validated."""
     path = Path(path)
@@ -374,7 +392,7 @@ def load_experiments(path: str | Path) -> list[Experiment]:
     except OSError as e:
         raise CbxError(f"{path}: cannot read experiment file ({e.strerror or e})") from e
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as e:
         raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(data, dict):

@@ -167,3 +167,11 @@ def test_a_checkpoint_named_by_a_step_is_part_of_the_experiment_identity(tmp_pat
     assert list(first) == ["steps[0].params.checkpoint"]
     (ck / "w.bin").write_bytes(b"two")  # retrained in place
     assert exp.resolved()["inputs"] != first
+
+
+def test_yaml_reads_exponent_floats_like_yaml_1_2():
+    from cbx.lab.schema import load_yaml
+
+    data = load_yaml("a: 1e-3\nb: 2E5\nc: -1.5e+2\nd: 3\ne: '1e-3'\nf: 1.5\ng: 1e3x\n")
+    assert data == {"a": 0.001, "b": 200000.0, "c": -150.0, "d": 3, "e": "1e-3", "f": 1.5, "g": "1e3x"}
+    assert isinstance(data["a"], float) and isinstance(data["d"], int)
