@@ -16,7 +16,7 @@ from cbx.errors import CbxError
 @dataclass(frozen=True)
 class MetricSpec:
     name: str
-    higher_is_better: bool
+    higher_is_better: bool | None  # None: informational (e.g. loudness), never ranked
     version: str
     unit: str = ""
     aggregation: str = "mean"  # "mean" | "sum" | "max" | "corpus" (computed by the scorer)

@@ -359,7 +359,7 @@ def format_table(agg: dict) -> str:
                 _fmt(e["value"] if e["value"] is not None else e["mean"]),
                 f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-",
                 str(e["n"]),
-                "higher" if e["higher_is_better"] else "lower",
+                {True: "higher", False: "lower"}.get(e["higher_is_better"], "-"),
                 e.get("variant") or "",
             )
         )

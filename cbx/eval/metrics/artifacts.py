@@ -107,7 +107,7 @@ SPECS = [
     _spec("trailing_silence_s", False, "s", "silence after the last speech frame"),
     _spec("spillover_score", False, "corr", "best log-mel correlation of the output's start with the prompt's end"),
     _spec("spillover_flag", False, "flag", f"1 when spillover_score >= {SPILL_FLAG}"),
-    _spec("loudness_lufs", True, "LUFS", "integrated loudness (BS.1770); informational, no preferred direction"),
+    _spec("loudness_lufs", None, "LUFS", "integrated loudness (BS.1770); informational, no preferred direction"),
 ]
 
 
