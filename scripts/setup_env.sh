@@ -21,8 +21,8 @@ $PIP install -q --upgrade pip
 # Pin torch first and alone: an unpinned torch pulls gigabytes of CUDA wheels on a CPU box.
 $PIP install -q "torch==2.13.0"
 # Upstream model code without its exact pins (torch==2.6, torchaudio, gradio, ...).
-$PIP install -q --no-deps -r scripts/requirements-nodeps.txt
-$PIP install -q -e ".[dev]"
+$PIP install -q --no-deps --no-warn-conflicts -r scripts/requirements-nodeps.txt
+$PIP install -q --no-warn-conflicts -e ".[dev]"
 # System packages with real speech for the offline eval set (Debian); skipped where apt is absent.
 if [ -x scripts/setup_system.sh ]; then scripts/setup_system.sh || echo "[setup] warning: system packages not installed" >&2; fi
 echo "$want" > "$stamp"
