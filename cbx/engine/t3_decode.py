@@ -232,7 +232,9 @@ def _row_cond(t3: Any, cond: Any, exaggeration: float | None) -> Any:
     """A private copy of a ``T3Cond`` on the model's device and float dtype (upstream caches the
     prompt speech embedding inside the object; we recompute it so a changed model never sees a
     stale one)."""
-    device, dtype = t3.speech_emb.weight.device, t3.speech_emb.weight.dtype
+    # The conditioning encoder's own float dtype: embeddings may be quantized (no float weight).
+    ref = next(p for p in t3.cond_enc.parameters() if p.is_floating_point())
+    device, dtype = ref.device, ref.dtype
 
     def place(v: Any) -> Any:
         if not torch.is_tensor(v):
