@@ -11,9 +11,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -70,3 +72,20 @@ def atomic_write_audio(path: str | os.PathLike, wav: np.ndarray, sr: int, subtyp
     buf = io.BytesIO()
     sf.write(buf, wav, int(sr), format=fmt, subtype=subtype)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+@contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``out_dir`` to write into; when the block succeeds it is renamed
+    to ``out_dir`` (which must be absent or an empty folder), when it fails it is removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            out_dir.rmdir()
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from torch import nn
 
 from cbx.compress.modules import QUANT_CLASSES, from_qstate, is_linear
 from cbx.errors import CbxError
+from cbx.files import atomic_dir
 
 FORMAT = "cbx-compressed"
 VERSION = 1
@@ -89,9 +88,7 @@ def save_compressed(model, out_dir: str | Path) -> Path:
             seen.add(ptr)
         clean[key] = t
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(clean, str(tmp / WEIGHTS))
         model.tokenizer.save(tmp)
         if model.builtin_conds is not None:
@@ -109,12 +106,6 @@ def save_compressed(model, out_dir: str | Path) -> Path:
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

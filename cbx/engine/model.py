@@ -19,8 +19,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ import torch
 from torch import nn
 
 from cbx.errors import CbxError
+from cbx.files import atomic_dir
 
 META_FILE = "cbx_model.json"
 META_FORMAT = "cbx-chatterbox-model"
@@ -339,9 +338,7 @@ def save_upstream_layout(model: ChatterboxModel, out_dir: str | Path) -> Path:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CbxError(f"{out_dir}: exists and is not an empty folder")
     variant = model.variant
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         t3_state = _tensors_for_file(model.t3)
         if variant == "turbo" and TURBO_UNUSED_WTE not in t3_state:
             cfg = model.t3.cfg
@@ -356,12 +353,6 @@ def save_upstream_layout(model: ChatterboxModel, out_dir: str | Path) -> Path:
         if model.is_tiny:
             meta = {"format": META_FORMAT, "version": META_VERSION, "variant": variant, **model.meta}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
-        if out_dir.exists():
-            out_dir.rmdir()
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
