@@ -32,6 +32,7 @@ import time
 
 import torch
 
+from cbx.compress.size import weight_bytes
 from cbx.errors import CbxError
 
 BENCH_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far away into the quiet forest "
@@ -50,20 +51,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
     parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
-
-
-def _weight_bytes(module: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    persistent = set(module.state_dict(keep_vars=True))
-    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
-        if name not in persistent or t.numel() == 0:
-            continue
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in seen:
-            continue
-        seen.add(ptr)
-        total += t.untyped_storage().nbytes()
-    return total
 
 
 def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -149,7 +136,7 @@ def _t3_rows(model, args) -> list[tuple[str, float, int]]:
     rows = []
     for label, t3 in t3s.items():
         step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
-        rows.append((label, step, _weight_bytes(t3)))
+        rows.append((label, step, weight_bytes(t3)))
     return rows
 
 
@@ -180,7 +167,7 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
 
     print(f"  timing CFM x {args.repeats} (interleaved) ...", flush=True)
     med = _interleaved_medians({k: fn(e) for k, e in ests.items()}, args.repeats)
-    return [(k, med[k], _weight_bytes(e)) for k, e in ests.items()]
+    return [(k, med[k], weight_bytes(e)) for k, e in ests.items()]
 
 
 def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:

@@ -126,15 +126,9 @@ class Backend:
         save_compressed(model, out_dir)
 
     def model_bytes(self, model) -> int:
-        seen, total = set(), 0
-        for t in list(model.state_dict().values()):
-            if hasattr(t, "untyped_storage"):
-                ptr = t.untyped_storage().data_ptr()
-                if ptr in seen:
-                    continue
-                seen.add(ptr)
-                total += t.untyped_storage().nbytes()
-        return total
+        from cbx.compress.size import weight_bytes
+
+        return weight_bytes(model)
 
     def eval_set(self, name: str) -> tuple[str, str, list[EvalItemView]]:
         from cbx.eval.sets import get_eval_set
