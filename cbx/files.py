@@ -47,6 +47,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
 
 
+def read_json_file(path: str | os.PathLike, missing: str) -> Any:
+    """The JSON in ``path``; CbxError ``missing`` when it is not a file, and one naming the file
+    when it is not valid JSON (checkpoint, student and export manifests all start this way)."""
+    from cbx.errors import CbxError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CbxError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CbxError(f"{path}: not valid JSON ({e})") from None
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()

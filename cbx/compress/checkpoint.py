@@ -26,7 +26,7 @@ from torch import nn
 
 from cbx.compress.modules import QUANT_CLASSES, from_qstate, is_linear
 from cbx.errors import CbxError
-from cbx.files import atomic_dir
+from cbx.files import atomic_dir, read_json_file
 
 FORMAT = "cbx-compressed"
 VERSION = 1
@@ -112,12 +112,7 @@ def save_compressed(model, out_dir: str | Path) -> Path:
 def read_manifest(folder: str | Path) -> dict:
     folder = Path(folder)
     path = folder / MANIFEST
-    if not path.is_file():
-        raise CbxError(f"{path}: missing (not a compressed checkpoint folder)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CbxError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json_file(path, f"{path}: missing (not a compressed checkpoint folder)")
     if manifest.get("format") != FORMAT:
         raise CbxError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
     if manifest.get("version") != VERSION:

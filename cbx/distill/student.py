@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cbx.errors import CbxError
+from cbx.files import read_json_file
 
 FORMAT = "cbx-cfm-student"
 VERSION = 1
@@ -110,12 +111,7 @@ def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / MANIFEST
-    if not path.is_file():
-        raise CbxError(f"{ckpt_dir}: not a student checkpoint (no {MANIFEST})")
-    try:
-        m = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CbxError(f"{path}: not valid JSON ({e})") from e
+    m = read_json_file(path, f"{ckpt_dir}: not a student checkpoint (no {MANIFEST})")
     if m.get("format") != FORMAT:
         raise CbxError(f"{path}: format {m.get('format')!r} is not {FORMAT!r}")
     if m.get("version") != VERSION:

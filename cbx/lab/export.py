@@ -19,7 +19,6 @@ never overwritten without ``force``; the new folder is built beside it and renam
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 from torch import nn
 
 from cbx.errors import CbxError
+from cbx.files import read_json_file
 from cbx.lab import store
 
 EXPORT_FILE = "export.json"
@@ -176,12 +176,7 @@ def verify_export(folder: Path) -> dict:
     """``export.json`` of ``folder`` after checking every file's hash (CbxError names the file)."""
     folder = Path(folder)
     path = folder / EXPORT_FILE
-    if not path.is_file():
-        raise CbxError(f"{path}: missing (not an export folder)")
-    try:
-        info = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CbxError(f"{path}: not valid JSON ({e})") from None
+    info = read_json_file(path, f"{path}: missing (not an export folder)")
     if info.get("format") != EXPORT_FORMAT or info.get("kind") not in KINDS:
         raise CbxError(f"{path}: not a {EXPORT_FORMAT} file (format {info.get('format')!r}, kind {info.get('kind')!r})")
     listed = info.get("files") or {}
