@@ -4,19 +4,24 @@ Builds utterances of about 5 s from real recorded speech (consecutive Allison pr
 with their transcripts, each paired with a prompt of the offline set), then in one process:
 
 1. times each metric group's ``score`` per utterance (wall and process CPU seconds), after a
-   warm-up utterance, so model loading is not counted (models load once per process);
-2. times the whole scorer end to end (``score_manifest``: reading, resampling, all groups,
-   bootstrap, writing) and prints its real-time factor (wall seconds per second of audio);
-3. compares ASR settings against the default (beam 1 vs 5) and Resemblyzer with one thread
-   against the process's thread count, as ratios to the default, to show where time goes.
+   warm-up utterance, so model loading is not counted (models load once per process), under
+   the scoring run's process settings (:mod:`cbx.eval.runtime`);
+2. times the whole scorer end to end (``score_manifest``: reading, resampling, all groups in
+   two lanes, bootstrap, writing), prints its real-time factor (wall seconds per second of
+   audio) and the process memory before and after;
+3. compares, as ratios to the default: the scorer without the runtime settings, ASR with beam 1
+   instead of 5, and Resemblyzer on the process's thread count instead of one, to show where
+   time goes.
 
 CPU seconds are printed beside wall seconds and the load average is shown: on a shared machine
-wall time measures the neighbours too. Goal: scorer RTF <= 0.1 on an idle 2-core machine.
+wall time measures the neighbours too. Goal: scorer RTF <= 0.1 on an idle 2-core machine
+(0.5 s of wall time per 5-second utterance).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -74,8 +79,23 @@ def _time_group(group, utts) -> tuple[float, float]:
     return wall / len(utts), cpu / len(utts)
 
 
+def _time_e2e(manifest: Path, out: Path, groups: list[str], cfg, n: int) -> tuple[float, float]:
+    from cbx.eval.scorer import score_manifest
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    score_manifest(manifest, out, metrics=groups + ["cost"], config=cfg, log=lambda m: None)
+    return (time.perf_counter() - t0) / n, (time.process_time() - c0) / n
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
 def run(args: argparse.Namespace) -> int:
-    from cbx.eval.scorer import Scorer, ScorerConfig, _utterance, ManifestEntry, _AudioCache, get_group, score_manifest
+    from cbx.eval.runtime import scoring_runtime
+    from cbx.eval.scorer import Scorer, ScorerConfig, _utterance, ManifestEntry, _AudioCache, get_group
 
     groups = ["asr", "speaker", "mos", "artifacts"]
     with tempfile.TemporaryDirectory(prefix="cbx-bench-scorer-") as tmp:
@@ -97,27 +117,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"model loading (once per process): {load_s:.2f} s")
         print(f"{'group':<10} {'wall s/utt':>10} {'cpu s/utt':>10} {'RTF':>7}")
         total_w = total_c = 0.0
-        for g in groups:
-            w, c = _time_group(scorer.groups[g], utts)
-            total_w += w
-            total_c += c
-            print(f"{g:<10} {w:>10.3f} {c:>10.3f} {w / audio_s:>7.3f}")
+        with scoring_runtime():  # the settings score_manifest runs under
+            for g in groups:
+                w, c = _time_group(scorer.groups[g], utts)
+                total_w += w
+                total_c += c
+                print(f"{g:<10} {w:>10.3f} {c:>10.3f} {w / audio_s:>7.3f}")
         print(f"{'sum':<10} {total_w:>10.3f} {total_c:>10.3f} {total_w / audio_s:>7.3f}")
 
-        t0, c0 = time.perf_counter(), time.process_time()
-        score_manifest(manifest, tmp / "out", metrics=groups + ["cost"], config=cfg, log=lambda m: None)
-        e2e_w = (time.perf_counter() - t0) / len(utts)
-        e2e_c = (time.process_time() - c0) / len(utts)
+        rss0 = _rss_mb()
+        e2e_w, e2e_c = _time_e2e(manifest, tmp / "out", groups, cfg, len(utts))
         rtf = e2e_w / audio_s
         verdict = "meets" if rtf <= GOAL_RTF else "misses"
         print(f"scorer end to end: {e2e_w:.3f} s wall ({e2e_c:.3f} s CPU) per utterance; "
-              f"RTF {rtf:.3f} ({verdict} the {GOAL_RTF} goal; CPU RTF {e2e_c / audio_s:.3f})")
+              f"RTF {rtf:.3f} ({verdict} the {GOAL_RTF} goal; CPU RTF {e2e_c / audio_s:.3f}); "
+              f"process memory {rss0:.0f} -> {_rss_mb():.0f} MB")
 
         if not args.no_compare:
             print("settings vs the default (ratio of wall s/utt; < 1 is faster):")
-            base_w, base_c = _time_group(scorer.groups["asr"], utts)
-            for name, acfg in [("asr beam 1", dataclasses.replace(cfg.asr, beam_size=1))]:
-                w, c = _time_group(get_group("asr", acfg), utts)
+            from cbx.eval import scorer as scorer_mod
+
+            scorer_mod.scoring_runtime = contextlib.nullcontext  # what the runtime settings buy
+            try:
+                w, c = _time_e2e(manifest, tmp / "out", groups, cfg, len(utts))
+            finally:
+                scorer_mod.scoring_runtime = scoring_runtime
+            print(f"  {'end to end, no runtime settings':<28} {w:.3f} s ({w / e2e_w:.2f}x), cpu {c:.3f} s ({c / e2e_c:.2f}x)")
+            with scoring_runtime():
+                base_w, base_c = _time_group(scorer.groups["asr"], utts)
+                for name, acfg in [("asr beam 1", dataclasses.replace(cfg.asr, beam_size=1))]:
+                    w, c = _time_group(get_group("asr", acfg), utts)
                 print(f"  {name:<28} {w:.3f} s ({w / base_w:.2f}x), cpu {c:.3f} s ({c / base_c:.2f}x)")
             import torch
 

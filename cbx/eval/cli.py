@@ -19,7 +19,7 @@ from cbx.eval.metrics.speaker import SpeakerConfig
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a, s, m = AsrConfig(), SpeakerConfig(), MosConfig()
     parser.add_argument("--manifest", required=True, help="JSONL: one {audio, text, prompt} per line, paths relative to it")
-    parser.add_argument("--out", required=True, help="folder for utterances.jsonl and aggregate.json")
+    parser.add_argument("--out", required=True, help="folder for utterances.jsonl and aggregate.json; an interrupted run into the same folder resumes")
     parser.add_argument("--metrics", default=None, help="comma-separated metric or group names (default: all)")
     parser.add_argument("--eval-set", default=None, help="record this eval set name (and --eval-set-version) in the results")
     parser.add_argument("--eval-set-version", default=None)

@@ -11,7 +11,6 @@ and its two thresholds are frozen here, versioned with the metrics that use them
 from __future__ import annotations
 
 import contextlib
-import functools
 
 import numpy as np
 
@@ -99,13 +98,6 @@ def runs(mask: np.ndarray) -> list[tuple[int, int]]:
     return list(zip(starts.tolist(), stops.tolist()))
 
 
-@functools.lru_cache(maxsize=1)
-def _blas_controller():
-    from threadpoolctl import ThreadpoolController
-
-    return ThreadpoolController()
-
-
 def one_blas_thread() -> contextlib.AbstractContextManager:
     """Run the enclosed numpy code on one BLAS thread.
 
@@ -114,4 +106,6 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     jobs, one spill-over score took 1.0 s of wall time instead of 0.13 s. Per-utterance work
     is better parallelized across utterances, if at all.
     """
-    return _blas_controller().limit(limits=1, user_api="blas")
+    from cbx.eval.runtime import _pools
+
+    return _pools().limit(limits=1, user_api="blas")

@@ -11,12 +11,15 @@ Utterances are scored one at a time by models that are deterministic for one inp
 depends only on its own line: reordering or splitting a manifest cannot change a score.
 Bad lines (not JSON, a missing key, a missing/unreadable/empty wav) are reported by line
 number and skipped; the rest is scored. Nothing is written unless something scored, and the
-two files are written atomically, so a failed run leaves no half-written results. Metric
-models load once per process (:func:`get_group` keeps them).
+two files are written atomically, so a failed run leaves no half-written results. Rows are
+also appended to a hidden progress file as they are scored, so an interrupted run resumes
+where it stopped (:class:`_Partial`). Metric models load once per process (:func:`get_group`
+keeps them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -33,6 +36,7 @@ from cbx.eval.metrics.asr import ASR_SR, AsrConfig
 from cbx.eval.metrics.mos import MosConfig
 from cbx.eval.metrics.speaker import SpeakerConfig
 from cbx.eval.registry import MetricSpec, metric_specs
+from cbx.eval.runtime import scoring_runtime
 from cbx.eval.types import Utterance
 
 KNOWN_KEYS = {"audio", "text", "prompt", "id", "timings", "reference_audio", "prompt_text"}
@@ -302,18 +306,26 @@ def score_manifest(
     base = manifest.parent
     cache = _AudioCache()
     rows: list[dict] = []
-    if entries:
-        scorer.load()
-    for e in _progress(entries, len(entries), progress):
-        try:
-            utt = _utterance(e, base, cache)
-        except CbxError as err:
-            skipped.append({"line": e.line, "reason": str(err)})
-            say(f"{manifest}:{e.line}: skipped: {err}")
-            continue
-        m, det = scorer.score(utt)
-        rows.append(
-            {
+    partial = _Partial(out_dir / PARTIAL_FILE, _run_key(scorer))
+    keys = {e.line: partial.key(e, base) for e in entries}
+    n_done = sum(keys[e.line] in partial.done for e in entries)
+    if n_done:
+        say(f"resuming: {n_done} of {len(entries)} utterance(s) already scored in {partial.path}")
+    with scoring_runtime(), contextlib.closing(partial):
+        if len(entries) > n_done:
+            scorer.load()
+        for e in _progress(entries, len(entries), progress):
+            if keys[e.line] in partial.done:
+                rows.append(partial.done[keys[e.line]])
+                continue
+            try:
+                utt = _utterance(e, base, cache)
+            except CbxError as err:
+                skipped.append({"line": e.line, "reason": str(err)})
+                say(f"{manifest}:{e.line}: skipped: {err}")
+                continue
+            m, det = scorer.score(utt)
+            row = {
                 "schema": schema.SCHEMA,
                 "line": e.line,
                 "id": utt.id,
@@ -323,9 +335,11 @@ def score_manifest(
                 "metrics": m,
                 "details": det,
             }
-        )
+            partial.add(keys[e.line], row)
+            rows.append(row)
     skipped.sort(key=lambda s: s["line"])
     if not rows:
+        partial.remove()
         raise CbxError(f"{manifest}: nothing could be scored ({len(skipped)} line(s) skipped, see above)")
     agg = {
         "schema": schema.SCHEMA,
@@ -342,7 +356,70 @@ def score_manifest(
     out_dir.mkdir(parents=True, exist_ok=True)
     schema.write_atomic(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in rows))
     schema.write_atomic(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
+    partial.remove()
     return agg
+
+
+PARTIAL_FILE = ".utterances.partial.jsonl"
+
+
+def _run_key(scorer: Scorer) -> str:
+    """What a row's numbers depend on besides its own line: schema, suite, metrics and models."""
+    cfg = {g: repr(scorer.config.group_config(g)) for g in scorer.groups}
+    return json.dumps([schema.SCHEMA, schema.SUITE_VERSION, scorer.metrics, cfg], sort_keys=True)
+
+
+def _file_stamp(path: Path) -> list | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
+
+
+class _Partial:
+    """Rows scored so far, appended to a hidden file in the output folder as they are made, so
+    an interrupted run resumes where it stopped. A row is reused only under the same key: the
+    same manifest line at the same line number, the same audio files (size and modification time) and the same metrics
+    and models; anything else is scored again. The file is removed once the results are
+    written. Rows depend only on their own line (see the module docstring), so mixing reused
+    and new rows gives what one uninterrupted run gives."""
+
+    def __init__(self, path: Path, run_key: str):
+        self.path = path
+        self.run_key = run_key
+        self.done: dict[str, dict] = {}
+        self._fh = None
+        if path.is_file():
+            for raw in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    d = json.loads(raw)
+                    self.done[d["key"]] = d["row"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by the interruption: scored again
+
+    def key(self, entry: ManifestEntry, base: Path) -> str:
+        import hashlib
+
+        files = {k: _file_stamp(base / entry.data[k]) for k in ("audio", "prompt", "reference_audio") if entry.data.get(k)}
+        blob = json.dumps([self.run_key, entry.line, entry.data, files], sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def add(self, key: str, row: dict) -> None:
+        if self._fh is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        self._fh.write(schema.dumps({"key": key, "row": row}) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
 
 
 def format_table(agg: dict) -> str:

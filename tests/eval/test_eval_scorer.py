@@ -166,3 +166,77 @@ def test_bad_model_choices_are_clear_errors(tmp_path):
         SpeakerGroup(SpeakerConfig(backend="ecapa"))
     with pytest.raises(CbxError, match="valid choices"):
         MosGroup(MosConfig(backend="utmos"))
+
+
+def test_an_interrupted_run_resumes_without_rescoring(workdir, monkeypatch):
+    """A crash on the third utterance keeps the two scored before it; the rerun scores only the
+    rest, and its results equal an uninterrupted run's. A changed wav is scored again."""
+    import os
+
+    from cbx.eval.scorer import PARTIAL_FILE
+
+    d, good = workdir
+    _write(d / "r.jsonl", good)
+    metrics = ["wer", "speaker_sim", "clip_ratio"]
+    clean = score_manifest(d / "r.jsonl", d / "r_clean", metrics=metrics)
+
+    group = get_group("artifacts")
+    real = group.score
+    seen: list[str] = []
+
+    def crash_on_third(utt):
+        seen.append(utt.id)
+        if len(seen) == 3:
+            raise KeyboardInterrupt  # what a ^C or a killed job looks like from here
+        return real(utt)
+
+    monkeypatch.setattr(group, "score", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        score_manifest(d / "r.jsonl", d / "r_out", metrics=metrics)
+    assert not (d / "r_out" / schema.ROWS_FILE).exists()
+    assert len((d / "r_out" / PARTIAL_FILE).read_text().splitlines()) == 2
+
+    seen.clear()
+    monkeypatch.setattr(group, "score", lambda utt: (seen.append(utt.id), real(utt))[1])
+    said: list[str] = []
+    resumed = score_manifest(d / "r.jsonl", d / "r_out", metrics=metrics, log=said.append)
+    assert seen == [g["id"] for g in good[2:]]
+    assert any("resuming: 2 of 4" in m for m in said)
+    assert resumed["metrics"] == clean["metrics"]
+    assert schema.load_rows(d / "r_out") == schema.load_rows(d / "r_clean")
+    assert not (d / "r_out" / PARTIAL_FILE).exists()
+
+    # a finished run leaves no progress file: scoring again redoes everything
+    seen.clear()
+    score_manifest(d / "r.jsonl", d / "r_out", metrics=metrics)
+    assert len(seen) == 4
+
+    # interrupted again, then one wav is rewritten: only that one is not reused
+    seen.clear()
+    monkeypatch.setattr(group, "score", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        score_manifest(d / "r.jsonl", d / "r_out", metrics=metrics)
+    wav = d / good[0]["audio"]
+    st = wav.stat()
+    os.utime(wav, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    seen.clear()
+    monkeypatch.setattr(group, "score", lambda utt: (seen.append(utt.id), real(utt))[1])
+    score_manifest(d / "r.jsonl", d / "r_out", metrics=metrics)
+    assert seen == [good[0]["id"]] + [g["id"] for g in good[2:]]
+
+
+def test_runtime_settings_change_speed_not_scores(workdir, monkeypatch):
+    """The scoring run's thread and allocator settings (cbx.eval.runtime) leave every number as
+    it is without them."""
+    import contextlib
+
+    from cbx.eval import scorer as scorer_mod
+
+    d, good = workdir
+    _write(d / "rt.jsonl", good)
+    metrics = OFFLINE_METRICS.split(",")
+    with_settings = score_manifest(d / "rt.jsonl", d / "rt_on", metrics=metrics)
+    monkeypatch.setattr(scorer_mod, "scoring_runtime", contextlib.nullcontext)
+    without = score_manifest(d / "rt.jsonl", d / "rt_off", metrics=metrics)
+    assert schema.load_rows(d / "rt_on") == schema.load_rows(d / "rt_off")
+    assert with_settings["metrics"] == without["metrics"]
