@@ -82,9 +82,18 @@ def test_thread_pools_are_limited_inside_and_restored_after():
     def blas_threads():
         return sorted({p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
 
+    import torch
+
     before = blas_threads()
     if not before:
         pytest.skip("no BLAS library loaded")
-    with runtime.scoring_runtime(threads=1):
-        assert blas_threads() == [1]
-    assert blas_threads() == before
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # the test session runs torch on one thread
+    try:
+        with runtime.scoring_runtime(threads=1):
+            assert blas_threads() == [1]
+            assert torch.get_num_threads() == 1  # torch's OpenMP pool too
+        assert blas_threads() == before
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
