@@ -8,6 +8,7 @@ the owner only; the final file gets the permissions a plain ``open()`` would hav
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -45,6 +46,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_json_file(path: str | os.PathLike, missing: str) -> Any:
@@ -89,17 +99,27 @@ def atomic_write_audio(path: str | os.PathLike, wav: np.ndarray, sr: int, subtyp
 
 
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` to write into; when the block succeeds it is renamed
-    to ``out_dir`` (which must be absent or an empty folder), when it fails it is removed."""
+    to ``out_dir``, when it fails it is removed. ``out_dir`` must be absent or an empty folder,
+    unless ``replace``: then a previous folder is moved aside, the new one renamed in, and the
+    old one deleted (a reader sees the old folder or the new one, never a mix)."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only; give a plain mkdir's mode
     try:
         yield tmp
+        old = None
         if out_dir.exists():
-            out_dir.rmdir()
+            if replace:
+                old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+                os.replace(out_dir, old)
+            else:
+                out_dir.rmdir()
         tmp.rename(out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -17,7 +17,6 @@ save leaves nothing half-written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -26,21 +25,13 @@ from torch import nn
 
 from cbx.compress.modules import QUANT_CLASSES, from_qstate, is_linear
 from cbx.errors import CbxError
-from cbx.files import atomic_dir, read_json_file
+from cbx.files import atomic_dir, read_json_file, sha256_file
 
 FORMAT = "cbx-compressed"
 VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 CONDS = "conds.pt"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -93,7 +84,7 @@ def save_compressed(model, out_dir: str | Path) -> Path:
         model.tokenizer.save(tmp)
         if model.builtin_conds is not None:
             model.builtin_conds.save(tmp / CONDS)
-        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = {
             "format": FORMAT,
             "version": VERSION,
@@ -181,7 +172,7 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
             path = folder / fname
             if not path.is_file():
                 raise CbxError(f"{path}: listed in the manifest but missing")
-            if _sha256(path) != digest:
+            if sha256_file(path) != digest:
                 raise CbxError(f"{path}: content does not match its hash in {MANIFEST} (corrupt or edited)")
     if base is not None and getattr(base, "variant", manifest["variant"]) != manifest["variant"]:
         raise CbxError(f"{folder / MANIFEST}: checkpoint of a {manifest['variant']} model, "

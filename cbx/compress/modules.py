@@ -27,7 +27,6 @@ upstream reads ``speech_head.weight.device``), and accept and ignore extra forwa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbx.compress import primitives as P
@@ -51,6 +50,31 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+class _RowScaled:
+    """Codes in ``qweight`` with one float32 scale per row, kept as int32 bits in
+    ``_scale_bits`` (so ``model.to(dtype)`` can never round the scales)."""
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.float32)
+
+    def qstate(self) -> dict[str, Tensor]:
+        return {"qweight": self.qweight, "scale": self.scale}
+
+
+class _GroupScaled:
+    """Int4 codes with a bf16 scale and zero per group of ``group_size`` inputs, kept as int16
+    bits in ``_scale_bits``/``_zero_bits`` (so ``model.to(dtype)`` cannot change them)."""
+
+    @property
+    def scale(self) -> Tensor:
+        return self._scale_bits.view(torch.bfloat16)
+
+    @property
+    def zero(self) -> Tensor:
+        return self._zero_bits.view(torch.bfloat16)
 
 
 class _Quantized(nn.Module):
@@ -80,7 +104,7 @@ class _Quantized(nn.Module):
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-class Int8Linear(_Quantized):
+class Int8Linear(_RowScaled, _Quantized):
     kind = "int8"
 
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
@@ -99,13 +123,6 @@ class Int8Linear(_Quantized):
     @property
     def weight(self) -> Tensor:
         return self.qweight
-
-    @property
-    def scale(self) -> Tensor:
-        return self._scale_bits.view(torch.float32)
-
-    def qstate(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "scale": self.scale}
 
     def dequantize(self) -> Tensor:
         return P.dequantize_int8(self.qweight, self.scale)
@@ -133,7 +150,7 @@ class Int8Linear(_Quantized):
         return self._finish(self._reference(x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])), x)
 
 
-class Int4Linear(_Quantized):
+class Int4Linear(_GroupScaled, _Quantized):
     kind = "int4"
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -156,14 +173,6 @@ class Int4Linear(_Quantized):
     @property
     def weight(self) -> Tensor:
         return self.packed
-
-    @property
-    def scale(self) -> Tensor:
-        return self._scale_bits.view(torch.bfloat16)
-
-    @property
-    def zero(self) -> Tensor:
-        return self._zero_bits.view(torch.bfloat16)
 
     # -- layouts
     def _pack(self, codes: Tensor, device: torch.device) -> None:
@@ -258,7 +267,7 @@ def _has_fp8_gemm(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
 
 
-class FP8Linear(_Quantized):
+class FP8Linear(_RowScaled, _Quantized):
     kind = "fp8"
 
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
@@ -281,13 +290,6 @@ class FP8Linear(_Quantized):
     @property
     def weight(self) -> Tensor:
         return self.qweight
-
-    @property
-    def scale(self) -> Tensor:
-        return self._scale_bits.view(torch.float32)
-
-    def qstate(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "scale": self.scale}
 
     def dequantize(self) -> Tensor:
         return self.qweight.float() * self.scale[:, None]
@@ -337,7 +339,7 @@ class _QuantEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class Int8Embedding(_QuantEmbedding):
+class Int8Embedding(_RowScaled, _QuantEmbedding):
     kind = "int8"
 
     def __init__(self, qweight: Tensor, scale: Tensor, padding_idx=None, dtype=torch.float32):
@@ -350,13 +352,6 @@ class Int8Embedding(_QuantEmbedding):
         q, s = P.quantize_int8_per_channel(module.weight.detach())
         return cls(q, s, module.padding_idx, module.weight.dtype)
 
-    @property
-    def scale(self) -> Tensor:
-        return self._scale_bits.view(torch.float32)
-
-    def qstate(self) -> dict[str, Tensor]:
-        return {"qweight": self.qweight, "scale": self.scale}
-
     def dequantize(self) -> Tensor:
         return P.dequantize_int8(self.qweight, self.scale)
 
@@ -365,7 +360,7 @@ class Int8Embedding(_QuantEmbedding):
         return rows.to(self._dtype_anchor.dtype)
 
 
-class Int4Embedding(_QuantEmbedding):
+class Int4Embedding(_GroupScaled, _QuantEmbedding):
     kind = "int4"
 
     def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int,
@@ -380,14 +375,6 @@ class Int4Embedding(_QuantEmbedding):
     def from_float(cls, module: nn.Embedding, group_size: int = 128) -> "Int4Embedding":
         codes, s, z = P.quantize_int4_groupwise(module.weight.detach(), group_size)
         return cls(codes, s, z, group_size, module.padding_idx, module.weight.dtype)
-
-    @property
-    def scale(self) -> Tensor:
-        return self._scale_bits.view(torch.bfloat16)
-
-    @property
-    def zero(self) -> Tensor:
-        return self._zero_bits.view(torch.bfloat16)
 
     def qstate(self) -> dict[str, Tensor]:
         return {"qweight": self.packed, "scale": self.scale, "zero": self.zero}

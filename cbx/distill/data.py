@@ -37,6 +37,7 @@ from cbx.distill.config import DistillConfig
 from cbx.distill.flow import CFMBatch, teacher_solve, teacher_times
 from cbx.distill.objectives import TrainBatch
 from cbx.errors import CbxError
+from cbx.files import atomic_write_text
 
 FORMAT = "cbx-distill-data"
 VERSION = 1
@@ -247,10 +248,7 @@ def _write_manifest(cfg: DistillConfig, root: Path, fp: str) -> None:
                                                        "cfg_rate": cfg.teacher.cfg_rate},
         "splits": {k: len(v) for k, v in _split_ranges(cfg).items()},
     }
-    path = root / "manifest.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2) + "\n")
 
 
 def record_teacher_data(cfg: DistillConfig, model, progress: bool = True, rank: int = 0, world: int = 1) -> Path:

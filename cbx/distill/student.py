@@ -21,7 +21,6 @@ import copy
 import hashlib
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cbx.errors import CbxError
-from cbx.files import read_json_file
+from cbx.files import atomic_dir, read_json_file
 
 FORMAT = "cbx-cfm-student"
 VERSION = 1
@@ -76,15 +75,9 @@ def architecture_fingerprint(estimator: torch.nn.Module) -> str:
 
 def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
                  trained_steps: list[int], meta: dict[str, Any] | None = None) -> Path:
-    """Write the checkpoint folder atomically (temp folder, then rename)."""
+    """Write the checkpoint folder atomically (temp folder, then rename over any previous one)."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        for f in tmp.iterdir():
-            f.unlink()
-    tmp.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
-    save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -95,16 +88,9 @@ def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
         "dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
         "meta": meta or {},
     }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, out_dir)
+    with atomic_dir(out_dir, replace=True) as tmp:
+        save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
 
 

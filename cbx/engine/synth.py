@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cbx.engine.timing import STAGES, SPEECH_TOKENS_PER_AUDIO_S, PeakMemory, RunTiming, StageTimer, apportion
+from cbx.engine.timing import STAGES, PeakMemory, RunTiming, StageTimer, apportion
 from cbx.errors import CbxError
 
 SAMPLE_RATE = 24_000
@@ -381,13 +381,13 @@ class Synthesizer:
 
     def _run_group(self, group: list[_Row], conds: dict[Any, Any], s: SynthSettings, timer: StageTimer) -> None:
         from cbx.engine import s3gen_batch as sb
-        from cbx.engine.t3_decode import T3Row, generate
+        from cbx.engine.t3_decode import T3Row, autocast, generate
 
         # Low precision = weights cast once (see _low_precision) + autocast, which reconciles the
         # fp32 tensors upstream code creates on the way (conditioning, time embeddings). A model
         # loaded with a bf16 T3 runs under autocast too, whatever settings.dtype says.
         t3 = self._low_precision(self.model.t3, s)
-        with timer.stage("t3") as lap, _autocast(self.device, _float_dtype(t3)):
+        with timer.stage("t3") as lap, autocast(self.device, _float_dtype(t3)):
             out = generate(t3, [T3Row(r.text_tokens, conds[r.voice_key].t3, r.seed) for r in group],
                            self._decode_settings(s))
         for r, toks in zip(group, out.tokens):
@@ -411,7 +411,7 @@ class Synthesizer:
             noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
             cfg_rate = s3.flow.decoder.inference_cfg_rate
             estimator = self._low_precision(s3.flow.decoder.estimator, s)
-            with _autocast(self.device, _float_dtype(estimator)):
+            with autocast(self.device, _float_dtype(estimator)):
                 mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]
         for r, sh in zip(live, apportion(lap.seconds, inputs.total_lens)):
@@ -501,19 +501,3 @@ def _float_dtype(module: torch.nn.Module) -> torch.dtype:
         if p.is_floating_point():
             return p.dtype
     return torch.float32
-
-
-class _autocast:
-    """Autocast to ``dtype`` on ``device``; a no-op for None or fp32."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype | None):
-        use = dtype is not None and dtype != torch.float32
-        self.ctx = torch.autocast(device.type, dtype=dtype) if use else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)

@@ -42,6 +42,7 @@ Deliberate differences from upstream (documented, tested where it matters):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -412,7 +413,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     done = torch.zeros(n_utt, dtype=torch.bool, device=device)
     out = torch.full((n_utt, max_new), eos, dtype=torch.long, device=device)
 
-    with _autocast(device, s.compute_dtype):
+    with autocast(device, s.compute_dtype):
         hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max)
         logits = t3.speech_head(hidden[:, -1])
         steps = 0
@@ -489,19 +490,12 @@ def _pick(t3: Any, logits: Tensor, seen: Tensor, s: DecodeSettings, warpers: lis
     return torch.cat([torch.multinomial(probs[i: i + 1], 1, generator=g)[0] for i, g in enumerate(gens)])
 
 
-class _autocast:
-    """bf16/fp16 autocast around the backbone when a compute dtype is asked for."""
-
-    def __init__(self, device: torch.device, dtype: torch.dtype | None):
-        self.ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else None
-
-    def __enter__(self) -> None:
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast to ``dtype`` on ``device`` (the engine's low-precision paths); a no-op for None
+    or fp32."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- teacher forcing

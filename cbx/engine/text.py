@@ -103,7 +103,6 @@ def check_language(language_id: str | None) -> str | None:
 
 def load_tokenizer(variant: str, folder: str | Path) -> TextTokenizer:
     """The upstream tokenizer of ``variant`` read from a checkpoint ``folder`` (no download)."""
-    from cbx.engine import upstream
 
     folder = Path(folder)
     if variant == "turbo":

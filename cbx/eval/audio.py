@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from cbx.errors import CbxError
+from cbx.files import atomic_write_audio
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
@@ -48,14 +49,4 @@ def resample(wav: np.ndarray, sr: int, target_sr: int) -> np.ndarray:
 
 def write_wav(path: str | os.PathLike, wav: np.ndarray, sr: int) -> None:
     """Write 16-bit PCM atomically (a temporary file renamed into place): no half-written wavs."""
-    import soundfile as sf
-
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        sf.write(str(tmp), np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sr, subtype="PCM_16", format="WAV")
-        os.replace(tmp, p)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    atomic_write_audio(path, np.clip(np.asarray(wav, dtype=np.float32), -1.0, 1.0), sr, subtype="PCM_16")

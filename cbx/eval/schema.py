@@ -62,12 +62,6 @@ def dumps(obj: Any, **kw: Any) -> str:
     return json.dumps(clean(obj), allow_nan=False, ensure_ascii=False, **kw)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def load_aggregate(path: str | os.PathLike) -> dict:
     """Read an ``aggregate.json`` (or the folder holding it) of this schema."""
     p = Path(path)

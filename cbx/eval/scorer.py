@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from cbx.errors import CbxError
+from cbx.files import atomic_write_text
 from cbx.eval import schema, stats
 from cbx.eval.audio import read_audio
 from cbx.eval.metrics.asr import ASR_SR, AsrConfig
@@ -354,8 +355,8 @@ def score_manifest(
         "metrics": aggregate(rows, scorer),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema.write_atomic(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in rows))
-    schema.write_atomic(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
+    atomic_write_text(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in rows))
+    atomic_write_text(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
     partial.remove()
     return agg
 

@@ -18,7 +18,6 @@ never overwritten without ``force``; the new folder is built beside it and renam
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from torch import nn
 
 from cbx.errors import CbxError
-from cbx.files import read_json_file
+from cbx.files import read_json_file, sha256_file
 from cbx.lab import store
 
 EXPORT_FILE = "export.json"
@@ -37,17 +36,9 @@ EXPORT_VERSION = 1
 KINDS = ("compressed", "upstream")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_hashes(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): _sha256(p)
+        str(p.relative_to(folder)): sha256_file(p)
         for p in sorted(folder.rglob("*"))
         if p.is_file() and p.name != EXPORT_FILE
     }
@@ -184,7 +175,7 @@ def verify_export(folder: Path) -> dict:
         p = folder / rel
         if not p.is_file():
             raise CbxError(f"{p}: listed in {EXPORT_FILE} but missing")
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CbxError(f"{p}: content does not match its hash in {EXPORT_FILE} (corrupt or edited)")
     extra = sorted(set(_file_hashes(folder)) - set(listed))
     if extra:

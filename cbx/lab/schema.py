@@ -128,12 +128,7 @@ def content_hash(path: Path) -> str:
     """SHA-256 over a file, or over a folder's sorted (relative path, file hash) pairs."""
     import hashlib
 
-    def file_hash(p: Path) -> str:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
+    from cbx.files import sha256_file as file_hash
 
     if path.is_file():
         return file_hash(path)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from cbx.errors import CbxError
+from cbx.files import atomic_write_text
 
 
 @dataclass
@@ -158,6 +159,6 @@ def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str], met
         "metrics": aggregate(ordered, Scorer(metrics)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    schema.write_atomic(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in ordered))
-    schema.write_atomic(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
+    atomic_write_text(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in ordered))
+    atomic_write_text(out_dir / schema.AGGREGATE_FILE, schema.dumps(agg, indent=2) + "\n")
     return agg

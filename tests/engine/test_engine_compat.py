@@ -145,7 +145,6 @@ def test_engine_compat_watermark_module_marks_each_utterance():
 def test_engine_compat_real_torchaudio_wins_and_broken_one_is_replaced(tmp_path):
     """In a fresh interpreter: a torchaudio that imports is kept; one that fails to load
     (as the 2.11 wheels do on torch 2.13) is dropped, half-imported pieces included."""
-    import subprocess
 
     good, bad = tmp_path / "good" / "torchaudio", tmp_path / "bad" / "torchaudio"
     good.mkdir(parents=True)

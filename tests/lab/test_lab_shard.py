@@ -91,6 +91,7 @@ def test_two_process_shards_merge_to_the_single_process_result(tmp_path):
     agg_a = json.loads((single.run_dir / "score" / "aggregate.json").read_text())
     agg_b = json.loads((multi_dir / "score" / "aggregate.json").read_text())
     assert agg_b["metrics"] and agg_b["n_scored"] == 5
+    assert agg_a["metrics"] and all(agg_b["metrics"][k]["value"] == v["value"] for k, v in agg_a["metrics"].items())
     rows_a = [json.loads(x) for x in (single.run_dir / "score" / "utterances.jsonl").read_text().splitlines()]
     vals = np.array([r["metrics"]["wer"] for r in rows_a])
     assert np.isclose(agg_b["metrics"]["wer"]["value"], vals.mean())
