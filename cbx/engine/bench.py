@@ -21,8 +21,11 @@ Why it is built this way:
   ``speech_head`` that does the same masking (upstream's loop is not edited).
 * A short warm-up of each path (1 s reference, 2 tokens) loads lazy pieces (perth's model,
   kernels) so that one-off costs are not charged to either side.
+* ``--compile BACKEND`` adds a column for the engine with T3's decode step compiled; it is
+  compiled once for the timed shapes before timing, and that cost is printed on its own line.
 * The last line is exactly ``engine speed-up vs upstream: N.NNx`` (per-utterance wall time of
-  upstream over the engine's; with ``--batch B`` the engine's batch time is divided by B).
+  upstream over the engine's last column; with ``--batch B`` the engine's batch time is divided
+  by B).
 """
 
 from __future__ import annotations
@@ -61,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time the engine with T3's decode step torch.compile'd by BACKEND (inductor; "
+                             "cudagraphs on CUDA); the compilation is timed apart")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -146,14 +152,15 @@ def upstream_once(model: Any, up: Any, voice: str, n_tokens: int, cfm_steps: int
 
 
 def engine_once(syn: Any, voice: str, n_tokens: int, cfm_steps: int, seed: int, dtype: str,
-                batch: int) -> tuple[dict[str, float], float, int]:
+                batch: int, compile: str | None = None) -> tuple[dict[str, float], float, int]:
     """``batch`` utterances through the engine; returns (stage seconds, audio s per utterance, peak bytes).
     The voice cache is emptied first so every run pays for conditioning, as upstream's does."""
     from cbx.engine.synth import SynthRequest, SynthSettings
 
     torch.manual_seed(seed)
     settings = SynthSettings(force_tokens=n_tokens, max_speech_tokens=n_tokens, cfm_steps=cfm_steps, seed=seed,
-                             dtype=dtype, batch_size=batch, temperature=0.8, cfg_weight=0.5, exaggeration=0.5)
+                             dtype=dtype, batch_size=batch, temperature=0.8, cfg_weight=0.5, exaggeration=0.5,
+                             compile=compile)
     syn.clear_voices()
     with contextlib.redirect_stdout(io.StringIO()):  # perth announces its model on stdout
         out = syn.synthesize([SynthRequest(BENCH_TEXT, voice, id=f"b{i}") for i in range(batch)], settings,
@@ -190,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise CbxError(f"--threads {args.threads}: must be >= 1")
         torch.set_num_threads(args.threads)
+    if args.compile is not None:
+        from cbx.engine.synth import SynthSettings
+
+        SynthSettings(compile=args.compile)  # an unknown backend fails here, before the model is built
     device = resolve_device(args.device)
     dtype = _default_dtype(device) if args.dtype == "auto" else args.dtype
 
@@ -225,7 +236,12 @@ def run(args: argparse.Namespace) -> int:
             engine_once(syn, short, 2, 2, args.seed, dtype, 1)
         # The engine at fp32 too when it runs in bf16: what the engine's structure buys apart
         # from the lower precision (fp32 is what the faithfulness tests check).
-        dtypes = ["fp32", dtype] if dtype != "fp32" else ["fp32"]
+        paths = [(f"engine {dt}", dt, None) for dt in (["fp32", dtype] if dtype != "fp32" else ["fp32"])]
+        if args.compile:
+            paths.append((f"engine {dtype}+{args.compile}", dtype, args.compile))
+            t0 = time.perf_counter()  # compiles for these exact shapes, so the timed runs reuse it
+            engine_once(syn, voice, args.tokens, args.cfm_steps, args.seed, dtype, args.batch, args.compile)
+            print(f"compiling T3's decode step ({args.compile}) + one run: {time.perf_counter() - t0:.1f} s")
         runs: dict[str, list[dict[str, float]]] = {"upstream": []}
         mems: dict[str, int] = {"upstream": 0}
         audio: dict[str, float] = {}
@@ -234,17 +250,17 @@ def run(args: argparse.Namespace) -> int:
             runs["upstream"].append(st)
             mems["upstream"] = max(mems["upstream"], mem)
             audio["upstream"] = up_audio
-            for dt in dtypes:
+            for label, dt, backend in paths:
                 st, en_audio, mem = engine_once(syn, voice, args.tokens, args.cfm_steps, args.seed + r, dt,
-                                                args.batch)
-                runs.setdefault(f"engine {dt}", []).append({k: v / args.batch for k, v in st.items()})
-                mems[f"engine {dt}"] = max(mems.get(f"engine {dt}", 0), mem)
-                audio[f"engine {dt}"] = en_audio
+                                                args.batch, backend)
+                runs.setdefault(label, []).append({k: v / args.batch for k, v in st.items()})
+                mems[label] = max(mems.get(label, 0), mem)
+                audio[label] = en_audio
     med = {name: _median(rs) for name, rs in runs.items()}
     if args.batch > 1:
         print(f"engine columns: seconds per utterance (batch time / {args.batch})")
     print_table(med, mems, audio, args.tokens)
-    speedup = med["upstream"]["total"] / med[f"engine {dtype}"]["total"]
+    speedup = med["upstream"]["total"] / med[paths[-1][0]]["total"]
     print(f"engine speed-up vs upstream: {speedup:.2f}x")
     return 0
 

@@ -63,6 +63,10 @@ class SynthSettings:
     ``temperature`` 0 means greedy decoding. ``force_tokens`` (benchmarks only) decodes exactly
     that many speech tokens per row and ignores EOS. ``batch_size`` counts rows (text chunks)
     per decode. ``crossfade_ms`` is the overlap used to join the chunks of a long text.
+    ``compile`` names a ``torch.compile`` backend for T3's per-token step (``inductor``;
+    ``cudagraphs`` on CUDA); the decode then runs on fixed shapes and gives the same tokens.
+    The first decode pays the compilation (86 s for the full T3 on the 2-core CPU, for 1.2x
+    per step in bf16: ``cbx bench engine --compile inductor`` prints what it buys).
     """
 
     temperature: float = 0.8
@@ -81,6 +85,7 @@ class SynthSettings:
     language_id: str | None = None
     force_tokens: int | None = None
     crossfade_ms: float = 30.0
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> CbxError:
@@ -121,6 +126,10 @@ class SynthSettings:
             raise bad("watermark", "must be true or false")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"must be one of {sorted(DTYPES)}")
+        if self.compile is not None:
+            backends = _compile_backends()
+            if self.compile not in backends:
+                raise bad("compile", f"must be a torch.compile backend: one of {', '.join(backends)}")
         if self.language_id is not None and (not isinstance(self.language_id, str) or not self.language_id):
             raise bad("language_id", "must be a language code such as 'en' or 'fr'")
 
@@ -346,7 +355,7 @@ class Synthesizer:
         return DecodeSettings(temperature=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k,
                               repetition_penalty=s.repetition_penalty, cfg_weight=s.cfg_weight,
                               exaggeration=s.exaggeration, max_new_tokens=s.max_speech_tokens,
-                              force_tokens=s.force_tokens)
+                              force_tokens=s.force_tokens, compile_backend=s.compile)
 
     def _low_precision(self, module: torch.nn.Module, s: SynthSettings) -> torch.nn.Module:
         """``module`` itself at fp32, else a cached copy cast to ``settings.dtype``.
@@ -493,6 +502,13 @@ class Synthesizer:
                 chunk_tokens=[int(r.tokens.numel()) for r in mine],
                 audio_s=len(wav) / SAMPLE_RATE, timings=t))
         return results
+
+
+def _compile_backends() -> list[str]:
+    import torch._dynamo
+
+    # torch's listed backends, plus the two debugging ones that check graph capture alone
+    return sorted(set(torch._dynamo.list_backends()) | {"eager", "aot_eager"})
 
 
 def _float_dtype(module: torch.nn.Module) -> torch.dtype:

@@ -122,6 +122,18 @@ def test_bench_engine_smoke_prints_both_paths_and_the_speedup_last(capsys):
     assert lines[0].startswith("machine:") and "torch" in lines[0]
 
 
+def test_bench_engine_compile_adds_the_compiled_column_last(capsys):
+    rc = main(["bench", "engine", "--model", "tiny", "--tokens", "3", "--ref-seconds", "1", "--cfm-steps", "1",
+               "--no-warmup", "--device", "cpu", "--dtype", "fp32", "--compile", "eager"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert re.search(r"compiling T3's decode step \(eager\) \+ one run: \d+\.\d s", out)
+    header = next(ln for ln in out.splitlines() if ln.startswith("stage"))
+    assert header.split()[-3:] == ["fp32+eager", "s", "speed-up"]
+
+
 def test_bench_engine_rejects_bad_numbers(capsys):
     assert main(["bench", "engine", "--tokens", "0"]) == 2
     assert "--tokens" in _err_line(capsys)
+    assert main(["bench", "engine", "--compile", "nope"]) == 2
+    assert "'compile'" in _err_line(capsys)

@@ -130,6 +130,21 @@ def test_same_seed_same_audio_different_seed_different_audio(model, voices):
     assert not (a.speech_tokens.size == c.speech_tokens.size and np.array_equal(a.speech_tokens, c.speech_tokens))
 
 
+def test_compiled_decode_step_gives_the_same_audio(model, voices):
+    """``compile`` reaches T3's decode (the "eager" backend captures the step's graph without a
+    C++ toolchain) and changes nothing in what is synthesized."""
+    from cbx.engine import t3_decode
+
+    syn = Synthesizer(model)
+    req = [SynthRequest("Compiled or not, the same.", voices[0])]
+    plain = syn.synthesize(req, SynthSettings(seed=5, watermark=False, **FAST), progress=False).results[0]
+    t3_decode._COMPILED.pop("eager", None)
+    comp = syn.synthesize(req, SynthSettings(seed=5, watermark=False, compile="eager", **FAST), progress=False).results[0]
+    assert "eager" in t3_decode._COMPILED  # the compiled step was built and used
+    np.testing.assert_array_equal(plain.speech_tokens, comp.speech_tokens)
+    np.testing.assert_allclose(plain.wav, comp.wav, atol=1e-5)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_batch_result_equals_alone_result(model, voices, temperature):
     syn = Synthesizer(model)
@@ -206,6 +221,8 @@ def test_settings_validate_and_name_the_field():
         SynthSettings(seed=1.5)
     with pytest.raises(CbxError, match="'watermark'"):
         SynthSettings(watermark="yes")
+    with pytest.raises(CbxError, match="'compile'.*inductor"):
+        SynthSettings(compile="inductr")
 
 
 def test_settings_fill_variant_defaults_but_keep_given_values():
