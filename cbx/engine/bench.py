@@ -269,15 +269,16 @@ def print_table(med: dict[str, dict[str, float]], mems: dict[str, int], audio: d
                 tokens: int) -> None:
     """Seconds per stage, one column per path, then the last path's speed-up over the first."""
     names = list(med)
+    w = max(16, *(len(n) + 4 for n in names))  # column width: the longest path name
     first, last = med[names[0]], med[names[-1]]
-    print(f"{'stage':<16}" + "".join(f"{n + ' s':>16}" for n in names) + f"{'speed-up':>10}")
+    print(f"{'stage':<16}" + "".join(f"{n + ' s':>{w}}" for n in names) + f"{'speed-up':>10}")
     for stage in (*STAGES, "total"):
         ratio = f"{first[stage] / last[stage]:.2f}x" if last[stage] > 0 else "-"
-        print(f"{stage:<16}" + "".join(f"{med[n][stage]:>16.3f}" for n in names) + f"{ratio:>10}")
-    print(f"{'audio s':<16}" + "".join(f"{audio[n]:>16.2f}" for n in names))
+        print(f"{stage:<16}" + "".join(f"{med[n][stage]:>{w}.3f}" for n in names) + f"{ratio:>10}")
+    print(f"{'audio s':<16}" + "".join(f"{audio[n]:>{w}.2f}" for n in names))
     rtf = {n: med[n]["total"] / audio[n] for n in names}
-    print(f"{'RTF':<16}" + "".join(f"{rtf[n]:>16.3f}" for n in names) + f"{rtf[names[0]] / rtf[names[-1]]:>9.2f}x")
+    print(f"{'RTF':<16}" + "".join(f"{rtf[n]:>{w}.3f}" for n in names) + f"{rtf[names[0]] / rtf[names[-1]]:>9.2f}x")
     tps = {n: tokens / med[n]["t3"] for n in names}
-    print(f"{'T3 tokens/s':<16}" + "".join(f"{tps[n]:>16.1f}" for n in names)
+    print(f"{'T3 tokens/s':<16}" + "".join(f"{tps[n]:>{w}.1f}" for n in names)
           + f"{tps[names[-1]] / tps[names[0]]:>9.2f}x")
-    print(f"{'peak mem MiB':<16}" + "".join(f"{mems[n] / 2**20:>16.0f}" for n in names))
+    print(f"{'peak mem MiB':<16}" + "".join(f"{mems[n] / 2**20:>{w}.0f}" for n in names))
