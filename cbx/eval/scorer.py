@@ -30,7 +30,6 @@ from typing import Any, Iterable
 import numpy as np
 
 from cbx.errors import CbxError
-from cbx.files import atomic_write_text
 from cbx.eval import schema, stats
 from cbx.eval.audio import read_audio
 from cbx.eval.metrics.asr import ASR_SR, AsrConfig
@@ -39,6 +38,7 @@ from cbx.eval.metrics.speaker import SpeakerConfig
 from cbx.eval.registry import MetricSpec, metric_specs
 from cbx.eval.runtime import scoring_runtime
 from cbx.eval.types import Utterance
+from cbx.files import atomic_write_text
 
 KNOWN_KEYS = {"audio", "text", "prompt", "id", "timings", "reference_audio", "prompt_text"}
 
@@ -381,10 +381,10 @@ def _file_stamp(path: Path) -> list | None:
 class _Partial:
     """Rows scored so far, appended to a hidden file in the output folder as they are made, so
     an interrupted run resumes where it stopped. A row is reused only under the same key: the
-    same manifest line at the same line number, the same audio files (size and modification time) and the same metrics
-    and models; anything else is scored again. The file is removed once the results are
-    written. Rows depend only on their own line (see the module docstring), so mixing reused
-    and new rows gives what one uninterrupted run gives."""
+    same manifest line at the same line number, the same audio files (size and modification
+    time), the same metrics and models; anything else is scored again. The file is removed once
+    the results are written. Rows depend only on their own line (see the module docstring), so
+    mixing reused and new rows gives what one uninterrupted run gives."""
 
     def __init__(self, path: Path, run_key: str):
         self.path = path
