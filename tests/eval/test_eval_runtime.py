@@ -47,7 +47,8 @@ assert mapped >= MB64, "default: its own mmap, given back on free"
 with runtime.keep_freed_memory() as active:
     assert active
     mapped, grown = where_a_big_array_lives()
-    assert mapped == 0 and grown >= MB64, ("inside: served from the heap", mapped, grown)
+    # served from the heap (which grows by most of it: a free chunk at its top may cover the rest)
+    assert mapped == 0 and grown > MB64 // 2, ("inside: served from the heap", mapped, grown)
     mapped, grown = where_a_big_array_lives()
     assert mapped == 0 and grown < MB64 // 8, ("inside: freed memory reused, not taken again", mapped, grown)
 mapped, _ = where_a_big_array_lives()
