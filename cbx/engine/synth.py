@@ -65,9 +65,9 @@ class SynthSettings:
     per decode. ``crossfade_ms`` is the overlap used to join the chunks of a long text.
     ``compile`` names a ``torch.compile`` backend for T3's per-token step (``inductor``;
     ``cudagraphs`` on CUDA); the decode then runs on fixed shapes and gives the same tokens.
-    The first decode pays the compilation (86 s for the full T3 on the 2-core CPU with a cold
-    inductor cache); the bf16 T3 stage then ran 1.24x faster (``cbx bench engine --compile
-    inductor`` prints what it buys on the machine at hand).
+    The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: 48.8 s
+    for compiling plus one run); the bf16 T3 stage then ran 1.24x faster (``cbx bench engine
+    --compile inductor`` prints what it buys on the machine at hand).
     """
 
     temperature: float = 0.8
