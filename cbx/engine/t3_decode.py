@@ -14,7 +14,8 @@ embeddings, ``speech_head``), following gpt-fast's ``generate.py``:
   position tensor; the per-token function :func:`_backbone` has fixed shapes when called with
   ``kv_len=None`` and no data-dependent Python control flow, so it can be wrapped by
   ``torch.compile``/CUDA graphs (``static_shapes``/``compile_backend``: the cache is then
-  allocated for the full length up front). In eager mode (the default) attention reads only the
+  allocated for the full length up front, rounded up to whole 256-slot chunks so that texts of
+  different lengths share one compiled graph). In eager mode (the default) attention reads only the
   filled part of the cache, which starts at prompt + 256 slots and doubles when full, so short
   utterances never pay for ``max_new_tokens`` of memory.
 * Finished rows keep computing (masked); the "all done?" test syncs with the host only every
@@ -391,7 +392,12 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
 
     n_layers, kv_heads, head_dim = _backbone_dims(t3)
     static = s.static_shapes or s.compile_backend is not None
-    capacity = p_max + max_new if static else min(p_max + max_new, p_max + CACHE_CHUNK)
+    if static:
+        # Whole length up front, rounded up to a whole chunk: prompts of different lengths then
+        # share one shape, so a compiled step is not recompiled for every new text length.
+        capacity = -(-(p_max + max_new) // CACHE_CHUNK) * CACHE_CHUNK
+    else:
+        capacity = min(p_max + max_new, p_max + CACHE_CHUNK)
     cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, capacity, cdtype, device)
     ar = torch.arange(p_max, device=device)
     key_valid = ar[None, :] >= pad[:, None]  # (rows, p_max)

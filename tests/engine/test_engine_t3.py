@@ -264,6 +264,28 @@ def test_t3_static_shapes_and_compiled_step_give_the_same_tokens(tiny_turbo, tin
             assert torch.equal(a, b)
 
 
+def test_compiled_step_is_not_recompiled_for_each_text_length(tiny_model):
+    """Texts of different lengths in one cache chunk share the compiled step's shapes: a
+    backend that counts the graphs it is given sees one graph, however many texts."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    voice = _voices(tiny_model)[0]
+    settings = engine_settings(ORIGINAL, temperature=0.0, max_new_tokens=6, compile_backend=counting_backend)
+    lengths = set()
+    try:
+        for text in ("Short.", "A somewhat longer sentence than that.", "Longer again, with a clause or two more."):
+            row = td.T3Row(t3_text_tokens(tiny_model, text), voice, seed=0)
+            lengths.add(len(row.text_tokens))
+            td.generate(tiny_model, [row], settings)
+    finally:
+        td._COMPILED.pop(counting_backend, None)
+    assert len(lengths) == 3 and len(graphs) == 1
+
+
 def test_t3_multilingual_batch_with_language_tags(tiny_multilingual):
     model = tiny_multilingual
     rows = [td.T3Row(t3_text_tokens(model, t, language_id=lang), model.builtin_conds.t3, seed=i)
