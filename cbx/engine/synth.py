@@ -65,9 +65,10 @@ class SynthSettings:
     per decode. ``crossfade_ms`` is the overlap used to join the chunks of a long text.
     ``compile`` names a ``torch.compile`` backend for T3's per-token step (``inductor``;
     ``cudagraphs`` on CUDA); the decode then runs on fixed shapes and gives the same tokens.
-    The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: 48.8 s
-    for compiling plus one run); the bf16 T3 stage then ran 1.24x faster (``cbx bench engine
-    --compile inductor`` prints what it buys on the machine at hand).
+    The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: about
+    48 s for compiling plus one run); on that CPU the bf16 T3 stage then ran 1.02x-1.24x faster
+    in two single-repeat runs, within its noise. ``cbx bench engine --compile inductor`` prints
+    what it buys on the machine at hand (CUDA graphs are where it is expected to pay).
     """
 
     temperature: float = 0.8
