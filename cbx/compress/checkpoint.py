@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cbx.compress.modules import QUANT_CLASSES, from_qstate, is_linear
+from cbx.engine.model import check_state
 from cbx.errors import CbxError
 from cbx.files import atomic_dir, read_json_file, sha256_file
 
@@ -199,20 +200,7 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
     expected = model.state_dict()
     qnames = set(manifest["modules"])
     expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in qnames}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if unexpected:
-            parts.append(f"unexpected {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}")
-        raise CbxError(f"{folder / WEIGHTS}: does not match the model: {'; '.join(parts)}")
-    with torch.no_grad():
-        for key, ref in expected.items():
-            t = tensors[key]
-            if t.shape != ref.shape:
-                raise CbxError(f"{folder / WEIGHTS}: '{key}' has shape {tuple(t.shape)}, model expects {tuple(ref.shape)}")
+    check_state(expected, tensors, folder / WEIGHTS)
     model.load_state_dict({**{k: tensors[k] for k in expected}, **_quant_state(model, qnames)}, strict=True,
                           assign=True)
     # Non-persistent buffers (rotary inv_freq, ...) are not saved, but a cast of the model cast

@@ -181,6 +181,15 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: P
     ``optional`` keys may be missing from the file: the module keeps its own values for them.
     """
     expected = module.state_dict()
+    check_state(expected, state, path, optional)
+    full = {k: state.get(k, expected[k]) for k in expected}
+    module.load_state_dict(full, strict=True)
+
+
+def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], path: Path,
+                optional: tuple[str, ...] = ()) -> None:
+    """:class:`CbxError` naming ``path`` unless ``state`` has exactly the keys of ``expected``
+    (``optional`` ones may be missing) with the same shapes."""
     missing = [k for k in expected if k not in state and k not in optional]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
@@ -194,8 +203,6 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: P
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CbxError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, "
                            f"the model expects {list(expected[key].shape)}")
-    full = {k: state.get(k, expected[k]) for k in expected}
-    module.load_state_dict(full, strict=True)
 
 
 def _few(keys: list[str], n: int = 5) -> str:
