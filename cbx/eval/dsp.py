@@ -106,6 +106,6 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     jobs, one spill-over score took 1.0 s of wall time instead of 0.13 s. Per-utterance work
     is better parallelized across utterances, if at all.
     """
-    from cbx.eval.runtime import _pools
+    from cbx.eval.runtime import thread_pools
 
-    return _pools().limit(limits=1, user_api="blas")
+    return thread_pools().limit(limits=1, user_api="blas")

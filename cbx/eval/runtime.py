@@ -79,7 +79,8 @@ def keep_freed_memory() -> Iterator[bool]:
 
 
 @functools.lru_cache(maxsize=1)
-def _pools():
+def thread_pools():
+    """The process's native thread pools (BLAS, OpenMP), found once, for temporary limits."""
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()
@@ -94,5 +95,5 @@ def lane_threads() -> int:
 def scoring_runtime(threads: int | None = None) -> Iterator[None]:
     """The settings of a scoring run (see the module docstring); everything is restored on exit."""
     n = threads or lane_threads()
-    with _pools().limit(limits=n, user_api="blas"), _pools().limit(limits=n, user_api="openmp"), keep_freed_memory():
+    with thread_pools().limit(limits=n, user_api="blas"), thread_pools().limit(limits=n, user_api="openmp"), keep_freed_memory():
         yield

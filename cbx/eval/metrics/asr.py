@@ -15,12 +15,12 @@ else was scored. Speed settings (measured by ``cbx bench scorer``): int8, no tim
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
 from cbx.errors import CbxError
 from cbx.eval.registry import MetricSpec, register_metric
+from cbx.eval.runtime import lane_threads
 from cbx.eval.types import Utterance
 
 VERSION = "1"
@@ -116,7 +116,7 @@ class AsrGroup:
 
         c = self.config
         try:
-            threads = c.cpu_threads or max(1, len(os.sched_getaffinity(0)) // 2)
+            threads = c.cpu_threads or lane_threads()
             self._model = WhisperModel(_model_path(c.model), device=c.device, compute_type=c.compute_type, cpu_threads=threads)
         except CbxError:
             raise

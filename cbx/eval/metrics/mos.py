@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 import sys
 import types
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 
 from cbx.errors import CbxError
 from cbx.eval.registry import MetricSpec, register_metric
+from cbx.eval.runtime import lane_threads
 from cbx.eval.types import Utterance
 
 VERSION = "1"
@@ -92,7 +92,7 @@ class _Dnsmos:
             raise CbxError("DNSMOS needs onnxruntime (pip install onnxruntime)") from None
         so = ort.SessionOptions()
         so.inter_op_num_threads = 1
-        so.intra_op_num_threads = max(1, len(os.sched_getaffinity(0)) // 2)  # the scorer runs ASR beside it
+        so.intra_op_num_threads = lane_threads()  # the scorer runs ASR beside it
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # no busy-waiting on a shared CPU
         so.log_severity_level = 3
         self._sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
