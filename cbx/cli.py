@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("cbx.lab.cli_run", "run experiment files and write run folders"),
     "leaderboard": ("cbx.lab.cli_leaderboard", "render the leaderboard of a results folder"),
     "export": ("cbx.lab.cli_export", "export a run's checkpoint"),
+    "save-model": ("cbx.lab.cli_save_model", "write a model source (e.g. random:original) in the upstream file layout"),
     "distill": ("cbx.distill.cli", "train a few-step CFM student from a config"),
 }
 

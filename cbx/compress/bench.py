@@ -40,8 +40,9 @@ BENCH_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", choices=["full", "tiny"], default="full",
-                        help="full: full-size original architecture, random weights (default); tiny: smoke test")
+    parser.add_argument("--model", default="full",
+                        help="full (= random:original: full-size, random weights; default) | tiny (smoke test) | "
+                             "any model source (random:turbo, a folder, a Hub id)")
     parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
     parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
                         help="the two forced decode lengths whose time difference gives the step time")
@@ -185,13 +186,14 @@ def run(args: argparse.Namespace) -> int:
         raise CbxError(f"--tokens: need 1 <= N1 < N2, got {args.tokens[0]} {args.tokens[1]}")
     if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
         raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
-    from cbx.engine.tiny import build_random, build_tiny
+    from cbx.engine.model import BENCH_ALIASES, load_model
 
     torch.manual_seed(0)
     print(f"machine: {machine_description()}", flush=True)
-    print(f"building the {'full-size' if args.model == 'full' else 'tiny'} original model (random weights) ...",
-          flush=True)
-    model = build_random("original") if args.model == "full" else build_tiny("original")
+    source = BENCH_ALIASES.get(args.model, args.model)
+    print(f"loading {source} ...", flush=True)
+    model = load_model(source)
+    print(f"model: {model.source} ({model.variant})", flush=True)
     model.eval()
     t3_rows = cfm_rows = None
     if "cfm" not in args.skip:

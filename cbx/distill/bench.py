@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per configuration (median)")
     parser.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--model", choices=["full", "tiny"], default="full",
-                        help="full: full-size random S3Gen (default); tiny: the tiny model (smoke test)")
+    parser.add_argument("--model", default="full",
+                        help="full: full-size random S3Gen (default) | tiny (smoke test) | any model source "
+                             "(its S3Gen: random:original, a folder, a Hub id)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is steadier on a busy shared CPU)")
@@ -102,10 +103,16 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if args.model == "full":
             s3 = build_s3gen("original")
-        else:
+        elif args.model == "tiny":
             from cbx.engine.tiny_s3gen import build_tiny_s3gen
 
             s3 = build_tiny_s3gen(meanflow=False, seed=args.seed)
+        else:
+            from cbx.engine.model import load_model
+
+            s3 = load_model(args.model).s3gen
+            if getattr(s3, "meanflow", False):
+                raise CbxError(f"--model {args.model}: its S3Gen is already a MeanFlow decoder (no CFG teacher to compare)")
     s3 = s3.to(device=device, dtype=dtype).eval()
     teacher = s3.flow.decoder.estimator
     student = make_student(teacher).eval()
@@ -115,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         ("student", k, student, 0.0, True) for k in args.student_steps]
 
     n_params = sum(p.numel() for p in teacher.parameters())
-    print(f"S3Gen {'full-size' if args.model == 'full' else 'tiny'} (random weights), estimator {n_params / 1e6:.1f}M params, "
+    print(f"S3Gen {'full-size random' if args.model == 'full' else args.model}, estimator {n_params / 1e6:.1f}M params, "
           f"{device.type} {args.dtype}, threads {torch.get_num_threads()}; {args.tokens} tokens "
           f"({args.tokens / 25:.1f} s audio), {args.ref_seconds:g} s prompt; repeats {args.repeats}")
     for name, k, est, cfg, mf in configs:

@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="length of the synthetic reference voice (default 10 s, upstream's maximum)")
     parser.add_argument("--voice", default=None, help="use this reference audio instead of the synthetic one")
     parser.add_argument("--cfm-steps", type=int, default=10, help="CFM steps for both paths (upstream: 10)")
-    parser.add_argument("--model", choices=["full", "tiny"], default="full",
-                        help="full: full-size random weights (default); tiny: the built-in tiny model (smoke test)")
+    parser.add_argument("--model", default="full",
+                        help="full (= random:original: full-size, random weights; default) | tiny (smoke test) | "
+                             "any model source of the original variant (folder, Hub id)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--no-warmup", action="store_true", help="skip the short warm-up runs")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
@@ -173,10 +174,13 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _build(kind: str, device: torch.device) -> Any:
-    from cbx.engine.tiny import build_random, build_tiny
+    from cbx.engine.model import BENCH_ALIASES, load_model
 
     with contextlib.redirect_stderr(io.StringIO()):
-        model = build_random("original", full_size=True, seed=0) if kind == "full" else build_tiny("original", 0)
+        model = load_model(BENCH_ALIASES.get(kind, kind))
+    if model.variant != "original":
+        raise CbxError(f"--model {kind}: the engine bench compares with upstream's original-model path; "
+                       f"this source is the {model.variant} model")
     return model.to(device).eval()
 
 
@@ -216,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
         up = U.ChatterboxTTS(model.t3, model.s3gen, model.ve, model.tokenizer, str(device))
     syn = Synthesizer(model, device=device)
     audio_s = args.tokens / SPEECH_TOKENS_PER_AUDIO_S
-    print(f"model: {args.model} original architecture, random weights (T3 {_millions(model.t3)}, "
+    print(f"model: {args.model} ({model.source}), original architecture (T3 {_millions(model.t3)}, "
           f"S3Gen {_millions(model.s3gen)}, VE {_millions(model.ve)}), built in {time.perf_counter() - t0:.1f} s")
     with tempfile.TemporaryDirectory(prefix="cbx-bench-") as tmp:
         import soundfile as sf

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", default=None,
                         help="reference audio (wav/flac/mp3, any rate); default: the model's built-in voice")
     parser.add_argument("--out", required=True, help="output wav path (24 kHz)")
-    parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | HUB_ID | DIR (default: tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | tiny-multilingual | random:original | random:turbo | random:multilingual | HUB_ID | DIR (default: tiny)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     add_settings_arguments(parser)
 

@@ -33,6 +33,11 @@ META_FORMAT = "cbx-chatterbox-model"
 META_VERSION = 1
 
 TINY_SOURCES = {"tiny": "original", "tiny-turbo": "turbo", "tiny-multilingual": "multilingual"}
+# Upstream's full-size architectures with seeded random weights (``tiny.build_random``): real sizes,
+# real key sets and real costs without a download; the audio is meaningless.
+RANDOM_SOURCES = {"random:original": "original", "random:turbo": "turbo", "random:multilingual": "multilingual"}
+# Short names the benchmarks accept for ``--model``.
+BENCH_ALIASES = {"full": "random:original"}
 
 T3_FILES = {"original": "t3_cfg.safetensors", "turbo": "t3_turbo_v1.safetensors",
             "multilingual": "t3_mtl23ls_v2.safetensors"}
@@ -253,7 +258,8 @@ def detect_variant(folder: Path, variant: str | None = None) -> str:
 
 def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
                variant: str | None = None) -> ChatterboxModel:
-    """Load a Chatterbox model: a built-in tiny one, a known Hub id, or a local upstream-layout folder.
+    """Load a Chatterbox model: a built-in tiny one, a full-size random one (``random:VARIANT``), a
+    known Hub id, or a local upstream-layout folder.
 
     ``dtype`` (e.g. ``torch.bfloat16``) casts T3 only: S3Gen and the voice encoder stay in fp32,
     as their signal-processing buffers expect. ``variant`` is only needed for a folder holding
@@ -266,6 +272,10 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
         from cbx.engine.tiny import build_tiny
 
         model = build_tiny(TINY_SOURCES[src], seed=0)
+    elif src in RANDOM_SOURCES:
+        from cbx.engine.tiny import build_random
+
+        model = build_random(RANDOM_SOURCES[src], full_size=True, seed=0)
     elif Path(src).expanduser().is_dir():
         model = load_folder(Path(src).expanduser(), variant=variant)
     elif hub.looks_like_hub_id(src):
@@ -273,11 +283,16 @@ def load_model(source: str | Path, device: str | torch.device = "cpu", dtype: to
         model = load_folder(folder, variant=hub_variant, source=src)
     else:
         raise CbxError(f"model source '{src}': not a folder, not a known Hub id ({', '.join(hub.HUB_MODELS)}) "
-                       f"and not a built-in model ({', '.join(TINY_SOURCES)})")
+                       f"and not a built-in model ({', '.join(builtin_sources())})")
     model.to(device)
     if dtype is not None:
         model.t3.to(dtype)
     return model.eval()
+
+
+def builtin_sources() -> list[str]:
+    """Every model source that needs no file and no download."""
+    return [*TINY_SOURCES, *RANDOM_SOURCES]
 
 
 def load_folder(folder: Path, variant: str | None = None, source: str | None = None) -> ChatterboxModel:

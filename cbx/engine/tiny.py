@@ -82,13 +82,15 @@ def build_tiny(variant: str = "original", seed: int = 0) -> ChatterboxModel:
 def build_random(variant: str = "original", full_size: bool = True, seed: int = 0) -> ChatterboxModel:
     """Upstream's full-size architecture of ``variant`` with random weights (no download).
 
-    For benchmarks: it has the real sizes and costs, but says nothing sensible. Its text
-    tokenizer is the tiny one (the real vocabulary is only on the Hub). ``full_size=False`` is
-    :func:`build_tiny`.
+    The model source ``random:VARIANT``: it has the real sizes, key sets and costs, but says
+    nothing sensible. Its text tokenizer is the tiny one (the real vocabulary is only on the
+    Hub). ``full_size=False`` is :func:`build_tiny`. Saved with
+    :func:`cbx.engine.model.save_upstream_layout` it is a folder in the upstream layout with no
+    workbench metadata, loaded exactly as a Hub snapshot is.
     """
     if not full_size:
         return build_tiny(variant, seed)
-    return _build(variant, None, seed, source=f"random-{variant}")
+    return _build(variant, None, seed, source=f"random:{variant}")
 
 
 def _build(variant: str, arch: dict | None, seed: int, source: str) -> ChatterboxModel:

@@ -137,3 +137,22 @@ def test_bench_engine_rejects_bad_numbers(capsys):
     assert "--tokens" in _err_line(capsys)
     assert main(["bench", "engine", "--compile", "nope"]) == 2
     assert "'compile'" in _err_line(capsys)
+
+
+def test_save_model_writes_the_upstream_layout_that_loads_back(tmp_path, capsys):
+    import torch
+
+    from cbx.engine.model import load_model
+
+    out = tmp_path / "m"
+    assert main(["save-model", "tiny-turbo", "--out", str(out)]) == 0
+    assert "saved tiny-turbo (turbo)" in capsys.readouterr().out
+    assert {"t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors", "ve.safetensors"} <= {p.name for p in out.iterdir()}
+    back, ref = load_model(out), load_model("tiny-turbo")
+    assert back.variant == "turbo"
+    assert torch.equal(back.t3.speech_head.weight, ref.t3.speech_head.weight)
+    # a second save into the now non-empty folder is refused before any model is built
+    assert main(["save-model", "tiny", "--out", str(out)]) == 2
+    assert "exists and is not an empty folder" in _err_line(capsys)
+    assert main(["save-model", "random:nope", "--out", str(tmp_path / "n")]) == 2
+    assert "random:original" in _err_line(capsys) and not (tmp_path / "n").exists()

@@ -239,3 +239,34 @@ def test_model_tiny_copy_fixture_is_independent(tiny_copy, tiny_model):
         mine.t3.speech_head.weight.zero_()
     assert tiny_model.t3.speech_head.weight.abs().sum() > 0
     assert mine.tokenizer.encode("Hi there") == tiny_model.tokenizer.encode("Hi there")
+
+
+def test_model_random_sources_route_to_the_full_size_builder(monkeypatch):
+    """``random:VARIANT`` builds upstream's full-size architecture with seeded random weights;
+    the build itself (3.8 GB, 20 s for the original) is stood in for by the tiny one here."""
+    from cbx.engine import tiny
+
+    calls = []
+
+    def fake_build_random(variant, full_size=True, seed=0):
+        calls.append((variant, full_size, seed))
+        return build_tiny(variant, seed)
+
+    monkeypatch.setattr(tiny, "build_random", fake_build_random)
+    for source, variant in (("random:original", "original"), ("random:turbo", "turbo"),
+                            ("random:multilingual", "multilingual")):
+        assert M.load_model(source).variant == variant
+    assert calls == [("original", True, 0), ("turbo", True, 0), ("multilingual", True, 0)]
+    with pytest.raises(CbxError, match=r"not a built-in model \(.*random:original, random:turbo"):
+        M.load_model("random:orginal")
+
+
+@pytest.mark.parametrize("variant, t3_params, speech_rows, text_rows", [
+    ("original", 532_405_248, 8194, 704), ("turbo", 478_862_755, 6563, 50276),
+    ("multilingual", 535_989_248, 8194, 2454)])
+def test_model_full_size_architecture_has_upstreams_sizes(variant, t3_params, speech_rows, text_rows):
+    # On the meta device: the full-size skeleton's shapes without allocating 2 GB.
+    with torch.device("meta"):
+        t3 = M.build_t3(variant)
+    assert sum(p.numel() for p in t3.parameters()) == t3_params
+    assert t3.speech_head.weight.shape[0] == speech_rows and t3.text_head.weight.shape[0] == text_rows
