@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from cbx.eval.metrics.asr import AsrConfig
+from cbx.eval.metrics import mos as _mos
+from cbx.eval.metrics import speaker as _speaker
+from cbx.eval.metrics.asr import NORMALIZERS, AsrConfig
 from cbx.eval.metrics.mos import MosConfig
 from cbx.eval.metrics.speaker import SpeakerConfig
 
@@ -23,13 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", default=None, help="comma-separated metric or group names (default: all)")
     parser.add_argument("--eval-set", default=None, help="record this eval set name (and --eval-set-version) in the results")
     parser.add_argument("--eval-set-version", default=None)
-    parser.add_argument("--asr-model", default=a.model, help=f"tiny.en-offline (shipped), large-v3 (downloads) or a CTranslate2 folder (default {a.model})")
+    parser.add_argument("--asr-model", default=a.model, help=f"tiny.en (shipped), large-v3, distil-large-v3 (download) or a CTranslate2 folder (default {a.model})")
+    parser.add_argument("--normalizer", choices=NORMALIZERS, default=a.normalizer,
+                        help=f"WER text normalizer: whisper-en (numbers, spellings), seed-tts / f5-tts (punctuation and case only, as those papers) (default {a.normalizer})")
     parser.add_argument("--asr-beam", type=int, default=a.beam_size, help=f"beam size (default {a.beam_size})")
     parser.add_argument("--asr-compute-type", default=a.compute_type, help=f"CTranslate2 compute type (default {a.compute_type})")
     parser.add_argument("--device", default=a.device, help="cpu or cuda for the ASR and speaker models")
-    parser.add_argument("--speaker-backend", choices=("resemblyzer", "wavlm"), default=s.backend)
+    parser.add_argument("--speaker-backend", choices=_speaker.BACKENDS, default=s.backend)
     parser.add_argument("--wavlm-model", default=s.wavlm_model, help="Hub id of a WavLM x-vector model (with --speaker-backend wavlm)")
-    parser.add_argument("--mos-backend", choices=("dnsmos", "distillmos"), default=m.backend)
+    parser.add_argument("--mos-backend", choices=_mos.BACKENDS, default=m.backend)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -38,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = ScorerConfig(
         asr=dataclasses.replace(
-            AsrConfig(), model=args.asr_model, beam_size=args.asr_beam, compute_type=args.asr_compute_type, device=args.device
+            AsrConfig(), model=args.asr_model, beam_size=args.asr_beam, compute_type=args.asr_compute_type, device=args.device,
+            normalizer=args.normalizer,
         ),
         speaker=SpeakerConfig(backend=args.speaker_backend, wavlm_model=args.wavlm_model, device=args.device),
         mos=MosConfig(backend=args.mos_backend),

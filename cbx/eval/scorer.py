@@ -230,6 +230,18 @@ class Scorer:
         return metrics, details
 
 
+def metric_versions(metrics: Iterable[str] | None = None, config: ScorerConfig | None = None) -> dict[str, str]:
+    """``{metric: version}`` where a group's model choice (its ``variant``: ASR model and
+    normalizer, speaker encoder, MOS predictor) is part of the version, so two runs carry the
+    same version only when their numbers were made the same way. Loads no model."""
+    scorer = Scorer(metrics, config)
+    out = {}
+    for name in scorer.metrics:
+        v, var = scorer.specs[name].version, scorer.variant(name)
+        out[name] = f"{v}+{var}" if var else str(v)
+    return out
+
+
 def aggregate(rows: list[dict], scorer: Scorer) -> dict[str, dict]:
     """Per-metric aggregate entries over result rows (see :mod:`cbx.eval.schema`)."""
     cfg = scorer.config

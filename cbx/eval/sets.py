@@ -11,6 +11,11 @@
 - ``seed-tts-en``: Seed-TTS-eval ``test-en`` from a folder the user downloaded
   (``$CBX_SEED_TTS_DIR`` or ``get_eval_set("seed-tts-en", root=...)``), read from its
   ``meta.lst`` (``id|prompt text|prompt wav|target text``).
+- a path ending in ``.jsonl``: the user's own set, one utterance a line
+  (``{"prompt": wav, "text": target, "prompt_text"?: transcript, "id"?: name}``, paths relative
+  to the manifest). Its version is a hash of the manifest and of every file it names, so
+  editing a line or re-recording a prompt makes a new version; bad lines are errors naming the
+  line number (all of them, before any work).
 
 Loading is lazy: nothing is downloaded unless a network set is named, and offline those fail
 with a :class:`CbxError` that says what is missing. A set's version is bumped whenever its
@@ -124,7 +129,8 @@ def _seed_tts_en(root: str | os.PathLike | None = None, **_: object) -> EvalSet:
     return EvalSet("seed-tts-en", "1", items)
 
 
-def _librispeech_pc(pair_list: str | os.PathLike | None = None, cache: str | os.PathLike | None = None, **_: object) -> EvalSet:
+def _librispeech_pc(pair_list: str | os.PathLike | None = None, cache: str | os.PathLike | None = None,
+                    repo: str | os.PathLike | None = None, **_: object) -> EvalSet:
     pair_list = pair_list or os.environ.get("CBX_LIBRISPEECH_PC_LIST")
     if not pair_list or not Path(pair_list).expanduser().is_file():
         raise CbxError(
@@ -144,7 +150,7 @@ def _librispeech_pc(pair_list: str | os.PathLike | None = None, cache: str | os.
     except ImportError:
         raise CbxError("eval set 'librispeech-pc' needs the 'datasets' package (pip install datasets)") from None
     try:
-        ds = datasets.load_dataset("openslr/librispeech_asr", "clean", split="test")
+        ds = load_test_clean(datasets, str(repo) if repo else LIBRISPEECH_REPO)
     except Exception as e:  # offline, hub errors surface as many exception types
         raise CbxError(f"eval set 'librispeech-pc': cannot load LibriSpeech test-clean through datasets ({e})") from None
     from cbx.eval.assets import cache_dir
@@ -172,6 +178,97 @@ def _librispeech_pc(pair_list: str | os.PathLike | None = None, cache: str | os.
     return EvalSet("librispeech-pc", "1", items)
 
 
+LIBRISPEECH_REPO = "openslr/librispeech_asr"
+# The test-clean shard(s) of the Hub dataset's parquet conversion. ``load_dataset(repo, "clean",
+# split="test")`` would download and prepare every split of the "clean" config (train-clean-100
+# and -360 too, about 30 GB) to hand back 350 MB; naming the files reads only test-clean.
+LIBRISPEECH_TEST_CLEAN_FILES = "clean/test/*.parquet"
+# Pinned so the set cannot change under a version label (the revision two public eval scripts
+# pin for clean/test/0000.parquet, 350,452,636 bytes).
+LIBRISPEECH_REVISION = "71cacbfb7e2354c4226d01e70d77d5fca3d04ba1"
+
+
+def load_test_clean(datasets_module, repo: str = LIBRISPEECH_REPO):
+    """LibriSpeech test-clean as a ``datasets.Dataset``, reading only that split's files.
+    ``repo``: the Hub dataset, or a local folder in its layout (tests use a stand-in)."""
+    kw = {"revision": LIBRISPEECH_REVISION} if repo == LIBRISPEECH_REPO else {}
+    return datasets_module.load_dataset(repo, data_files={"test": LIBRISPEECH_TEST_CLEAN_FILES}, split="test", **kw)
+
+
+def _jsonl(path: Path) -> EvalSet:
+    """An own eval set from a JSONL manifest (see the module docstring)."""
+    import hashlib
+    import json
+
+    from cbx.files import sha256_file
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CbxError(f"eval.set {str(path)!r}: manifest not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CbxError(f"{path}: cannot read eval-set manifest ({e})") from None
+    base = path.parent
+    items: list[EvalItem] = []
+    bad: list[str] = []
+    seen: dict[str, int] = {}
+    h = hashlib.sha256()
+    file_hashes: dict[Path, str] = {}
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            bad.append(f"line {n}: not valid JSON ({e.msg})")
+            continue
+        if not isinstance(d, dict):
+            bad.append(f"line {n}: not a JSON object")
+            continue
+        unknown = sorted(set(d) - {"prompt", "text", "prompt_text", "id"})
+        if unknown:
+            bad.append(f"line {n}: unknown key {unknown[0]!r} (valid: prompt, text, prompt_text, id)")
+            continue
+        if not isinstance(d.get("text"), str) or not d["text"].strip():
+            bad.append(f"line {n}: 'text' must be a non-empty string")
+            continue
+        if not isinstance(d.get("prompt"), str) or not d["prompt"]:
+            bad.append(f"line {n}: 'prompt' must be the path of the voice prompt audio")
+            continue
+        if "prompt_text" in d and d["prompt_text"] is not None and not isinstance(d["prompt_text"], str):
+            bad.append(f"line {n}: 'prompt_text' must be a string")
+            continue
+        uid = d.get("id", f"line{n}")
+        if not isinstance(uid, str) or not uid.strip():
+            bad.append(f"line {n}: 'id' must be a non-empty string")
+            continue
+        if uid in seen:
+            bad.append(f"line {n}: duplicate id {uid!r} (first on line {seen[uid]})")
+            continue
+        prompt = (base / d["prompt"]).resolve()
+        if not prompt.is_file():
+            bad.append(f"line {n}: prompt file {d['prompt']!r} not found (paths are relative to the manifest)")
+            continue
+        seen[uid] = n
+        if prompt not in file_hashes:
+            file_hashes[prompt] = sha256_file(prompt)
+        # The version covers what each item is (text, prompt bytes), not where files live.
+        h.update(json.dumps([uid, d["text"], d.get("prompt_text"), file_hashes[prompt]]).encode("utf-8") + b"\n")
+        items.append(EvalItem(uid, d["text"], prompt, d.get("prompt_text")))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise CbxError(f"{path}: {len(bad)} bad line(s): " + "; ".join(bad[:3]) + more)
+    if not items:
+        raise CbxError(f"{path}: no items (one JSON object per line: prompt, text)")
+    return EvalSet(path.name, h.hexdigest()[:12], items)
+
+
+def is_manifest(name: str) -> bool:
+    """Whether an ``eval.set`` value names a JSONL manifest rather than a built-in set."""
+    return str(name).endswith(".jsonl")
+
+
 EVAL_SETS: dict[str, Callable[..., EvalSet]] = {
     "offline": _offline,
     "librispeech-pc": _librispeech_pc,
@@ -180,7 +277,10 @@ EVAL_SETS: dict[str, Callable[..., EvalSet]] = {
 
 
 def get_eval_set(name: str, **options: object) -> EvalSet:
-    """Build the eval set ``name``; options (``root``, ``pair_list``) go to network sets."""
+    """Build the eval set ``name`` (a built-in name or a ``.jsonl`` manifest path); options
+    (``root``, ``pair_list``) go to network sets."""
+    if is_manifest(name):
+        return _jsonl(Path(name))
     if name not in EVAL_SETS:
-        raise CbxError(f"unknown eval set {name!r}; valid choices: {', '.join(EVAL_SETS)}")
+        raise CbxError(f"unknown eval set {name!r}; valid choices: {', '.join(EVAL_SETS)}, or a path to a .jsonl manifest")
     return EVAL_SETS[name](**options)

@@ -158,27 +158,27 @@ class Backend:
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
                            int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
 
-    def metric_versions(self, metrics: Sequence[str] | None) -> dict[str, str]:
-        from cbx.eval.registry import metric_specs
+    def metric_versions(self, metrics: Sequence[str] | None, config=None) -> dict[str, str]:
+        """Versions with the scorer's model choices in them (``cbx.eval.scorer.metric_versions``)."""
+        from cbx.eval.scorer import metric_versions
 
-        specs = metric_specs()
-        names = list(metrics) if metrics is not None else sorted(specs)
-        return {n: specs[n].version for n in names if n in specs}
+        return metric_versions(list(metrics) if metrics is not None else None, config)
 
     def suite_version(self) -> str:
         from cbx.eval.schema import SUITE_VERSION
 
         return str(SUITE_VERSION)
 
-    def score(self, manifest: Path, out_dir: Path, metrics: Sequence[str] | None, eval_set: dict, progress: bool) -> dict:
+    def score(self, manifest: Path, out_dir: Path, metrics: Sequence[str] | None, eval_set: dict, progress: bool, config=None) -> dict:
         from cbx.eval.scorer import score_manifest
 
-        return score_manifest(manifest, out_dir, list(metrics) if metrics is not None else None, eval_set=eval_set, progress=progress)
+        return score_manifest(manifest, out_dir, list(metrics) if metrics is not None else None, config=config,
+                              eval_set=eval_set, progress=progress)
 
-    def merge_scores(self, parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None) -> dict:
+    def merge_scores(self, parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None, config=None) -> dict:
         from cbx.lab.shard import merge_scores
 
-        return merge_scores(parts, out_dir, order, metrics)
+        return merge_scores(parts, out_dir, order, metrics, config)
 
     def t3_logits(self, model, item: EvalItemView, speech_tokens: list[int], settings):
         import torch
@@ -360,7 +360,7 @@ class Runner:
             "hardware_id": hardware_id(hw),
             "hardware_label": hardware_label(hw),
             "eval_set": {"name": set_name, "version": set_version, "n_items": len(items)},
-            "metric_versions": b.metric_versions(exp.eval.metrics),
+            "metric_versions": b.metric_versions(exp.eval.metrics, exp.eval.scorer_config()),
             "eval_suite_version": b.suite_version(),
             "status": store.STATUS_RUNNING,
             "started_at": _now(),
@@ -520,17 +520,18 @@ class Runner:
         if self.shard.world == 1:
             path = run_dir / "manifest.jsonl"
             store.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in manifest))
-            self.backend.score(path, run_dir / "score", exp.eval.metrics, eval_set, show)
+            self.backend.score(path, run_dir / "score", exp.eval.metrics, eval_set, show, config=exp.eval.scorer_config())
             return
         # Each process scores its share; the main process merges the rows and aggregates once.
         path = run_dir / f"manifest-shard{self.shard.rank}.jsonl"
         store.atomic_write_text(path, "".join(json.dumps(m) + "\n" for m in self.shard.take(manifest)))
-        self.backend.score(path, run_dir / "score" / f"shard-{self.shard.rank}", exp.eval.metrics, eval_set, show)
+        self.backend.score(path, run_dir / "score" / f"shard-{self.shard.rank}", exp.eval.metrics, eval_set, show,
+                           config=exp.eval.scorer_config())
         self.shard.wait()
         if self.shard.is_main:
             store.atomic_write_text(run_dir / "manifest.jsonl", "".join(json.dumps(m) + "\n" for m in manifest))
             self.backend.merge_scores([run_dir / "score" / f"shard-{r}" for r in range(self.shard.world)], run_dir / "score",
-                                      [m["id"] for m in manifest], exp.eval.metrics)
+                                      [m["id"] for m in manifest], exp.eval.metrics, config=exp.eval.scorer_config())
         self.shard.wait()
 
     def _t3_fidelity(self, exp, model, device, settings, items, baseline: RunOutcome) -> dict[str, dict[str, float]]:

@@ -46,12 +46,44 @@ class Step:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    set: str = "offline"
+    """How a run is evaluated. Scorer choices (``asr``, ``speaker``, ``mos``, ``normalizer``)
+    default to the eval suite's own defaults (:class:`cbx.eval.scorer.ScorerConfig`, one place);
+    each is a name (``asr: large-v3``) or a mapping of that config's fields
+    (``asr: {model: large-v3, device: cuda, compute_type: float16}``)."""
+
+    set: str = "offline"  # a built-in set name, or a path to a .jsonl manifest (relative to the cwd)
     limit: int | None = None  # first N items of the set (None: all)
     metrics: tuple[str, ...] | None = None  # None: the scorer's default metrics
     samples: int = 4  # audio samples listed in the run folder for the leaderboard page
     t3_fidelity: bool = True  # teacher-forced T3 top-1 agreement / KL against the baseline
     warmup: int = 1  # untimed batches synthesized first (one-time costs would skew RTF)
+    asr: str | dict[str, Any] | None = None  # AsrConfig.model, or AsrConfig fields
+    speaker: str | dict[str, Any] | None = None  # SpeakerConfig.backend, or its fields
+    mos: str | dict[str, Any] | None = None  # MosConfig.backend, or its fields
+    normalizer: str | None = None  # WER text normalizer (AsrConfig.normalizer): whisper-en | seed-tts | f5-tts
+    max_failed: float = 0.05  # a run fails only when more than this share of utterances fail
+    timing_repeats: int = 1  # timed syntheses of the set (speed-up intervals need 2 or more)
+
+    def scorer_config(self, path: str = "eval"):
+        """The eval suite's :class:`ScorerConfig` these choices make (errors name the key)."""
+        from cbx.eval.metrics.asr import AsrConfig
+        from cbx.eval.metrics.mos import MosConfig
+        from cbx.eval.metrics.speaker import SpeakerConfig
+        from cbx.eval.scorer import ScorerConfig
+
+        def fields(value, short_field):  # `asr: large-v3` is `asr: {model: large-v3}`
+            return {short_field: value} if isinstance(value, str) else dict(value or {})
+
+        asr = fields(self.asr, "model")
+        if self.normalizer is not None:
+            if "normalizer" in asr:
+                raise CbxError(f"{path}.normalizer: set the normalizer once (it is also under {path}.asr)")
+            asr["normalizer"] = self.normalizer
+        return ScorerConfig(
+            asr=_scorer_part(AsrConfig, asr, f"{path}.asr"),
+            speaker=_scorer_part(SpeakerConfig, fields(self.speaker, "backend"), f"{path}.speaker"),
+            mos=_scorer_part(MosConfig, fields(self.mos, "backend"), f"{path}.mos"),
+        )
 
 
 @dataclass(frozen=True)
@@ -109,6 +141,10 @@ class Experiment:
             {"transform": n, "params": to_plain(c)} for n, c in self.transform_configs()
         ]
         d["synth"] = to_plain(self.synth_settings())
+        # The scorer configs in full (defaults filled in): a run scored otherwise is another run.
+        sc = self.eval.scorer_config()
+        d["eval"].update(asr=to_plain(sc.asr), speaker=to_plain(sc.speaker), mos=to_plain(sc.mos))
+        d["eval"]["normalizer"] = sc.asr.normalizer
         d["inputs"] = self.input_hashes()
         d["schema_version"] = SCHEMA_VERSION
         return d
@@ -116,12 +152,26 @@ class Experiment:
     def input_hashes(self) -> dict[str, str]:
         """Content hashes of files/folders that step parameters name (a student checkpoint):
         a retrained checkpoint at the same path is a different experiment, not a cached one."""
+        from cbx.eval.sets import get_eval_set, is_manifest
+
         out = {}
+        if is_manifest(self.eval.set):
+            # An own eval set's version hashes its lines and the files they name: a prompt
+            # re-recorded under the same name is another experiment, not a cached one.
+            out["eval.set"] = get_eval_set(self.eval.set).version
         for i, (_, cfg) in enumerate(self.transform_configs()):
             for k, v in to_plain(cfg).items():
                 if isinstance(v, str) and v and Path(v).exists():
                     out[f"steps[{i}].params.{k}"] = content_hash(Path(v))
         return out
+
+
+def _scorer_part(cls, data: dict, where: str):
+    try:
+        return from_mapping(cls, data, where)
+    except CbxError as e:  # the config's own check (a bad name) says what; this says where
+        msg = str(e)
+        raise CbxError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
 def content_hash(path: Path) -> str:
@@ -294,6 +344,11 @@ def validate(exp: Experiment, path: str = "") -> Experiment:
         raise CbxError(f"{_join(path, 'eval.warmup')}: expected 0 or more, got {exp.eval.warmup}")
     if exp.eval.samples < 0:
         raise CbxError(f"{_join(path, 'eval.samples')}: expected 0 or more, got {exp.eval.samples}")
+    if not 0.0 <= exp.eval.max_failed < 1.0:
+        raise CbxError(f"{_join(path, 'eval.max_failed')}: expected a share in [0, 1), got {exp.eval.max_failed}")
+    if exp.eval.timing_repeats < 1:
+        raise CbxError(f"{_join(path, 'eval.timing_repeats')}: expected 1 or more, got {exp.eval.timing_repeats}")
+    exp.eval.scorer_config(_join(path, "eval"))
     if "seed" in exp.synth:
         raise CbxError(f"{_join(path, 'synth.seed')}: set the top-level 'seed' instead (one place for it)")
     from cbx.engine.synth import SynthSettings

@@ -119,7 +119,8 @@ def from_environment() -> Shard:
     return Shard(state.process_index, state.num_processes, state)
 
 
-def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None = None) -> dict:
+def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str], metrics: Sequence[str] | None = None,
+                 config=None) -> dict:
     """Join shard score folders into the scorer's ``utterances.jsonl`` + ``aggregate.json``.
 
     Rows are put back in manifest order with their manifest line numbers (shard ``r`` of
@@ -156,7 +157,7 @@ def merge_scores(parts: Sequence[Path], out_dir: Path, order: Sequence[str], met
         "n_scored": len(ordered),
         "n_skipped": len(skipped),
         "skipped": skipped,
-        "metrics": aggregate(ordered, Scorer(metrics)),
+        "metrics": aggregate(ordered, Scorer(metrics, config)),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / schema.ROWS_FILE, "".join(schema.dumps(r) + "\n" for r in ordered))

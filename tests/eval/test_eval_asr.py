@@ -63,3 +63,40 @@ def test_asr_is_deterministic_and_resamples_once(asr_group, clips):
     assert (("audio", ASR_SR) in u._resampled) and len(u._resampled) == 1
     b = asr_group.score(Utterance("y", w.copy(), sr, t))
     assert a == b
+
+
+def test_seed_tts_and_f5_normalizers_strip_punctuation_and_case_only():
+    seed, f5, whisper = normalizer("seed-tts"), normalizer("f5-tts"), normalizer("whisper-en")
+    text = "Dr. Smith said: “It's 25 — not 30!” Isn’t it？"
+    # punctuation deleted (no space put in its place), case folded, ASCII apostrophe kept
+    assert seed(text) == "dr smith said it's 25 not 30 isnt it"
+    assert f5(text) == "dr smith said its 25 not 30 isnt it"
+    # numbers and spellings are not normalized: published Seed-TTS WERs count them as errors
+    assert error_counts(seed("It costs 25 dollars."), seed("it costs twenty five dollars")).errors == 2
+    assert error_counts(whisper("It costs 25 dollars."), whisper("it costs twenty five dollars")).errors == 0
+
+
+def test_asr_choices_enter_the_variant_and_bad_ones_are_refused():
+    from cbx.errors import CbxError
+    from cbx.eval.metrics.asr import AsrConfig
+
+    a, b = AsrConfig(), AsrConfig(normalizer="seed-tts")
+    assert a.variant != b.variant and "seed-tts" in b.variant
+    assert AsrConfig(model="tiny.en-offline") == AsrConfig(model="tiny.en")  # the older name
+    assert AsrConfig(model="large-v3", compute_type="float16").variant.startswith("whisper:large-v3:float16")
+    with pytest.raises(CbxError, match="valid choices are whisper-en, seed-tts"):
+        AsrConfig(normalizer="lower")
+
+
+def test_seed_tts_normalizer_wer_on_real_speech(asr_group, clips):
+    """The shipped ASR on real read speech under Seed-TTS-eval's normalizer: higher than under
+    Whisper's (numbers, spellings count), still low for clean read speech."""
+    from cbx.eval.metrics.asr import AsrConfig, AsrGroup
+
+    g = AsrGroup(AsrConfig(normalizer="seed-tts"))
+    g._model, g._norm = asr_group._model, normalizer("seed-tts")  # the same loaded model
+    w_seed = [g.score(Utterance(f"c{i}", w, sr, t)).get("wer") for i, ((w, sr), t) in enumerate(clips[:10])]
+    w_wh = [asr_group.score(Utterance(f"c{i}", w, sr, t)).get("wer") for i, ((w, sr), t) in enumerate(clips[:10])]
+    assert all(s is not None for s in w_seed)
+    assert np.mean(w_seed) >= np.mean(w_wh) - 1e-9
+    assert np.mean(w_seed) <= 0.25

@@ -92,3 +92,101 @@ def test_librispeech_pc_list_is_validated_before_any_download(tmp_path):
     lst.write_text("a\tb\tc\n", encoding="utf-8")
     with pytest.raises(CbxError, match=r"pairs.lst:1"):
         get_eval_set("librispeech-pc", pair_list=lst)
+
+
+def _manifest(tmp_path, lines):
+    import json
+
+    p = tmp_path / "set" / "my.jsonl"
+    p.parent.mkdir(exist_ok=True)
+    p.write_text("".join((json.dumps(x) if not isinstance(x, str) else x) + "\n" for x in lines), encoding="utf-8")
+    return p
+
+
+def test_own_jsonl_set_paths_relative_to_it_and_versioned_by_content(tmp_path):
+    import shutil
+
+    (p1, t1), (p2, _) = assets.real_speech_clips(2)
+    d = tmp_path / "set" / "voices"
+    d.mkdir(parents=True)
+    shutil.copy(p1, d / "a.wav")
+    shutil.copy(p2, d / "b.wav")
+    m = _manifest(tmp_path, [
+        {"prompt": "voices/a.wav", "text": "Hello there.", "prompt_text": t1},
+        "",
+        {"prompt": "voices/b.wav", "text": "Second one.", "id": "second"},
+    ])
+    s = get_eval_set(str(m))
+    assert s.name == "my.jsonl" and len(s) == 2
+    assert [it.id for it in s.items] == ["line1", "second"]
+    assert s.items[0].prompt_path == (d / "a.wav").resolve() and s.items[0].prompt_text == t1
+    v1 = s.version
+    assert get_eval_set(str(m)).version == v1  # deterministic
+    shutil.copy(p1, d / "b.wav")  # same lines, another recording under the same name
+    assert get_eval_set(str(m)).version != v1
+    # moving the whole set elsewhere keeps its version (content, not location)
+    shutil.copytree(tmp_path / "set", tmp_path / "moved")
+    assert get_eval_set(str(tmp_path / "moved" / "my.jsonl")).version == get_eval_set(str(m)).version
+
+
+def test_own_jsonl_set_reports_every_bad_line_by_number(tmp_path):
+    (p1, _), = assets.real_speech_clips(1)
+    import shutil
+
+    (tmp_path / "set").mkdir()
+    shutil.copy(p1, tmp_path / "set" / "a.wav")
+    m = _manifest(tmp_path, [
+        {"prompt": "a.wav", "text": "fine"},
+        "{not json",
+        {"prompt": "missing.wav", "text": "x"},
+        {"prompt": "a.wav"},
+        {"prompt": "a.wav", "text": "y", "speaker": "z"},
+    ])
+    with pytest.raises(CbxError) as e:
+        get_eval_set(str(m))
+    msg = str(e.value)
+    assert "4 bad line(s)" in msg and "line 2: not valid JSON" in msg and "line 3: prompt file 'missing.wav' not found" in msg
+    assert "line 4: 'text'" in msg and "and 1 more" in msg
+    with pytest.raises(CbxError, match="manifest not found"):
+        get_eval_set(str(tmp_path / "nope.jsonl"))
+
+
+def test_librispeech_pc_reads_only_the_test_clean_files(tmp_path, monkeypatch):
+    """A local stand-in in the Hub dataset's layout: test-clean is a real parquet file, every
+    other split is a file that cannot be read. Loading the set succeeds, so no other split
+    was opened."""
+    import io
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from cbx.eval import sets
+
+    (p1, t1), = assets.real_speech_clips(1)
+    wav, sr = read_audio(p1)
+    buf = io.BytesIO()
+    sf.write(buf, wav, sr, format="FLAC")
+    repo = tmp_path / "librispeech_asr"
+    (repo / "clean" / "test").mkdir(parents=True)
+    table = pa.table({
+        "id": ["1-2-0001", "1-2-0002"],
+        "text": ["PROMPT ONE", "TARGET TWO"],
+        "audio": [{"bytes": buf.getvalue(), "path": "a.flac"}, {"bytes": buf.getvalue(), "path": "b.flac"}],
+    })
+    pq.write_table(table, repo / "clean" / "test" / "0000.parquet")
+    for split in ("train.100", "train.360", "validation"):
+        (repo / "clean" / split).mkdir(parents=True)
+        (repo / "clean" / split / "0000.parquet").write_bytes(b"not a parquet file: reading it fails")
+    pairs = tmp_path / "pairs.lst"
+    pairs.write_text("1-2-0001\t5.0\tPrompt one.\t1-2-0002\t6.0\tTarget two.\n")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    s = sets.get_eval_set("librispeech-pc", pair_list=str(pairs), cache=str(tmp_path / "cache"), repo=str(repo))
+    assert [(it.id, it.text, it.prompt_text) for it in s.items] == [("1-2-0002", "Target two.", "Prompt one.")]
+    got, gsr = read_audio(s.items[0].prompt_path)
+    assert gsr == sr and np.allclose(got, wav, atol=1e-4)
+    # the stand-in's other splits really are unreadable: touching one would have failed
+    with pytest.raises(Exception):
+        datasets.load_dataset(str(repo), data_files={"train": "clean/train.100/*.parquet"}, split="train",
+                              cache_dir=str(tmp_path / "hf-cache2"))

@@ -106,10 +106,10 @@ class FakeBackend(Backend):
     def suite_version(self):
         return "fake"
 
-    def metric_versions(self, metrics):
+    def metric_versions(self, metrics, config=None):
         return {"wer": "fake", "speaker_sim": "fake"}
 
-    def score(self, manifest, out_dir, metrics, eval_set, progress):
+    def score(self, manifest, out_dir, metrics, eval_set, progress, config=None):
         """Writes the eval suite's result schema (rows with a metrics dict; aggregate entries)."""
         manifest = Path(manifest)
         lines = [json.loads(x) for x in manifest.read_text().splitlines() if x.strip()]

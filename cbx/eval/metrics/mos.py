@@ -47,9 +47,16 @@ SPECS = [
 ]
 
 
+BACKENDS = ("dnsmos", "distillmos")
+
+
 @dataclass(frozen=True)
 class MosConfig:
-    backend: str = "dnsmos"  # "dnsmos" | "distillmos"
+    backend: str = "dnsmos"  # one of BACKENDS
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise CbxError(f"MOS backend {self.backend!r}: valid choices are {', '.join(BACKENDS)}")
 
     @property
     def variant(self) -> str:
@@ -121,8 +128,6 @@ class MosGroup:
 
     def __init__(self, config: MosConfig | None = None):
         self.config = config or MosConfig()
-        if self.config.backend not in ("distillmos", "dnsmos"):
-            raise CbxError(f"MOS backend {self.config.backend!r}: valid choices are dnsmos, distillmos")
         self.variant = self.config.variant
         self._model = None
 

@@ -37,11 +37,18 @@ SPECS = [
 ]
 
 
+BACKENDS = ("resemblyzer", "wavlm")
+
+
 @dataclass(frozen=True)
 class SpeakerConfig:
-    backend: str = "resemblyzer"  # "resemblyzer" (offline) | "wavlm" (Hub model)
-    wavlm_model: str = "microsoft/wavlm-base-plus-sv"
+    backend: str = "resemblyzer"  # one of BACKENDS; resemblyzer is the only offline one
+    wavlm_model: str = "microsoft/wavlm-base-plus-sv"  # backend "wavlm": a Hub x-vector model
     device: str = "cpu"
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise CbxError(f"speaker backend {self.backend!r}: valid choices are {', '.join(BACKENDS)}")
 
     @property
     def variant(self) -> str:
@@ -73,8 +80,6 @@ class SpeakerGroup:
 
     def __init__(self, config: SpeakerConfig | None = None):
         self.config = config or SpeakerConfig()
-        if self.config.backend not in ("resemblyzer", "wavlm"):
-            raise CbxError(f"speaker backend {self.config.backend!r}: valid choices are resemblyzer, wavlm")
         self.variant = self.config.variant
         self._enc = None
         self._prompt_cache: dict[str, np.ndarray | None] = {}
