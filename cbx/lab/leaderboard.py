@@ -5,13 +5,30 @@ never typed by hand, as in lm-evaluation-harness). Rows are grouped by what make
 comparable: eval set and version, metric versions, and hardware. Rows are ranked only inside
 a group; a failed run (NaN or silent outputs) is listed with its reason and never ranked.
 
+What a reader sees is decided in one place, :data:`COLUMNS`: each :class:`Column` declares its
+short header (the terminal's default table fits 120 characters), its full header (``--wide``,
+CSV, HTML), a one-line legend, its direction, where its interval comes from and why a cell
+may be empty. Other parts of the workbench add columns with :func:`register_column` (a
+``value`` function reading the run record), so the terminal, Markdown, CSV, HTML and W&B
+tables all gain them at once. Why it is built so:
+
+* **Nothing unexplained.** Every "-" carries a reason (a footnote letter in text tables, a
+  tooltip in HTML): the metric was not requested, no utterance gave a value (with the metric's
+  known cause), the baseline lacks it, the run failed.
+* **Noise is not a result.** A baseline-relative value with an interval (the paired statistics
+  in ``run.json``'s ``paired`` section) that contains "no change" is marked ``≈`` and ranked
+  level with its baseline rather than above or below it.
+* **Random weights are said out loud.** Built-in tiny / ``random:`` models make noise, not
+  speech: their WER, SIM and MOS mean nothing. Such groups get a banner and are sorted by
+  fidelity to the baseline (mel L1) unless another sort is asked for.
+
 Baseline-relative columns use the pairing the runner recorded (``baseline_run``): WER change
 (absolute points), speaker-similarity ratio, speed-up (baseline RTF / RTF), size ratio. The
 metric directions come from the metric registry, never from a column name.
 
 Outputs: a terminal table, Markdown, CSV, a self-contained HTML page (inline CSS/JS, sortable
-columns, audio players linking to the runs' samples or embedding them) and Pareto-front PNGs
-(speed-up vs WER change, size vs similarity) drawn with matplotlib's Agg backend.
+columns, sticky run column, per-utterance players of the compressed clip beside its
+baseline's) and Pareto-front PNGs drawn with matplotlib's Agg backend.
 """
 
 from __future__ import annotations
@@ -23,6 +40,7 @@ import io
 import json
 import math
 import os
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,38 +54,107 @@ SIM_KEYS = ("speaker_sim", "sim", "speaker_similarity")
 MOS_KEYS = ("mos", "distillmos", "dnsmos")
 ARTIFACT_KEYS = ("click_count", "clip_events", "pause_noise_count", "spillover_flag", "dc_flag", "nonfinite_count")
 DEFAULT_SORT = "wer_delta"
+FIDELITY_SORT = "mel_l1"  # groups of random-weight models (quality metrics mean nothing there)
+TERMINAL_WIDTH = 120
+
+# Known causes of a metric with no value (the eval suite's own thresholds, said in words).
+MISSING_CAUSES = {
+    "speaker_sim": "the speaker encoder found under 0.3 s of speech in the outputs",
+    "t3_top1_agreement": "long texts split into chunks are not teacher-forced",
+    "t3_kl": "long texts split into chunks are not teacher-forced",
+}
 
 
 @dataclass(frozen=True)
 class Column:
+    """One leaderboard column.
+
+    ``header`` is the short form (terminal default), ``wide`` the full one; ``legend`` is one
+    line for the legend and tooltips. ``null`` is the value meaning "no change" for a
+    baseline-relative column (0 for a difference, 1 for a ratio): an interval that contains it
+    is within noise. ``value(record, baseline_record)`` computes the cell for columns added
+    by :func:`register_column`; ``reason(record, baseline_record)`` says why it may be empty.
+    ``terminal``: in the default terminal table; ``width``: longest text shown there (cut with
+    "…"); ``kind``: id | fidelity | quality | cost | info (orders the default table).
+    """
+
     key: str
-    label: str
+    header: str
+    wide: str = ""
+    legend: str = ""
     fmt: str = "{:.3g}"
     higher_is_better: bool | None = None  # None: not a ranking quantity
+    null: float | None = None
+    terminal: bool = True
+    width: int | None = None
+    kind: str = "info"
+    value: Callable[[dict, dict | None], Any] | None = None
+    reason: Callable[[dict, dict | None], str | None] | None = None
+
+    @property
+    def label(self) -> str:  # the full header (kept for callers of the earlier API)
+        return self.wide or self.header
+
+    @property
+    def numeric(self) -> bool:
+        return self.higher_is_better is not None or self.key in ("rank",)
 
 
-COLUMNS: tuple[Column, ...] = (
-    Column("rank", "#", "{}"),
-    Column("name", "run", "{}"),
-    Column("method", "method", "{}"),
-    Column("status", "status", "{}"),
-    Column("wer", "WER", "{:.3f}", False),
-    Column("wer_delta", "ΔWER", "{:+.3f}", False),
-    Column("sim", "SIM", "{:.3f}", True),
-    Column("sim_ratio", "SIM×", "{:.3f}", True),
-    Column("mos", "MOS", "{:.2f}", True),
-    Column("artifacts", "artifacts/utt", "{:.2f}", False),
-    Column("rtf", "RTF", "{:.3g}", False),
-    Column("speedup", "speed-up", "{:.2f}×", True),
-    Column("peak_mem_mib", "peak MiB", "{:.0f}", False),
-    Column("work_mem_mib", "+mem MiB", "{:.0f}", False),
-    Column("size_mib", "size MiB", "{:.1f}", False),
-    Column("size_ratio", "size×", "{:.3f}", False),
-    Column("t3_top1_agreement", "T3 top-1", "{:.3f}", True),
-    Column("mel_l1", "mel L1", "{:.3f}", False),
-    Column("run_id", "run id", "{}"),
-)
-COLS = {c.key: c for c in COLUMNS}
+_MEM_LEGEND = ("weights + peak working memory of the run's own synthesis, MiB "
+               "(CUDA: max_memory_allocated reset per run; CPU: RSS growth over the run's start)")
+
+COLUMNS: list[Column] = [
+    Column("rank", "#", "rank", "rank inside the group by the sort column (= : level with the baseline within noise)", "{}", kind="id"),
+    Column("run_id", "run id", "run id", "run folder name under the results folder (experiment name + config hash)", "{}", kind="id"),
+    Column("name", "run", "experiment", "experiment name", "{}", terminal=False, kind="id"),
+    Column("method_short", "method", "method (short)", "compression steps, short form (full label: --wide, CSV, HTML)", "{}",
+           width=20, kind="id"),
+    Column("method", "method", "method", "compression steps with every non-default parameter", "{}", terminal=False, kind="id"),
+    Column("status", "status", "status", "done, or failed (not ranked; reason below the table)", "{}", terminal=False, kind="id"),
+    Column("t3_top1_agreement", "top1", "T3 top-1 agreement", "T3 next-token top-1 agreement with the baseline, teacher-forced on its tokens (1 = same)",
+           "{:.3f}", True, 1.0, kind="fidelity"),
+    Column("t3_kl", "KL", "T3 KL (nats)", "KL(baseline || run) of T3's next-token distributions, nats per token (0 = same)", "{:.3g}", False, 0.0,
+           kind="fidelity"),
+    Column("mel_l1", "melL1", "mel L1", "mean |log-mel difference| from the baseline's audio of the same utterance (0 = same)", "{:.3f}", False, 0.0,
+           kind="fidelity"),
+    Column("wer", "WER", "WER", "word error rate of the ASR transcript (0-1+)", "{:.3f}", False, terminal=False, kind="quality"),
+    Column("wer_delta", "ΔWER", "ΔWER (points vs baseline)", "WER minus the baseline's WER (negative is better)", "{:+.3f}", False, 0.0,
+           kind="quality"),
+    Column("sim", "SIM", "speaker similarity", "cosine similarity of speaker embeddings, output vs voice prompt", "{:.3f}", True,
+           terminal=False, kind="quality"),
+    Column("sim_ratio", "SIM×", "SIM ratio vs baseline", "speaker similarity / the baseline's (1 = same)", "{:.3f}", True, 1.0, kind="quality"),
+    Column("mos", "MOS", "MOS (predicted)", "predicted mean opinion score, 1-5", "{:.2f}", True, kind="quality"),
+    Column("artifacts", "art", "artifacts / utt", "artifact events per utterance (clicks, clipping, noisy pauses, ...)", "{:.2f}", False,
+           terminal=False, kind="quality"),
+    Column("rtf", "RTF", "real-time factor", "synthesis seconds per second of audio (below 1: faster than real time)", "{:.3g}", False,
+           terminal=False, kind="cost"),
+    Column("speedup", "speed", "speed-up vs baseline", "baseline RTF / RTF (above 1: faster)", "{:.2f}×", True, 1.0, kind="cost"),
+    Column("size_mib", "MiB", "weights MiB", "bytes of weights the model holds in memory, MiB", "{:.1f}", False, terminal=False, kind="cost"),
+    Column("size_ratio", "size×", "size ratio vs baseline", "weight bytes / the baseline's", "{:.3f}", False, 1.0, kind="cost"),
+    Column("mem_mib", "memMiB", "memory MiB (weights + work)", _MEM_LEGEND, "{:.0f}", False, kind="cost"),
+    Column("work_mem_mib", "work", "working memory MiB", "peak memory of the run's own synthesis above what was in use at its start, MiB",
+           "{:.0f}", False, terminal=False, kind="cost"),
+]
+COLS: dict[str, Column] = {c.key: c for c in COLUMNS}
+
+
+def register_column(col: Column, after: str | None = None) -> Column:
+    """Add (or replace) a column; ``after``: the key it follows (default: the end).
+
+    Its cells come from ``col.value(record, baseline_record)`` (None shows "-" with
+    ``col.reason(...)`` as the reason). Idempotent, so a module may register at import time."""
+    if col.key in COLS:
+        COLUMNS[[c.key for c in COLUMNS].index(col.key)] = col
+    elif after is not None and after in COLS:
+        COLUMNS.insert([c.key for c in COLUMNS].index(after) + 1, col)
+    else:
+        COLUMNS.append(col)
+    COLS[col.key] = col
+    return col
+
+
+def ranking_keys() -> list[str]:
+    return [c.key for c in COLUMNS if c.higher_is_better is not None]
 
 
 # ---------------------------------------------------------------- rows
@@ -85,11 +172,21 @@ def _metrics_of(rec: dict) -> dict[str, float]:
     return out
 
 
+def _metric_entries(rec: dict) -> dict[str, dict]:
+    agg = rec.get("aggregate") or {}
+    src = agg.get("metrics", {}) if isinstance(agg, dict) else {}
+    return {k: v for k, v in src.items() if isinstance(v, dict)}
+
+
 def _first(m: dict[str, float], keys: Sequence[str]) -> float | None:
     for k in keys:
         if k in m:
             return m[k]
     return None
+
+
+def _first_key(m: dict, keys: Sequence[str]) -> str | None:
+    return next((k for k in keys if k in m), None)
 
 
 def _defaults(transform: str) -> dict:
@@ -104,20 +201,52 @@ def _defaults(transform: str) -> dict:
         return {}
 
 
+def _changed(step: dict) -> dict:
+    params = step.get("params") or {}
+    dflt = _defaults(step["transform"])
+    return {k: v for k, v in params.items() if (k not in dflt or dflt[k] != v) and not isinstance(v, (list, dict))}
+
+
 def method_label(rec: dict) -> str:
     steps = (rec.get("config") or {}).get("steps") or []
     if not steps:
         return "baseline"
     parts = []
     for s in steps:
-        params = s.get("params") or {}
-        dflt = _defaults(s["transform"])
-        short = ",".join(
-            f"{k}={v}" for k, v in params.items()
-            if (k not in dflt or dflt[k] != v) and not isinstance(v, (list, dict))
-        )
+        short = ",".join(f"{k}={v}" for k, v in _changed(s).items())
         parts.append(f"{s['transform']}({short})" if short else s["transform"])
     return " + ".join(parts)
+
+
+# Short names for transforms and parameters in the terminal's method column.
+SHORT_TRANSFORMS = {"int8_weight_only": "int8", "int4_weight_only": "int4", "fp8_cfm": "fp8cfm", "cfm_student": "student"}
+SHORT_PARAMS = {"group_size": "g", "method": "", "steps": "s", "checkpoint": None, "targets": None, "ignore": None}
+
+
+def method_short(rec: dict) -> str:
+    """``int4 g32 gptq + fp8cfm``: transform abbreviations and changed parameters, no paths."""
+    steps = (rec.get("config") or {}).get("steps") or []
+    if not steps:
+        return "baseline"
+    parts = []
+    for s in steps:
+        name = SHORT_TRANSFORMS.get(s["transform"], s["transform"].replace("_weight_only", ""))
+        bits = []
+        for k, v in _changed(s).items():
+            tag = SHORT_PARAMS.get(k, k + "=")
+            if tag is None or (isinstance(v, str) and ("/" in v or len(v) > 12)):
+                continue
+            bits.append(f"{tag}{v}" if tag != "s" else f"{v}s")
+        parts.append(" ".join([name] + bits))
+    return "+".join(parts)
+
+
+def is_random_weights(rec: dict) -> bool:
+    """Built-in tiny models and ``random:`` sources have random weights (noise, not speech)."""
+    if rec.get("random_weights") is not None:
+        return bool(rec["random_weights"])
+    model = str((rec.get("config") or {}).get("model") or "")
+    return model.startswith("tiny") or model.startswith("random:")
 
 
 def group_key(rec: dict) -> tuple[str, str]:
@@ -140,9 +269,60 @@ def _delta(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
+def _ci(entry: Any) -> tuple[float, float] | None:
+    ci = entry.get("ci95") if isinstance(entry, dict) else None
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in ci):
+        return float(ci[0]), float(ci[1])
+    return None
+
+
+def _metric_reason(rec: dict, names: Sequence[str], label: str) -> str:
+    """Why a run has no value for a metric."""
+    if rec.get("status") == store.STATUS_FAILED:
+        return "run failed (not scored)"
+    requested = rec.get("metric_versions")
+    entries = _metric_entries(rec)
+    name = _first_key(entries, names) or (names[0] if names else label)
+    if requested is not None and not any(n in requested for n in names):
+        return "not measured (not in eval.metrics)"
+    e = entries.get(name)
+    if e is not None and not e.get("n"):
+        cause = MISSING_CAUSES.get(name)
+        return "no utterance gave a value" + (f" ({cause})" if cause else "")
+    return f"{label} is not in this run's scores"
+
+
+def _memory(speed: dict, size: int | None) -> tuple[float | None, float | None]:
+    """(weights + working memory, working memory) in MiB: the run's own figures only."""
+    work = speed.get("work_mem_bytes")
+    if work is None:
+        return None, None
+    return ((size or 0) + work) / 2**20, work / 2**20
+
+
+def _samples(rec: dict, base: dict | None, run_dir: Path, results_root: Path) -> list[dict]:
+    """Listed samples with their text, prompt and the baseline's clip of the same utterance."""
+    out = []
+    base_dir = results_root / base["run_id"] if base and base.get("run_id") else None
+    for s in rec.get("samples") or []:
+        uid = Path(s).stem
+        info: dict[str, Any] = {"id": uid, "audio": str(run_dir / s), "text": None, "prompt": None, "baseline_audio": None}
+        try:
+            row = json.loads((run_dir / "synth" / f"{uid}.json").read_text())
+            info.update(id=row.get("id", uid), text=row.get("text"), prompt=row.get("prompt"))
+        except (OSError, ValueError):
+            pass
+        if base_dir is not None and (base_dir / s).is_file():
+            info["baseline_audio"] = str(base_dir / s)
+        out.append(info)
+    return out
+
+
 def row_of(rec: dict, base: dict | None, run_dir: Path) -> dict[str, Any]:
+    """The leaderboard row of one run record (and its baseline's record, when paired)."""
     m = _metrics_of(rec)
     bm = _metrics_of(base) if base else {}
+    entries = _metric_entries(rec)
     speed = rec.get("speed") or {}
     bspeed = (base or {}).get("speed") or {}
     wer, bwer = _first(m, WER_KEYS), _first(bm, WER_KEYS)
@@ -151,37 +331,127 @@ def row_of(rec: dict, base: dict | None, run_dir: Path) -> dict[str, Any]:
     size = rec.get("model_bytes")
     bsize = (base or {}).get("model_bytes")
     rtf, brtf = speed.get("rtf"), bspeed.get("rtf")
+    mem, work = _memory(speed, size)
+    is_base = bool(rec.get("is_baseline"))
     gk, gl = group_key(rec)
-    return {
+    row: dict[str, Any] = {
         "run_id": rec.get("run_id", run_dir.name),
         "name": rec.get("name"),
         "model": (rec.get("config") or {}).get("model"),
         "method": method_label(rec),
+        "method_short": method_short(rec),
         "status": rec.get("status"),
         "failure": rec.get("failure"),
-        "is_baseline": bool(rec.get("is_baseline")),
+        "is_baseline": is_base,
+        "random_weights": is_random_weights(rec),
         "baseline_run": rec.get("baseline_run"),
         "group": gk,
         "group_label": gl,
         "wer": wer,
-        "wer_delta": _delta(wer, bwer) if base else (0.0 if wer is not None and rec.get("is_baseline") else None),
+        "wer_delta": _delta(wer, bwer) if base else (0.0 if wer is not None and is_base else None),
         "sim": sim,
-        "sim_ratio": _ratio(sim, bsim) if base else (1.0 if sim is not None and rec.get("is_baseline") else None),
+        "sim_ratio": _ratio(sim, bsim) if base else (1.0 if sim is not None and is_base else None),
         "mos": _first(m, MOS_KEYS),
         "artifacts": sum(arts) if arts else None,
         "rtf": rtf,
-        "speedup": _ratio(brtf, rtf) if base else (1.0 if rtf else None),
+        "speedup": _ratio(brtf, rtf) if base else (1.0 if rtf and is_base else None),
         "peak_mem_mib": (speed.get("peak_mem_bytes") or 0) / 2**20 or None,
-        "work_mem_mib": speed["work_mem_bytes"] / 2**20 if speed.get("work_mem_bytes") is not None else None,
+        "mem_mib": mem,
+        "work_mem_mib": work,
         "size_mib": size / 2**20 if size else None,
-        "size_ratio": _ratio(size, bsize) if base else (1.0 if size else None),
+        "size_ratio": _ratio(size, bsize) if base else (1.0 if size and is_base else None),
         "t3_top1_agreement": m.get("t3_top1_agreement"),
+        "t3_kl": m.get("t3_kl"),
         "mel_l1": m.get("mel_l1"),
         "samples": [str(run_dir / s) for s in rec.get("samples") or []],
+        "sample_info": _samples(rec, base, run_dir, run_dir.parent),
         "seed": rec.get("seed"),
         "commit": (rec.get("git") or {}).get("commit"),
         "finished_at": rec.get("finished_at"),
     }
+    # Intervals: absolute metrics from the scorer's bootstrap, baseline-relative ones from the
+    # paired statistics (record["paired"][column key] = {"value", "ci95": [lo, hi]}).
+    for key, names in (("wer", WER_KEYS), ("sim", SIM_KEYS), ("mos", MOS_KEYS)):
+        k = _first_key(entries, names)
+        if k and _ci(entries[k]):
+            row[f"{key}_ci"] = _ci(entries[k])
+    for k in ("t3_top1_agreement", "t3_kl", "mel_l1"):
+        if k in entries and _ci(entries[k]):
+            row[f"{k}_ci"] = _ci(entries[k])
+    for key, entry in (rec.get("paired") or {}).items():
+        if isinstance(entry, dict):
+            v = entry.get("value")
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                row[key] = float(v)
+            if _ci(entry):
+                row[f"{key}_ci"] = _ci(entry)
+    for col in COLUMNS:
+        if col.value is not None:
+            try:
+                row[col.key] = col.value(rec, base)
+            except Exception as e:  # one bad record must not take the board down; say so in the cell's reason
+                row[col.key] = None
+                row.setdefault("why", {})[col.key] = f"cannot read ({type(e).__name__}: {e})"
+    row["why"] = {**_reasons(rec, base, row), **row.get("why", {})}
+    row["noise"] = {c.key: True for c in COLUMNS if c.null is not None and _within_noise(row, c)}
+    return row
+
+
+def _within_noise(row: dict, col: Column) -> bool:
+    ci = row.get(f"{col.key}_ci")
+    return bool(ci and not row.get("is_baseline") and ci[0] <= col.null <= ci[1])
+
+
+def _reasons(rec: dict, base: dict | None, row: dict) -> dict[str, str]:
+    """A reason for every empty cell of the row."""
+    why: dict[str, str] = {}
+    failed = rec.get("status") == store.STATUS_FAILED
+    paired = base is not None or row["is_baseline"]
+    no_base = "no finished baseline paired with this run" if rec.get("baseline_run") else "run has no baseline (baseline: false)"
+    metric_cols = {"wer": (WER_KEYS, "WER"), "sim": (SIM_KEYS, "SIM"), "mos": (MOS_KEYS, "MOS")}
+    for key, (names, label) in metric_cols.items():
+        if row.get(key) is None:
+            why[key] = _metric_reason(rec, names, label)
+    for key, src in (("wer_delta", "wer"), ("sim_ratio", "sim")):
+        if row.get(key) is None:
+            if row.get(src) is None:
+                why[key] = why[src]
+            elif not paired:
+                why[key] = no_base
+            else:
+                why[key] = f"the baseline has no {COLS[src].header} ({_metric_reason(base, metric_cols[src][0], COLS[src].header)})"
+    for key in ("t3_top1_agreement", "t3_kl", "mel_l1"):
+        if row.get(key) is None:
+            if row["is_baseline"]:
+                why[key] = "baseline: fidelity is measured against it"
+            elif failed:
+                why[key] = "run failed (not scored)"
+            elif not paired:
+                why[key] = no_base
+            else:
+                why[key] = _metric_reason(rec, (key,), COLS[key].header)
+    if row.get("artifacts") is None:
+        why["artifacts"] = "run failed (not scored)" if failed else "artifact metrics not in this run's scores"
+    cost_missing = "run failed before timing" if failed else "not recorded by this run"
+    for key in ("rtf", "size_mib"):
+        if row.get(key) is None:
+            why[key] = cost_missing
+    if row.get("mem_mib") is None:
+        why["mem_mib"] = why["work_mem_mib"] = "no per-run working memory in this run's record (older record)" if not failed else cost_missing
+    for key, src in (("speedup", "rtf"), ("size_ratio", "size_mib")):
+        if row.get(key) is None:
+            why[key] = why.get(src) or (no_base if not paired else "the baseline has no value")
+    if row.get("rank") is None and row.get("status") != store.STATUS_DONE:
+        why["rank"] = "failed runs are not ranked"
+    for col in COLUMNS:
+        if col.reason is not None and row.get(col.key) is None:
+            try:
+                r = col.reason(rec, base)
+            except Exception:
+                r = None
+            if r:
+                why[col.key] = r
+    return why
 
 
 def collect(results: str | Path) -> list[dict[str, Any]]:
@@ -194,55 +464,86 @@ def collect(results: str | Path) -> list[dict[str, Any]]:
         if rec.get("status") not in (store.STATUS_DONE, store.STATUS_FAILED):
             continue
         base = None
-        if rec.get("is_baseline"):
-            base = None
-        elif rec.get("baseline_run"):
+        if not rec.get("is_baseline") and rec.get("baseline_run"):
             base = by_id.get(rec["baseline_run"])
         rows.append(row_of(rec, base, d))
-    return rank(rows)
+    return rank(rows, None)
 
 
-def rank(rows: list[dict], sort: str = DEFAULT_SORT) -> list[dict]:
-    """Sort and number rows inside each group; failed rows last, without a rank."""
-    col = COLS.get(sort)
-    if col is None or col.higher_is_better is None:
-        from cbx.errors import CbxError
+def sort_for(rows: list[dict], sort: str | None) -> str:
+    """The sort column of a group: the one asked for, else fidelity for random weights."""
+    if sort:
+        return sort
+    return FIDELITY_SORT if rows and all(r.get("random_weights") for r in rows) else DEFAULT_SORT
 
-        valid = [c.key for c in COLUMNS if c.higher_is_better is not None]
-        raise CbxError(f"--sort {sort!r}: not a ranking column; valid choices: {', '.join(valid)}")
+
+def rank(rows: list[dict], sort: str | None = None) -> list[dict]:
+    """Sort and number rows inside each group; failed rows last, without a rank.
+
+    ``sort=None``: :data:`DEFAULT_SORT`, or :data:`FIDELITY_SORT` in a group whose rows all
+    come from random-weight models. A value whose interval contains "no change" (``row["noise"]``)
+    is ranked as if it were the baseline's, and shares the baseline's rank."""
+    if sort is not None:
+        col = COLS.get(sort)
+        if col is None or col.higher_is_better is None:
+            from cbx.errors import CbxError
+
+            raise CbxError(f"--sort {sort!r}: not a ranking column; valid choices: {', '.join(ranking_keys())}")
     out = []
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
     for g in sorted(groups):
+        key = sort_for(groups[g], sort)
+        col = COLS[key]
         ok = [r for r in groups[g] if r["status"] == store.STATUS_DONE]
         bad = [r for r in groups[g] if r["status"] != store.STATUS_DONE]
 
         def k(r):
-            v = r.get(sort)
+            v = r.get(key)
+            if v is None and r.get("is_baseline") and col.null is not None:
+                v = col.null  # the baseline is the reference of a relative/fidelity column
             if v is None:
                 return (1, 0.0, r["name"] or "")
+            if col.null is not None and (r.get("noise") or {}).get(key):
+                v = col.null  # within noise: level with the baseline
             return (0, -v if col.higher_is_better else v, r["name"] or "")
 
         ok.sort(key=k)
+        prev, prev_rank = None, 0
         for i, r in enumerate(ok, 1):
-            r["rank"] = i
+            v = k(r)[:2]
+            r["rank"] = prev_rank if v == prev and v[0] == 0 else i
+            prev, prev_rank = v, r["rank"]
+            r["sorted_by"] = key
         for r in bad:
             r["rank"] = None
+            r["sorted_by"] = key
         out.extend(ok + bad)
     return out
 
 
-def fmt(row: dict, key: str) -> str:
+def fmt(row: dict, key: str, interval: bool = True) -> str:
+    """A cell as text: value, ``±half-width`` of its interval, ``≈`` when within noise."""
     v = row.get(key)
-    if v is None:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    if isinstance(v, float) and not math.isfinite(v):
-        return "-"
+    col = COLS.get(key)
     try:
-        return COLS[key].fmt.format(v)
+        s = col.fmt.format(v) if col else str(v)
     except (ValueError, TypeError):
-        return str(v)
+        s = str(v)
+    ci = row.get(f"{key}_ci")
+    if interval and ci and col is not None:
+        half = (ci[1] - ci[0]) / 2
+        s += "±" + _short(half)
+    if (row.get("noise") or {}).get(key):
+        s += "≈"
+    return s
+
+
+def _short(x: float) -> str:
+    return f"{x:.2g}" if abs(x) < 1 else f"{x:.3g}"
 
 
 def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
@@ -252,79 +553,242 @@ def _groups(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     return list(seen.items())
 
 
+def banner(grp: list[dict]) -> str | None:
+    """The warning a group of random-weight rows carries, or None."""
+    rnd = [r for r in grp if r.get("random_weights")]
+    if not rnd:
+        return None
+    which = "all rows" if len(rnd) == len(grp) else f"{len(rnd)} of {len(grp)} rows"
+    return (f"RANDOM WEIGHTS ({which}): WER, SIM and MOS of a random-weight model are not meaningful; "
+            "fidelity to the baseline (top-1, KL, mel L1) and cost are.")
+
+
+# ---------------------------------------------------------------- column sets
+
+KIND_ORDER = ("id", "fidelity", "quality", "cost", "info")
+
+
+def terminal_keys(rows: Sequence[dict] = ()) -> list[str]:
+    """The default table's columns: short forms, fidelity before quality when weights are random."""
+    keys = [c for c in COLUMNS if c.terminal and c.key != "method"]
+    order = KIND_ORDER if rows and all(r.get("random_weights") for r in rows) else ("id", "quality", "fidelity", "cost", "info")
+    keys.sort(key=lambda c: order.index(c.kind) if c.kind in order else len(order))
+    return [c.key for c in keys]
+
+
+def wide_keys() -> list[str]:
+    return [c.key for c in COLUMNS if c.key not in ("method_short",)]
+
+
+# Columns left out first when a terminal table is still too wide (then it says so).
+DROP_ORDER = ("t3_kl", "mos", "size_ratio", "top1")
+
+
 # ---------------------------------------------------------------- text renderers
 
-TABLE_KEYS = [c.key for c in COLUMNS if c.key != "run_id"]
+
+class _Footnotes:
+    """Letters for the reasons of "-" cells, one letter per distinct reason."""
+
+    def __init__(self):
+        self.by_reason: dict[str, str] = {}
+        self.cols: dict[str, list[str]] = {}
+
+    def mark(self, reason: str, header: str) -> str:
+        if reason not in self.by_reason:
+            n = len(self.by_reason)
+            self.by_reason[reason] = chr(ord("a") + n) if n < 26 else f"z{n - 25}"
+        hs = self.cols.setdefault(reason, [])
+        if header not in hs:
+            hs.append(header)
+        return self.by_reason[reason]
+
+    def lines(self, width: int) -> list[str]:
+        out = []
+        for reason, letter in self.by_reason.items():
+            out += textwrap.wrap(f"-{letter}: {', '.join(self.cols[reason])}: {reason}", width, subsequent_indent="     ")
+        return out
 
 
-def render_terminal(rows: list[dict], keys: Sequence[str] = TABLE_KEYS) -> str:
+def _cell(row: dict, key: str, notes: _Footnotes, wide: bool, interval: bool = True) -> str:
+    s = fmt(row, key, interval)
+    col = COLS[key]
+    if key == "rank" and row.get("rank") is not None and (row.get("noise") or {}).get(row.get("sorted_by")):
+        s = f"={s}"
+    if s == "-":
+        reason = (row.get("why") or {}).get(key)
+        if reason and key not in ("rank",):
+            s += notes.mark(reason, col.header if not wide else col.label)
+    elif not wide and col.width and len(s) > col.width:
+        s = s[: col.width - 1] + "…"
+    return s
+
+
+def _table(keys: Sequence[str], grp: list[dict], wide: bool, interval: bool, notes: _Footnotes) -> list[list[str]]:
+    head = [COLS[k].label if wide else COLS[k].header for k in keys]
+    return [head] + [[_cell(r, k, notes, wide, interval) for k in keys] for r in grp]
+
+
+def _layout(cells: list[list[str]], keys: Sequence[str]) -> list[str]:
+    widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
+    lines = []
+    for j, c in enumerate(cells):
+        lines.append("  ".join(s.rjust(w) if j and COLS[keys[i]].numeric else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines
+
+
+def legend_lines(keys: Sequence[str], width: int = TERMINAL_WIDTH, wide: bool = False) -> list[str]:
+    out = ["Columns:"]
+    for k in keys:
+        c = COLS[k]
+        out += textwrap.wrap(f"{c.label if wide else c.header}: {c.legend}", width, initial_indent="  ", subsequent_indent="    ")
+    out += textwrap.wrap("±: half-width of the 95% interval; ≈: the interval contains 'no change' (within noise, ranked level "
+                         "with the baseline); -x: no value, reason x below the table.", width, initial_indent="  ", subsequent_indent="    ")
+    return out
+
+
+def render_terminal(rows: list[dict], keys: Sequence[str] | None = None, width: int = TERMINAL_WIDTH, wide: bool = False,
+                    legend: bool = True) -> str:
+    """The terminal table: at most ``width`` characters (``wide``: every column, full headers).
+
+    Too wide a default table first drops intervals (the ``≈`` marks stay), then the columns in
+    :data:`DROP_ORDER`, and says which ones ``--wide`` shows."""
     if not rows:
         return "(no finished runs)\n"
-    lines = []
+    lines: list[str] = []
+    shown: list[str] = []
     for label, grp in _groups(rows):
-        cells = [[COLS[k].label for k in keys]] + [[fmt(r, k) for k in keys] for r in grp]
-        widths = [max(len(c[i]) for c in cells) for i in range(len(keys))]
+        ks = list(keys) if keys is not None else (wide_keys() if wide else terminal_keys(grp))
+        notes = _Footnotes()
+        interval = True
+        dropped: list[str] = []
+        while True:
+            notes = _Footnotes()
+            table = _layout(_table(ks, grp, wide, interval, notes), ks)
+            if wide or keys is not None or max(len(t) for t in table) <= width:
+                break
+            if interval:
+                interval = False
+                continue
+            victim = next((k for k in DROP_ORDER if k in ks), None)
+            if victim is None:
+                break
+            ks.remove(victim)
+            dropped.append(COLS[victim].header)
         lines.append(f"== {label}")
-        for j, c in enumerate(cells):
-            lines.append("  ".join(s.rjust(w) if j and _numeric(keys[i]) else s.ljust(w) for i, (s, w) in enumerate(zip(c, widths))).rstrip())
-            if j == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        b = banner(grp)
+        if b:
+            lines += textwrap.wrap("!! " + b, width, subsequent_indent="   ")
+        sort = grp[0].get("sorted_by")
+        if sort:
+            lines.append(f"   sorted by {COLS[sort].label} ({'higher' if COLS[sort].higher_is_better else 'lower'} is better)")
+        lines += table
         for r in grp:
             if r.get("failure"):
-                lines.append(f"  ! {r['name']}: failed, not ranked: {r['failure']}")
+                lines += textwrap.wrap(f"  ! {r['run_id']}: failed, not ranked: {r['failure']}", width, subsequent_indent="    ")
+        lines += notes.lines(width)
+        if dropped or not interval:
+            what = (["intervals"] if not interval else []) + dropped
+            lines.append(f"  (left out to fit {width} columns: {', '.join(what)}; see --wide)")
         lines.append("")
-    return "\n".join(lines)
+        shown += [k for k in ks if k not in shown]
+    if legend:
+        lines += legend_lines(shown, width, wide)
+    return "\n".join(lines) + "\n"
 
 
-def _numeric(key: str) -> bool:
-    return COLS[key].higher_is_better is not None or key in ("rank",)
-
-
-def render_markdown(rows: list[dict], keys: Sequence[str] = TABLE_KEYS) -> str:
+def render_markdown(rows: list[dict], keys: Sequence[str] | None = None) -> str:
     out = ["# Leaderboard", ""]
+    ks_all: list[str] = []
     for label, grp in _groups(rows):
+        ks = list(keys) if keys is not None else terminal_keys(grp)
+        ks = [k for k in ks if k != "method_short"]
+        if "method" not in ks:
+            ks.insert(2, "method")
+        notes = _Footnotes()
         out += [f"## {label}", ""]
-        out.append("| " + " | ".join(COLS[k].label for k in keys) + " |")
-        out.append("|" + "|".join("---:" if _numeric(k) else "---" for k in keys) + "|")
+        b = banner(grp)
+        if b:
+            out += [f"> **{b}**", ""]
+        sort = grp[0].get("sorted_by")
+        if sort:
+            out += [f"Sorted by {COLS[sort].label}.", ""]
+        out.append("| " + " | ".join(COLS[k].label for k in ks) + " |")
+        out.append("|" + "|".join("---:" if COLS[k].numeric else "---" for k in ks) + "|")
         for r in grp:
-            out.append("| " + " | ".join(fmt(r, k).replace("|", "\\|") for k in keys) + " |")
+            out.append("| " + " | ".join(_cell(r, k, notes, True).replace("|", "\\|") for k in ks) + " |")
         fails = [r for r in grp if r.get("failure")]
         if fails:
             out.append("")
-            out += [f"- **{r['name']}** failed (not ranked): {r['failure']}" for r in fails]
+            out += [f"- **{r['run_id']}** failed (not ranked): {r['failure']}" for r in fails]
+        if notes.by_reason:
+            out.append("")
+            out += [f"- {line.strip()}" for line in notes.lines(10_000)]
         out.append("")
+        ks_all += [k for k in ks if k not in ks_all]
+    out += ["## Columns", ""] + [f"- **{COLS[k].label}**: {COLS[k].legend}" for k in ks_all]
+    out += ["- **±**: half-width of the 95% interval; **≈**: the interval contains 'no change' (within noise)", ""]
     return "\n".join(out)
 
 
-CSV_KEYS = ["group_label"] + [c.key for c in COLUMNS] + ["model", "failure", "baseline_run", "seed", "commit", "finished_at"]
+def csv_keys() -> list[str]:
+    keys = ["group_label"] + [c.key for c in COLUMNS]
+    keys += [f"{c.key}_ci_lo" for c in COLUMNS if c.numeric] + [f"{c.key}_ci_hi" for c in COLUMNS if c.numeric]
+    return keys + ["model", "random_weights", "peak_mem_mib", "failure", "baseline_run", "seed", "commit", "finished_at"]
+
+
+CSV_KEYS = csv_keys()  # at import; render_csv recomputes (registered columns)
 
 
 def render_csv(rows: list[dict]) -> str:
+    keys = csv_keys()
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_KEYS)
+    w.writerow(keys)
     for r in rows:
-        w.writerow(["" if r.get(k) is None else r.get(k) for k in CSV_KEYS])
+        vals = []
+        for k in keys:
+            if k.endswith("_ci_lo") or k.endswith("_ci_hi"):
+                ci = r.get(k[:-6] + "_ci")
+                v = (ci[0] if k.endswith("lo") else ci[1]) if ci else None
+            else:
+                v = r.get(k)
+            vals.append("" if v is None else v)
+        w.writerow(vals)
     return buf.getvalue()
 
 
 # ---------------------------------------------------------------- HTML
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin-bottom:2em;font-size:13px}
-th,td{border:1px solid #ccc;padding:3px 6px;text-align:right;white-space:nowrap}
-td.t,th.t{text-align:left}th{background:#eee;cursor:pointer;user-select:none}
-tr.failed{color:#a00;background:#fee}audio{height:28px;width:220px}
-th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}"""
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1360px}
+.wrap{overflow-x:auto;max-width:100%;margin-bottom:1em}
+table{border-collapse:separate;border-spacing:0;font-size:13px}
+th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right;white-space:nowrap;background:#fff}
+td.t,th.t{text-align:left}th{background:#eee;cursor:pointer;user-select:none;position:sticky;top:0}
+th.s1,td.s1{position:sticky;left:0;z-index:1}th.s2,td.s2{position:sticky;left:var(--s2,2.2em);z-index:1;border-right:2px solid #bbb}
+th.s1,th.s2{z-index:2;background:#eee}
+tr.failed td{color:#a00;background:#fee}td.m{max-width:16em;overflow:hidden;text-overflow:ellipsis}
+th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}
+.banner{background:#fff3cd;border:1px solid #e0b400;padding:.5em .8em;margin:.5em 0;font-weight:600}
+.noise{color:#777}.miss{color:#999;cursor:help;border-bottom:1px dotted #999}
+table.samples td{vertical-align:middle}table.samples td.txt{white-space:normal;max-width:30em;text-align:left}
+audio{height:28px;width:200px;vertical-align:middle}.lab{font-size:11px;color:#555;display:block}
+dl.legend dt{font-weight:600;float:left;clear:left;width:13em}dl.legend dd{margin-left:14em}.skip{color:#a60}"""
 
-# Sorting by the cell's data-v attribute (numbers) or its text; a click toggles the order.
+# Sorting by the cell's data-v: numbers when both cells hold one, text otherwise (locale order);
+# empty cells go last either way. A click toggles the order.
 _JS = """document.querySelectorAll('table.lb').forEach(function(t){
- t.querySelectorAll('th').forEach(function(th,i){th.addEventListener('click',function(){
-  var asc=!th.classList.contains('asc');t.querySelectorAll('th').forEach(function(h){h.classList.remove('asc','desc')});
+ var first=t.querySelector('th.s1');if(first){t.style.setProperty('--s2',first.getBoundingClientRect().width+'px');}
+ t.querySelectorAll('thead th').forEach(function(th,i){th.addEventListener('click',function(){
+  var asc=!th.classList.contains('asc');t.querySelectorAll('thead th').forEach(function(h){h.classList.remove('asc','desc')});
   th.classList.add(asc?'asc':'desc');var b=t.tBodies[0];var rs=Array.from(b.rows);
   rs.sort(function(a,c){var x=a.cells[i].dataset.v,y=c.cells[i].dataset.v;
-   var nx=parseFloat(x),ny=parseFloat(y);if(x===''||isNaN(nx))return 1;if(y===''||isNaN(ny))return -1;
-   if(!isNaN(nx)&&!isNaN(ny))return asc?nx-ny:ny-nx;return asc?x.localeCompare(y):y.localeCompare(x)});
+   if(x===''&&y==='')return 0;if(x==='')return 1;if(y==='')return -1;
+   var nx=Number(x),ny=Number(y);
+   if(!isNaN(nx)&&!isNaN(ny))return asc?nx-ny:ny-nx;
+   return asc?x.localeCompare(y):y.localeCompare(x);});
   rs.forEach(function(r){b.appendChild(r)});});});});"""
 
 
@@ -335,37 +799,106 @@ def _audio_src(path: str, out_dir: Path, embed: bool) -> str:
     return os.path.relpath(path, out_dir)
 
 
-def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys: Sequence[str] = TABLE_KEYS, images: Sequence[str] = ()) -> str:
+def _player(path: str | None, label: str, out_dir: Path, embed: bool) -> str:
+    if not path or not Path(path).is_file():
+        return f"<span class='lab'>{html.escape(label)}: no clip</span>"
+    src = html.escape(_audio_src(path, out_dir, embed))
+    return f"<span class='lab'>{html.escape(label)}</span><audio controls preload='none' title='{html.escape(label)}' src='{src}'></audio>"
+
+
+def html_keys(rows: Sequence[dict]) -> list[str]:
+    ks = terminal_keys(rows)
+    ks = [k for k in ks if k != "method_short"]
+    ks.insert(ks.index("run_id") + 1 if "run_id" in ks else 0, "method")
+    return ks
+
+
+def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys: Sequence[str] | None = None,
+                images: Sequence[str] = (), skipped: Sequence[tuple[str, str]] = ()) -> str:
+    """Self-contained page: one sortable table per group (rank and run id stay in view when it
+    scrolls sideways), the samples of each group (compressed clip beside the baseline's clip of
+    the same utterance, with its text and prompt), the Pareto plots, the legend."""
     out_dir = Path(out_dir)
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>Chatterbox compression leaderboard</title>",
         f"<style>{_CSS}</style></head><body><h1>Chatterbox compression leaderboard</h1>",
         "<p>Rows are ranked only inside a group (same eval set and version, metric versions and hardware). "
-        "Click a column header to sort. Failed runs are listed in red and not ranked.</p>",
+        "Click a column header to sort; hover a header for its meaning and a “-” for why it is empty. "
+        "Failed runs are listed in red and not ranked.</p>",
     ]
-    for label, grp in _groups(rows):
-        parts.append(f"<h2>{html.escape(label)}</h2><table class='lb'><thead><tr>")
-        parts += [f"<th class='{'' if _numeric(k) else 't'}'>{html.escape(COLS[k].label)}</th>" for k in keys]
-        parts.append("<th class='t'>samples</th></tr></thead><tbody>")
+    used: list[str] = []
+    for gi, (label, grp) in enumerate(_groups(rows)):
+        ks = list(keys) if keys is not None else html_keys(grp)
+        used += [k for k in ks if k not in used]
+        parts.append(f"<h2>{html.escape(label)}</h2>")
+        b = banner(grp)
+        if b:
+            parts.append(f"<div class='banner'>{html.escape(b)}</div>")
+        sort = grp[0].get("sorted_by")
+        if sort:
+            parts.append(f"<p>Sorted by {html.escape(COLS[sort].label)}.</p>")
+        parts.append(f"<div class='wrap'><table class='lb' id='g{gi}'><thead><tr>")
+        for i, k in enumerate(ks):
+            cls = ("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "")
+            parts.append(f"<th class='{cls.strip()}' title='{html.escape(COLS[k].legend)}'>{html.escape(COLS[k].label)}</th>")
+        parts.append("</tr></thead><tbody>")
         for r in grp:
             cls = " class='failed'" if r["status"] != store.STATUS_DONE else ""
             title = f" title='{html.escape(r['failure'])}'" if r.get("failure") else ""
             parts.append(f"<tr{cls}{title}>")
-            for k in keys:
+            for i, k in enumerate(ks):
                 v = r.get(k)
-                dv = "" if v is None else (f"{v}" if not isinstance(v, str) else html.escape(v))
-                parts.append(f"<td class='{'' if _numeric(k) else 't'}' data-v='{dv}'>{html.escape(fmt(r, k))}</td>")
-            players = []
-            for s in r.get("samples") or []:
-                if Path(s).is_file():
-                    players.append(f"<audio controls preload='none' src='{html.escape(_audio_src(s, out_dir, embed_audio))}'></audio>")
-            parts.append(f"<td class='t'>{''.join(players)}</td></tr>")
-        parts.append("</tbody></table>")
+                dv = "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else html.escape(str(v))
+                text = fmt(r, k)
+                c = ("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "") + (" m" if k == "method" else "")
+                tip = ""
+                if text == "-":
+                    why = (r.get("why") or {}).get(k, "")
+                    inner = f"<span class='miss' title='{html.escape(why)}'>-</span>" if why else "-"
+                else:
+                    inner = html.escape(text)
+                    if (r.get("noise") or {}).get(k):
+                        inner = f"<span class='noise' title='interval contains no change: within noise'>{inner}</span>"
+                    if k == "method":
+                        tip = f" title='{html.escape(text)}'"
+                parts.append(f"<td class='{c.strip()}' data-v='{dv}'{tip}>{inner}</td>")
+            parts.append("</tr>")
+        parts.append("</tbody></table></div>")
+        parts += _samples_html(grp, out_dir, embed_audio)
     for img in images:
         data = base64.b64encode(Path(img).read_bytes()).decode()
-        parts.append(f"<h2>{html.escape(Path(img).stem)}</h2><img alt='{html.escape(Path(img).name)}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<h2>{html.escape(Path(img).stem.replace('_', ' '))}</h2>"
+                     f"<img style='max-width:100%' alt='{html.escape(Path(img).name)}' src='data:image/png;base64,{data}'>")
+    for stem, why in skipped:
+        parts.append(f"<p class='skip'>Plot {html.escape(stem)} skipped: {html.escape(why)}</p>")
+    parts.append("<h2>Columns</h2><dl class='legend'>")
+    for k in used:
+        parts.append(f"<dt>{html.escape(COLS[k].label)}</dt><dd>{html.escape(COLS[k].legend)}</dd>")
+    parts.append("<dt>± / ≈</dt><dd>half-width of the 95% interval / interval contains no change (within noise; ranked level with "
+                 "the baseline)</dd></dl>")
     parts.append(f"<script>{_JS}</script></body></html>")
     return "".join(parts)
+
+
+def _samples_html(grp: list[dict], out_dir: Path, embed: bool) -> list[str]:
+    rows = [(r, s) for r in grp for s in r.get("sample_info") or [] if Path(s["audio"]).is_file()]
+    if not rows:
+        return []
+    out = ["<details open><summary>Samples: each run's clip beside its baseline's clip of the same utterance</summary>",
+           "<div class='wrap'><table class='samples'><thead><tr><th class='t'>run</th><th class='t'>text</th>"
+           "<th class='t'>prompt</th><th class='t'>this run</th><th class='t'>baseline</th></tr></thead><tbody>"]
+    for r, s in rows:
+        prompt = Path(s["prompt"]).name if s.get("prompt") else "built-in voice"
+        base = s.get("baseline_audio") if not r.get("is_baseline") else None
+        out.append(
+            f"<tr><td class='t'>{html.escape(r['run_id'])}<span class='lab'>{html.escape(r['method'])}</span></td>"
+            f"<td class='txt'>{html.escape(s.get('text') or s['id'])}</td>"
+            f"<td class='t' title='{html.escape(s.get('prompt') or '')}'>{html.escape(prompt)}</td>"
+            f"<td class='t'>{_player(s['audio'], r['name'] or r['run_id'], out_dir, embed)}</td>"
+            f"<td class='t'>{_player(base, 'baseline', out_dir, embed) if not r.get('is_baseline') else '(this is the baseline)'}</td></tr>"
+        )
+    out.append("</tbody></table></div></details>")
+    return out
 
 
 # ---------------------------------------------------------------- Pareto plots
@@ -395,11 +928,38 @@ PLOTS: tuple[tuple[str, str, str, tuple[bool, bool]], ...] = (
     # (file stem, x key, y key, (maximize x, maximize y))
     ("pareto_speedup_vs_wer_delta", "speedup", "wer_delta", (True, False)),
     ("pareto_size_vs_sim", "size_mib", "sim", (False, True)),
+    ("pareto_speedup_vs_mel_l1", "speedup", "mel_l1", (True, False)),
 )
 
 
-def plot_pareto(rows: list[dict], out_dir: Path) -> list[Path]:
-    """One PNG per plot, one panel per comparable group; failed runs are left out."""
+def _place_labels(ax, pts: list[tuple[float, float]], names: list[str]) -> None:
+    """Annotate points without overlapping labels: each label takes the first of a few
+    offsets whose box collides with no earlier label (greedy; a handful of points per panel)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    offsets = [(4, 4), (4, -10), (-4, 4), (-4, -10), (4, 14), (4, -20), (-4, 14), (-4, -20), (4, 24), (4, -30)]
+    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], pts[i][1]))
+    for i in order:
+        best = None
+        for dx, dy in offsets:
+            t = ax.annotate(names[i], pts[i], fontsize=8, xytext=(dx, dy), textcoords="offset points",
+                            ha="left" if dx > 0 else "right", arrowprops=dict(arrowstyle="-", color="#aaa", lw=0.5) if abs(dy) > 10 else None)
+            bb = t.get_window_extent(renderer).expanded(1.05, 1.15)
+            if not any(bb.overlaps(p) for p in placed):
+                best = t
+                placed.append(bb)
+                break
+            t.remove()
+        if best is None:  # all taken: the first offset, overlapping
+            t = ax.annotate(names[i], pts[i], fontsize=8, xytext=offsets[0], textcoords="offset points")
+            placed.append(t.get_window_extent(renderer))
+
+
+def plot_pareto(rows: list[dict], out_dir: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """One PNG per plot, one panel per comparable group; failed runs are left out. A plot with
+    no points is not drawn; its reason is appended to ``skipped`` as ``(stem, reason)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -409,22 +969,31 @@ def plot_pareto(rows: list[dict], out_dir: Path) -> list[Path]:
     groups = _groups([r for r in rows if r["status"] == store.STATUS_DONE])
     for stem, xk, yk, maxi in PLOTS:
         panels = [(lab, [r for r in grp if r.get(xk) is not None and r.get(yk) is not None]) for lab, grp in groups]
-        panels = [(lab, grp) for lab, grp in panels if grp]
+        panels = [(lab, grp) for lab, grp in panels if len(grp) >= 2]
         if not panels:
+            if skipped is not None:
+                have = sum(1 for _, g in groups for r in g if r.get(xk) is not None and r.get(yk) is not None)
+                why = next((r["why"].get(yk) or r["why"].get(xk) for _, g in groups for r in g
+                            if (r.get("why") or {}).get(yk) or (r.get("why") or {}).get(xk)), None)
+                skipped.append((stem, f"{have} finished run(s) have both {COLS[xk].label} and {COLS[yk].label} "
+                                      f"(2 needed in one group)" + (f"; e.g. {why}" if why else "")))
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
         for ax, (lab, grp) in zip(axes[0], panels):
             pts = [(float(r[xk]), float(r[yk])) for r in grp]
             front = pareto_front(pts, maxi)
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#888", zorder=2)
             fp = sorted((pts[i] for i in front), key=lambda p: p[0])
             ax.plot([p[0] for p in fp], [p[1] for p in fp], "-o", color="#c33", zorder=3, label="Pareto front")
-            for r, p in zip(grp, pts):
-                ax.annotate(r["name"], p, fontsize=7, xytext=(3, 3), textcoords="offset points")
+            _place_labels(ax, pts, [r["name"] or r["run_id"] for r in grp])
             ax.set_xlabel(COLS[xk].label + (" (higher is better)" if maxi[0] else " (lower is better)"))
             ax.set_ylabel(COLS[yk].label + (" (higher is better)" if maxi[1] else " (lower is better)"))
-            ax.set_title(lab, fontsize=8)
+            title = textwrap.fill(lab, 70)
+            if all(r.get("random_weights") for r in grp) and COLS[yk].kind == "quality":
+                title += "\nrandom weights: this quality axis is not meaningful"
+            ax.set_title(title, fontsize=8)
             ax.grid(alpha=0.3)
+            ax.margins(0.15)
             ax.legend(fontsize=7)
         fig.tight_layout()
         buf = io.BytesIO()
@@ -436,27 +1005,38 @@ def plot_pareto(rows: list[dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def write_all(rows: list[dict], out_dir: Path, embed_audio: bool = False, plots: bool = True) -> dict[str, Path]:
-    """Markdown, CSV, JSON rows, PNGs and the HTML page (which embeds the PNGs)."""
+def write_all(rows: list[dict], out_dir: Path, embed_audio: bool = False, plots: bool = True,
+              skipped: list[tuple[str, str]] | None = None) -> dict[str, Path]:
+    """Markdown, CSV, JSON rows, PNGs and the HTML page (which embeds the PNGs and says which
+    plots were skipped and why; pass a list as ``skipped`` to receive those reasons too)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
-    images = plot_pareto(rows, out_dir) if plots else []
+    skipped = [] if skipped is None else skipped
+    images = plot_pareto(rows, out_dir, skipped) if plots else []
     for i, p in enumerate(images):
         files[f"png{i}"] = p
     for name, text in (
         ("leaderboard.md", render_markdown(rows)),
         ("leaderboard.csv", render_csv(rows)),
         ("leaderboard.json", json.dumps(rows, indent=1, default=str) + "\n"),
-        ("leaderboard.html", render_html(rows, out_dir, embed_audio, images=images)),
+        ("leaderboard.html", render_html(rows, out_dir, embed_audio, images=images, skipped=skipped)),
     ):
         atomic_write_text(out_dir / name, text)
         files[name.split(".")[-1]] = out_dir / name
     return files
 
 
-def leaderboard(results: str | Path, sort: str = DEFAULT_SORT, row_filter: Callable[[dict], bool] | None = None) -> list[dict]:
+def leaderboard(results: str | Path, sort: str | None = None, row_filter: Callable[[dict], bool] | None = None) -> list[dict]:
+    """Rows of a results folder, ranked inside groups (``sort=None``: see :func:`rank`)."""
     rows = collect(results)
     if row_filter:
         rows = [r for r in rows if row_filter(r)]
     return rank(rows, sort)
+
+
+__all__ = [
+    "Column", "COLUMNS", "COLS", "register_column", "ranking_keys", "leaderboard", "collect", "rank", "row_of",
+    "method_label", "method_short", "group_key", "is_random_weights", "render_terminal", "render_markdown",
+    "render_csv", "render_html", "plot_pareto", "pareto_front", "write_all", "legend_lines", "banner",
+]

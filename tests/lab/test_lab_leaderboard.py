@@ -36,7 +36,7 @@ def results(tmp_path_factory):
 
 
 def test_rows_are_baseline_relative_grouped_and_ranked_inside_groups(results):
-    rows = lb.leaderboard(results)
+    rows = lb.leaderboard(results, sort="wer_delta")
     groups = {}
     for r in rows:
         groups.setdefault(r["group"], []).append(r)
@@ -51,6 +51,7 @@ def test_rows_are_baseline_relative_grouped_and_ranked_inside_groups(results):
     assert half["wer"] == pytest.approx(0.5 * base["wer"], rel=1e-5)
     assert half["sim_ratio"] == pytest.approx(half["sim"] / base["sim"]) and half["sim_ratio"] < 1
     assert half["work_mem_mib"] == pytest.approx(2000 / 2**20)  # peak minus what was in use at start
+    assert half["mem_mib"] == pytest.approx(half["size_mib"] + 2000 / 2**20)  # weights + the run's own work
     # ranked by WER change (lower is better): quarter < half < baseline; the failed run unranked, last
     assert [r["name"] for r in big] == ["quarter", "half", "baseline-tiny", "mute"]
     assert [r["rank"] for r in big] == [1, 2, 3, None]
@@ -63,9 +64,10 @@ def test_rows_are_baseline_relative_grouped_and_ranked_inside_groups(results):
 
 
 def test_renderers_and_files(results, tmp_path, capsys):
-    rows = lb.leaderboard(results)
+    rows = lb.leaderboard(results, sort="wer_delta")
     md = lb.render_markdown(rows)
-    assert md.count("## eval set fake") == 2 and "| quarter |" in md and "failed (not ranked)" in md
+    assert md.count("## eval set fake") == 3 - 1 and "failed (not ranked)" in md
+    assert re.search(r"\| quarter-[0-9a-f]{8} \|", md) and "RANDOM WEIGHTS" in md and "## Columns" in md
     parsed = list(csv.DictReader(io.StringIO(lb.render_csv(rows))))
     assert len(parsed) == len(rows) == 6 and {p["name"] for p in parsed} >= {"half", "mute"}
     out = tmp_path / "board"
@@ -73,11 +75,15 @@ def test_renderers_and_files(results, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "== eval set fake v1" in printed and "quarter" in printed and "not ranked" in printed
     page = (out / "leaderboard.html").read_text()
-    srcs = re.findall(r"<audio controls preload='none' src='([^']+)'", page)
-    assert len(srcs) == 2 * 5  # two samples for each done run; the failed run has none
+    srcs = re.findall(r"<audio controls preload='none' title='[^']*' src='([^']+)'", page)
+    # two samples for each done run, and beside each compressed one the baseline's clip; the failed run has none
+    assert len(srcs) == 2 * 5 + 2 * 3
     assert all((out / s).resolve().is_file() for s in srcs)  # relative links resolve
+    for m in re.finditer(r"<tr><td class='t'>(half|quarter)-.*?</tr>", page):  # same utterance side by side
+        a, b = re.findall(r"src='([^']+)'", m.group(0))
+        assert a.rsplit("/", 1)[1] == b.rsplit("/", 1)[1] and "baseline-tiny" in b and "sentence number" in m.group(0)
     assert "<script>" in page and "addEventListener('click'" in page
-    for stem, *_ in lb.PLOTS:
+    for stem, *_ in lb.PLOTS[:2]:  # the fake scores no mel L1: that plot is skipped (tested below)
         png = out / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["leaderboard", "--results", str(results), "--out", str(tmp_path / "e"), "--embed-audio"]) == 0
@@ -89,6 +95,81 @@ def test_pareto_front():
     # maximize x (speed-up), minimize y (WER change)
     assert lb.pareto_front(pts, (True, False)) == [0, 3, 4]
     assert lb.pareto_front([(1, 1), (1, 1)], (True, True)) == [0, 1]
+
+
+def test_terminal_table_fits_120_columns_with_run_ids_legend_banner_and_reasons(results):
+    rows = lb.leaderboard(results)
+    text = lb.render_terminal(rows)
+    assert max(len(line) for line in text.splitlines()) <= 120
+    for r in rows:
+        assert r["run_id"] in text
+    assert "Columns:" in text and "ΔWER:" in text and "RANDOM WEIGHTS" in text
+    # every "-" carries a footnote letter, and every letter a reason
+    cells = re.findall(r"(?<=\s)-([a-z])(?=\s|$)", text)
+    assert cells
+    for letter in set(cells):
+        assert re.search(rf"^-{letter}: .+: .+", text, re.M), letter
+    assert "baseline: fidelity is measured against it" in text
+    assert re.search(r"^-[a-z]: [^:]*MOS[^:]*: not measured \(not in eval.metrics\)", text, re.M)
+    # random-weight groups are sorted by fidelity unless asked otherwise
+    assert {r["sorted_by"] for r in rows} == {"mel_l1"}
+    wide = lb.render_terminal(rows, wide=True)
+    assert "lab_test_gain(gain=0.25)" in wide and "T3 top-1 agreement" in wide
+
+
+def _rec(run_id, wer, base=None, paired=None, status="done"):
+    return {
+        "run_id": run_id, "name": run_id, "status": status, "is_baseline": base is None, "baseline_run": base,
+        "config": {"model": "ResembleAI/chatterbox", "steps": [] if base is None else [{"transform": "int8_weight_only", "params": {}}]},
+        "eval_set": {"name": "s", "version": "1", "n_items": 10}, "hardware_id": "h", "hardware_label": "cpu",
+        "eval_suite_version": "1", "metric_versions": {"wer": "1"},
+        "aggregate": {"metrics": {"wer": {"value": wer, "n": 10, "ci95": [wer - 0.01, wer + 0.01]}}},
+        "speed": {"rtf": 1.0, "work_mem_bytes": 2**20}, "model_bytes": 2**21, "paired": paired or {},
+    }
+
+
+def test_differences_within_noise_are_marked_and_ranked_level_with_the_baseline(tmp_path):
+    from pathlib import Path
+
+    base = _rec("base", 0.10)
+    noisy = _rec("noisy", 0.09, "base", {"wer_delta": {"value": -0.01, "ci95": [-0.03, 0.01]}})
+    better = _rec("better", 0.05, "base", {"wer_delta": {"value": -0.05, "ci95": [-0.07, -0.03]}})
+    worse = _rec("worse", 0.20, "base", {"wer_delta": {"value": 0.10, "ci95": [0.05, 0.15]}})
+    rows = [lb.row_of(r, base if r is not base else None, Path(tmp_path / r["run_id"])) for r in (base, noisy, better, worse)]
+    ranked = lb.rank(rows, None)
+    assert not ranked[0]["random_weights"] and ranked[0]["sorted_by"] == "wer_delta"
+    assert [(r["name"], r["rank"]) for r in ranked] == [("better", 1), ("base", 2), ("noisy", 2), ("worse", 4)]
+    by = {r["name"]: r for r in ranked}
+    assert lb.fmt(by["noisy"], "wer_delta") == "-0.010±0.02≈" and lb.fmt(by["worse"], "wer_delta") == "+0.100±0.05"
+    text = lb.render_terminal(ranked)
+    assert "RANDOM" not in text and re.search(r"^=2 +noisy", text, re.M)
+    assert lb.render_terminal(ranked, width=70).count("left out to fit 70 columns") == 1
+    assert all(len(line) <= 70 for line in lb.render_terminal(ranked, width=70, legend=False).splitlines())
+
+
+def test_a_registered_column_reaches_every_renderer(results, tmp_path):
+    col = lb.Column("lab_test_kernel", "kern", "kernel path", "kernel each quantized module ran", "{}",
+                    value=lambda rec, base: "fake-kernel" if rec.get("config", {}).get("steps") else None,
+                    reason=lambda rec, base: "baseline: nothing quantized")
+    lb.register_column(col, after="method_short")
+    try:
+        rows = lb.leaderboard(results)
+        assert "fake-kernel" in lb.render_terminal(rows) and "baseline: nothing quantized" in lb.render_terminal(rows)
+        assert "kernel path" in lb.render_markdown(rows) and "lab_test_kernel" in lb.render_csv(rows).splitlines()[0]
+        assert "kernel each quantized module ran" in lb.render_html(rows, tmp_path)
+        assert [c.key for c in lb.COLUMNS].index("lab_test_kernel") == [c.key for c in lb.COLUMNS].index("method_short") + 1
+    finally:
+        lb.COLUMNS.remove(col)
+        del lb.COLS[col.key]
+
+
+def test_a_skipped_plot_says_why(results, tmp_path):
+    skipped = []
+    lb.write_all(lb.leaderboard(results), tmp_path / "b", skipped=skipped)
+    stems = dict(skipped)
+    assert "pareto_speedup_vs_mel_l1" in stems and "mel L1" in stems["pareto_speedup_vs_mel_l1"]
+    page = (tmp_path / "b" / "leaderboard.html").read_text()
+    assert "Plot pareto_speedup_vs_mel_l1 skipped:" in page
 
 
 def test_bad_sort_and_missing_folder(results, tmp_path, capsys):
