@@ -212,6 +212,9 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
             mod = model.get_submodule(owner) if owner else model
             setattr(mod, leaf, named_buffers[key].to(getattr(torch, dt)))
     model.meta = dict(manifest.get("meta") or {})
+    from cbx.compress.kernels import name_modules
+
+    name_modules(model)
     return model.eval()
 
 

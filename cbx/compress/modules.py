@@ -15,7 +15,8 @@ falls) and runs a real low-bit kernel where one exists:
 
 Every class has a pure-torch fallback (``forward_reference``) computing the same thing by
 dequantizing; tests hold kernel and fallback to tight bounds, and the fallback runs wherever a
-kernel is missing. Scales, zeros and fp8 weights are stored as *integer views* of their real
+kernel is missing, never silently: each forward records the path it took and a fallback logs
+one warning naming the module (:mod:`cbx.compress.kernels`; the run record counts the paths). Scales, zeros and fp8 weights are stored as *integer views* of their real
 dtype, so ``model.to(torch.bfloat16)`` or ``model.half()`` cannot silently re-round them;
 a zero-size float buffer follows such casts and gives the embeddings their output dtype.
 
@@ -29,6 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from cbx.compress import kernels as K
 from cbx.compress import primitives as P
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
@@ -81,6 +83,8 @@ class _Quantized(nn.Module):
     """Shared parts: shapes, bias, provenance and the checkpoint view of the data."""
 
     kind = ""
+    cbx_kernel: str | None = None  # the path the last forward took (cbx.compress.kernels)
+    cbx_kernel_fallback: dict | None = None
 
     def __init__(self, in_features: int, out_features: int, bias: Tensor | None, orig_class: str):
         super().__init__()
@@ -132,13 +136,19 @@ class Int8Linear(_RowScaled, _Quantized):
         x2 = x.reshape(-1, self.in_features).to(cd)
         if x.device.type == "cuda":
             y = torch.matmul(x2, self.qweight.to(cd).t()) * self.scale.to(cd)
+            K.used(self, "int8-dequant")
         elif self._kernel_ok:
             try:
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(cd))
-            except (RuntimeError, NotImplementedError):
+                K.used(self, "int8pack-cpu")
+            except (RuntimeError, NotImplementedError) as exc:
+                # For good: a kernel that failed once for this module fails again.
                 self._kernel_ok = False
+                self._kernel_error = _reason(exc)
+                K.fell_back(self, "int8pack-cpu", "dequant-fallback", self._kernel_error)
                 y = self._reference(x2)
         else:
+            K.fell_back(self, "int8pack-cpu", "dequant-fallback", getattr(self, "_kernel_error", "kernel failed"))
             y = self._reference(x2)
         return self._finish(y, x)
 
@@ -162,6 +172,7 @@ class Int4Linear(_GroupScaled, _Quantized):
         self.register_buffer("_zero_bits", zero.to(torch.bfloat16).contiguous().view(torch.int16))
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self.layout = ""
+        self._layout_reason = ""  # why the kernel layout could not be built (layout "canonical")
         self._sz_cache: dict = {}
         self._pack(codes, codes.device)
 
@@ -192,9 +203,10 @@ class Int4Linear(_GroupScaled, _Quantized):
             try:
                 self.packed = P.codes_to_int4_cpu_layout(c).to(device)
                 self.layout = "cpu"
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as exc:
                 self.packed = P.pack_int4(c[:n]).to(device)
                 self.layout = "canonical"
+                self._layout_reason = f"cannot pack for the CPU kernel: {_reason(exc)}"
         self._sz_cache = {}
 
     def codes(self) -> Tensor:
@@ -248,10 +260,14 @@ class Int4Linear(_GroupScaled, _Quantized):
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, n_pad))
             y = y[:, : self.out_features]
+            K.used(self, "int4pack-cpu")
         elif self.layout == "cuda":
             y = torch.ops.aten._weight_int4pack_mm(
                 x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, self.out_features))
+            K.used(self, "tinygemm")
         else:
+            K.fell_back(self, "tinygemm" if x.device.type == "cuda" else "int4pack-cpu", "dequant-fallback",
+                        self._layout_reason or "no int4 kernel layout")
             y = self._reference(x2)
         return self._finish(y, x)
 
@@ -295,17 +311,35 @@ class FP8Linear(_RowScaled, _Quantized):
         return self.qweight.float() * self.scale[:, None]
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        if self._gemm_ok and _has_fp8_gemm(x.device) and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+        if x.device.type != "cuda":
+            K.used(self, "fp8-emulated")  # the designed CPU path (no FP8 GEMM on CPUs), not a fallback
+            return self.forward_reference(x)
+        why = self._no_gemm_reason(x.device)
+        if why is None:
             x2 = x.reshape(-1, self.in_features)
             xq, xs = P.quantize_fp8_per_token(x2)
             try:
                 y = torch._scaled_mm(xq, self.qweight.t(), scale_a=xs, scale_b=self.scale[None, :].contiguous(),
                                      out_dtype=torch.bfloat16)
+                K.used(self, "fp8-scaled-mm")
                 return self._finish(y, x)
-            except (RuntimeError, NotImplementedError):
+            except (RuntimeError, NotImplementedError) as exc:
                 # Row-wise scaling needs sm90+ in some builds: fall back to the emulation for good.
                 self._gemm_ok = False
+                self._gemm_error = f"torch._scaled_mm failed: {_reason(exc)}"
+                why = self._gemm_error
+        K.fell_back(self, "fp8-scaled-mm", "fp8-emulated", why)
         return self.forward_reference(x)
+
+    def _no_gemm_reason(self, device: torch.device) -> str | None:
+        if not self._gemm_ok:
+            return getattr(self, "_gemm_error", "torch._scaled_mm failed")
+        if not _has_fp8_gemm(device):
+            major, minor = torch.cuda.get_device_capability(device)
+            return f"no FP8 GEMM on sm_{major}{minor} (needs sm_89+)"
+        if self.in_features % 16 or self.out_features % 16:
+            return f"shape {self.out_features}x{self.in_features} is not a multiple of 16"
+        return None
 
     def forward_reference(self, x: Tensor) -> Tensor:
         return P.fp8_linear_emulated(x, self.qweight, self.scale, self.bias, _DTYPES[self.matmul_dtype])
@@ -315,6 +349,8 @@ class _QuantEmbedding(nn.Module):
     """Row gather of low-bit codes, dequantized to the dtype the model was last cast to."""
 
     kind = ""
+    cbx_kernel: str | None = None
+    cbx_kernel_fallback: dict | None = None
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx, dtype: torch.dtype):
         super().__init__()
@@ -356,6 +392,7 @@ class Int8Embedding(_RowScaled, _QuantEmbedding):
         return P.dequantize_int8(self.qweight, self.scale)
 
     def forward(self, idx: Tensor) -> Tensor:
+        K.used(self, "gather-int8")
         rows = self.qweight[idx].float() * self.scale[idx][..., None]
         return rows.to(self._dtype_anchor.dtype)
 
@@ -383,11 +420,18 @@ class Int4Embedding(_GroupScaled, _QuantEmbedding):
         return P.dequantize_int4(P.unpack_int4(self.packed), self.scale, self.zero, self.group_size)
 
     def forward(self, idx: Tensor) -> Tensor:
+        K.used(self, "gather-int4")
         codes = P.unpack_int4(self.packed[idx]).float()
         g = self.group_size
         codes = codes.reshape(*idx.shape, self.embedding_dim // g, g)
         rows = (codes - 8.0) * self.scale[idx].float()[..., None] + self.zero[idx].float()[..., None]
         return rows.reshape(*idx.shape, self.embedding_dim).to(self._dtype_anchor.dtype)
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a kernel call failed."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 QUANT_CLASSES = (Int8Linear, Int4Linear, FP8Linear, Int8Embedding, Int4Embedding)

@@ -92,8 +92,11 @@ def build_config(name: str, params: dict[str, Any] | None, where: str = "params"
 
 def apply_transforms(model: Any, steps: Iterable[tuple[str, Any]]) -> Any:
     """Apply ``(name, config)`` pairs in order; each returns the (possibly new) model."""
+    from cbx.compress.kernels import name_modules
+
     for name, config in steps:
         model = get_transform(name).fn(model, config)
+    name_modules(model)  # kernel fallbacks name their module (cbx.compress.kernels)
     return model
 
 

@@ -158,6 +158,12 @@ class Backend:
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
                            int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
 
+    def kernel_summary(self, model) -> dict[str, Any]:
+        """Which kernel path the quantized modules took (``cbx.compress.kernels``)."""
+        from cbx.compress.kernels import kernel_summary
+
+        return kernel_summary(model)
+
     def metric_versions(self, metrics: Sequence[str] | None, config=None) -> dict[str, str]:
         """Versions with the scorer's model choices in them (``cbx.eval.scorer.metric_versions``)."""
         from cbx.eval.scorer import metric_versions
@@ -404,6 +410,8 @@ class Runner:
         self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
         self.shard.wait()
 
+        # What the quantized modules really ran (a fallback is also logged when it happens).
+        record["kernels"] = b.kernel_summary(model)
         rows = [self._read_row(run_dir, it.id) for it in items]
         bad = [(r["id"], r["check"]) for r in rows if r.get("check")]
 

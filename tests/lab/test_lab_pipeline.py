@@ -45,6 +45,9 @@ def test_real_run_is_paired_scored_and_ranked(run):
     assert 0.5 <= m["t3_top1_agreement"] <= 1.0 and 0 <= m["t3_kl"] < 10
     assert m["mel_l1"] > 0 and m["wave_snr_db"] < 200
     assert rec["model_bytes"] < base["model_bytes"]  # int8 T3 + fp8 CFM weights are smaller
+    # which kernels the quantized modules ran (CPU: int8 pack kernel, fp8 emulated; text head unused)
+    assert rec["kernels"]["fallbacks"] == [] and rec["kernels"]["paths"]["int8pack-cpu"] > 0
+    assert rec["kernels"]["paths"]["fp8-emulated"] > 0 and base["kernels"] == {"paths": {}, "fallbacks": []}
     rows = [json.loads(x) for x in (run.run_dir / "score" / "utterances.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [json.loads(p.read_text())["id"] for p in sorted((run.run_dir / "synth").glob("*.json"))]
     board = lb.leaderboard(run.run_dir.parent)
