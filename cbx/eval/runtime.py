@@ -29,6 +29,7 @@ import ctypes
 import functools
 import os
 import platform
+import sys
 from typing import Iterator
 
 # glibc's mallopt parameters and defaults (malloc.h)
@@ -78,9 +79,18 @@ def keep_freed_memory() -> Iterator[bool]:
         malloc_trim(0)  # give what the run kept back to the kernel now
 
 
-@functools.lru_cache(maxsize=1)
 def thread_pools():
-    """The process's native thread pools (BLAS, OpenMP), found once, for temporary limits."""
+    """The process's native thread pools (BLAS, OpenMP), for temporary limits.
+
+    Found again whenever a module was imported since the last look (native libraries arrive
+    with imports: a model's runtime loads its own BLAS): a controller found once, before the
+    metric models loaded, left their BLAS unlimited. The scan costs ~5 ms; the check, nothing.
+    """
+    return _thread_pools(len(sys.modules))
+
+
+@functools.lru_cache(maxsize=1)
+def _thread_pools(_n_modules: int):
     from threadpoolctl import ThreadpoolController
 
     return ThreadpoolController()

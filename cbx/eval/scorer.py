@@ -36,7 +36,7 @@ from cbx.eval.metrics.asr import ASR_SR, AsrConfig
 from cbx.eval.metrics.mos import MosConfig
 from cbx.eval.metrics.speaker import SpeakerConfig
 from cbx.eval.registry import MetricSpec, metric_specs
-from cbx.eval.runtime import scoring_runtime
+from cbx.eval.runtime import scoring_runtime, thread_pools
 from cbx.eval.types import Utterance
 from cbx.files import atomic_write_text
 
@@ -207,6 +207,15 @@ class Scorer:
         return self._pool
 
     def score(self, utt: Utterance) -> tuple[dict[str, float], dict[str, Any]]:
+        # numpy's BLAS on one thread while an utterance is scored, whatever the process set: the
+        # metrics' own small products (librosa's and faster-whisper's mel filters) summed in
+        # another order with more threads, which moved speaker similarity in the 9th digit and
+        # once flipped a Whisper beam's word. The limit is process-wide, so it is set here, once
+        # for both lanes, not inside a group.
+        with thread_pools().limit(limits=1, user_api="blas"):
+            return self._score(utt)
+
+    def _score(self, utt: Utterance) -> tuple[dict[str, float], dict[str, Any]]:
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         results: dict[str, Any] = {}
