@@ -72,15 +72,25 @@ def reset(model: Any) -> None:
             mod.cbx_kernel_fallback = None
 
 
-def kernel_summary(model: Any) -> dict[str, Any]:
+def kernel_summary(model: Any, copies: Any = ()) -> dict[str, Any]:
     """``{"paths": {path: n_modules}, "fallbacks": [{"module", "wanted", "used", "reason"}]}``
     over every kernel-recording module (``not-run`` counts those whose forward never ran, e.g.
-    T3's text head during synthesis). Empty dicts/lists for a model without quantized modules."""
+    T3's text head during synthesis). Empty dicts/lists for a model without quantized modules.
+
+    ``copies``: modules that ran in the model's place (the engine's bf16 cast copies of T3 and
+    the estimator); their modules carry the original's ``cbx_name`` and a path they recorded
+    replaces the original's."""
+    found: dict[str, Any] = {}
+    for root in (model, *copies):
+        for name, mod in getattr(root, "named_modules", lambda: [])():
+            if not name or not is_recording(mod):
+                continue
+            key = getattr(mod, "cbx_name", None) or name
+            if root is model or key not in found or getattr(mod, "cbx_kernel", None) is not None:
+                found[key] = mod
     paths: Counter[str] = Counter()
     fallbacks = []
-    for name, mod in getattr(model, "named_modules", lambda: [])():
-        if not name or not is_recording(mod):
-            continue
+    for name, mod in found.items():
         paths[getattr(mod, "cbx_kernel", None) or NOT_RUN] += 1
         fb = getattr(mod, "cbx_kernel_fallback", None)
         if fb:

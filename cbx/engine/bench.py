@@ -88,17 +88,6 @@ def synthetic_voice(seconds: float, sr: int = REF_SR, seed: int = 0) -> np.ndarr
     return (0.3 * wav / np.max(np.abs(wav))).astype(np.float32)
 
 
-def _default_dtype(device: torch.device) -> str:
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    # AMX or AVX512-BF16: bf16 matrix products run natively (memory-bound T3 decoding gains most).
-    return "bf16" if (" amx_bf16" in flags or " avx512_bf16" in flags) else "fp32"
-
-
 @contextlib.contextmanager
 def _mask_non_speech(t3: Any):
     """Forward hook on upstream's ``speech_head`` that masks ids >= 6561 (what the engine's
@@ -190,6 +179,7 @@ def _millions(module: Any) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from cbx.engine.cli_synth import check_voice, resolve_device
+    from cbx.engine.synth import auto_dtype
 
     for name in ("tokens", "batch", "repeats", "cfm_steps"):
         if getattr(args, name) < 1:
@@ -206,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
 
         SynthSettings(compile=args.compile)  # an unknown backend fails here, before the model is built
     device = resolve_device(args.device)
-    dtype = _default_dtype(device) if args.dtype == "auto" else args.dtype
+    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype
 
     info = machine_description(device)
     print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()))

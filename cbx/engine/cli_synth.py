@@ -29,7 +29,7 @@ SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--exaggeration": ("exaggeration", float, "emotion exaggeration"),
     "--max-speech-tokens": ("max_speech_tokens", int, "cap on speech tokens per text chunk"),
     "--cfm-steps": ("cfm_steps", int, "flow-matching steps (default: 10, Turbo 2)"),
-    "--dtype": ("dtype", str, "fp32 or bf16"),
+    "--dtype": ("dtype", str, "auto (bf16 where the device runs it natively), fp32 or bf16"),
     "--batch-size": ("batch_size", int, "text chunks decoded together"),
     "--language-id": ("language_id", str, "language code for the multilingual model"),
 }

@@ -54,6 +54,28 @@ VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+AUTO_DTYPE = "auto"
+
+
+def auto_dtype(device: torch.device | str) -> str:
+    """What ``dtype: auto`` means on ``device``: ``bf16`` where bf16 matrix products run natively
+    (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16), else ``fp32``. One answer per
+    machine, so a compressed run and its baseline (same settings, same hardware) agree."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "fp32"
+    return "bf16" if cpu_has_native_bf16(flags) else "fp32"
+
+
+def cpu_has_native_bf16(cpuinfo: str) -> bool:
+    """AMX or AVX512-BF16 in ``/proc/cpuinfo``'s flags: bf16 matrix products run natively (the
+    memory-bound T3 decode gains most); without them bf16 is emulated and slower than fp32."""
+    flags = set(cpuinfo.split())
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
 
 
 @dataclass
@@ -65,6 +87,8 @@ class SynthSettings:
     per decode. ``crossfade_ms`` is the overlap used to join the chunks of a long text.
     ``compile`` names a ``torch.compile`` backend for T3's per-token step (``inductor``;
     ``cudagraphs`` on CUDA); the decode then runs on fixed shapes and gives the same tokens.
+    ``dtype``: ``fp32``, ``bf16`` or ``auto`` (:func:`auto_dtype` of the model's device, filled in
+    by :meth:`resolved`); the engine's faithfulness to upstream is checked at fp32.
     The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: about
     48 s for compiling plus one run); on that CPU the bf16 T3 stage then ran 1.02x-1.24x faster
     in two single-repeat runs, within its noise. ``cbx bench engine --compile inductor`` prints
@@ -82,7 +106,7 @@ class SynthSettings:
     max_speech_tokens: int = 1000
     cfm_steps: int | None = None
     watermark: bool = True
-    dtype: str = "fp32"
+    dtype: str = AUTO_DTYPE
     batch_size: int = 8
     language_id: str | None = None
     force_tokens: int | None = None
@@ -126,8 +150,8 @@ class SynthSettings:
         number("crossfade_ms", 0.0, 1000.0, allow_none=False)
         if not isinstance(self.watermark, bool):
             raise bad("watermark", "must be true or false")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"must be one of {sorted(DTYPES)}")
+        if self.dtype not in (AUTO_DTYPE, *DTYPES):
+            raise bad("dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))}")
         if self.compile is not None:
             backends = _compile_backends()
             if self.compile not in backends:
@@ -135,8 +159,9 @@ class SynthSettings:
         if self.language_id is not None and (not isinstance(self.language_id, str) or not self.language_id):
             raise bad("language_id", "must be a language code such as 'en' or 'fr'")
 
-    def resolved(self, model_or_variant: Any) -> "SynthSettings":
-        """A copy with every ``None`` default filled in for a model (or a variant name).
+    def resolved(self, model_or_variant: Any, device: torch.device | str | None = None) -> "SynthSettings":
+        """A copy with every ``None`` default filled in for a model (or a variant name), and
+        ``dtype: auto`` resolved for ``device`` (default: the model's device; CPU for a name).
 
         A model's own ``meta["cfm_steps"]`` (set by the ``cfm_student`` transform) comes before
         the variant's CFM step count.
@@ -151,6 +176,10 @@ class SynthSettings:
         if meta.get("cfm_steps") is not None:
             defaults["cfm_steps"] = int(meta["cfm_steps"])
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if self.dtype == AUTO_DTYPE:
+            if device is None:
+                device = getattr(model_or_variant, "device", None) if not isinstance(model_or_variant, str) else None
+            fill["dtype"] = auto_dtype(device if device is not None else "cpu")
         return replace(self, **fill)
 
     def to_dict(self) -> dict[str, Any]:
@@ -377,6 +406,17 @@ class Synthesizer:
             self._casts[key] = (module, copy.deepcopy(module).to(want).eval())
         return self._casts[key][1]
 
+    def prepare(self, settings: SynthSettings | None = None) -> None:
+        """Build the cast copies ``settings`` needs now (once per Synthesizer), so that no timed
+        stage pays for them; :meth:`synthesize` calls it before its timer starts."""
+        s = (settings or SynthSettings()).resolved(self.model, self.device)
+        self._low_precision(self.model.t3, s)
+        self._low_precision(self.model.s3gen.flow.decoder.estimator, s)
+
+    def cast_copies(self) -> list[torch.nn.Module]:
+        """The low-precision copies that ran in place of the model's modules."""
+        return [copy for _, copy in self._casts.values()]
+
     def _s3gen_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         from cbx.engine.t3_decode import speech_only
 
@@ -440,10 +480,11 @@ class Synthesizer:
         """Synthesize every request; see the module docstring for batching and seeding."""
         from tqdm.auto import tqdm
 
-        s = (settings or SynthSettings()).resolved(self.model)
+        s = (settings or SynthSettings()).resolved(self.model, self.device)
         requests = list(requests)
         if not requests:
             raise CbxError("nothing to synthesize: the request list is empty")
+        self.prepare(s)
         timer = StageTimer(self.device)
         with PeakMemory(self.device) as mem, torch.inference_mode():
             rows = self._rows(requests, s)

@@ -149,7 +149,14 @@ class Backend:
         from cbx.engine.synth import SynthRequest, Synthesizer
 
         reqs = [SynthRequest(text=it.text, voice=it.prompt, id=it.id) for it in items]
-        batch = Synthesizer(model).synthesize(reqs, settings)
+        # One Synthesizer per model and run: its cast copies (bf16 T3 and estimator) are built
+        # once, by prepare(), outside every timed stage (it was one per batch, and the estimator's
+        # copy was made inside the timed cfm stage).
+        syn = getattr(self, "_synth", None)
+        if syn is None or syn.model is not model:
+            syn = self._synth = Synthesizer(model)
+            syn.prepare(settings)
+        batch = syn.synthesize(reqs, settings)
         outs = [
             UttOutput(it.id, np.asarray(r.wav, np.float32), int(r.sample_rate), [int(t) for t in np.asarray(r.speech_tokens).reshape(-1)],
                       float(r.audio_s), dict(r.timings), len(r.chunks))
@@ -158,11 +165,18 @@ class Backend:
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
                            int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
 
+    def release(self, model) -> None:
+        """Drop what this backend holds for ``model`` (its Synthesizer and cast copies)."""
+        if getattr(getattr(self, "_synth", None), "model", None) is model:
+            self._synth = None
+
     def kernel_summary(self, model) -> dict[str, Any]:
         """Which kernel path the quantized modules took (``cbx.compress.kernels``)."""
         from cbx.compress.kernels import kernel_summary
 
-        return kernel_summary(model)
+        syn = getattr(self, "_synth", None)
+        copies = syn.cast_copies() if syn is not None and syn.model is model else ()
+        return kernel_summary(model, copies)
 
     def metric_versions(self, metrics: Sequence[str] | None, config=None) -> dict[str, str]:
         """Versions with the scorer's model choices in them (``cbx.eval.scorer.metric_versions``)."""
@@ -419,6 +433,7 @@ class Runner:
         fid_rows: dict[str, dict[str, float]] = {}
         if baseline is not None and exp.eval.t3_fidelity and not bad:
             fid_rows = self._t3_fidelity(exp, model, device, settings, items, baseline)
+        b.release(model)
         del model
         gc.collect()
 

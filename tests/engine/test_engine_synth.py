@@ -24,7 +24,9 @@ from cbx.engine.timing import STAGES
 from cbx.errors import CbxError
 
 SAMPLES_PER_TOKEN = SAMPLE_RATE // 25  # S3Gen: 25 tokens/s -> 960 samples per token
-FAST = dict(max_speech_tokens=40, cfm_steps=2, batch_size=8)
+# fp32: the engine's faithfulness and batch invariance are contracts at fp32 (dtype "auto" would
+# pick bf16 on a CPU with native bf16)
+FAST = dict(max_speech_tokens=40, cfm_steps=2, batch_size=8, dtype="fp32")
 LONG_TEXT = ("The first sentence is here. A second one follows it closely! "
              "And a third sentence closes the paragraph?")
 
@@ -166,7 +168,7 @@ def test_batch_result_equals_alone_result(model, voices, temperature):
 
 def test_groups_of_batch_size_give_the_same_results(model, voices):
     reqs = [SynthRequest(f"Sentence number {w}.", voices[i % 2]) for i, w in enumerate(["one", "two", "three"])]
-    s = dict(seed=2, temperature=0.0, watermark=False, max_speech_tokens=20, cfm_steps=2)
+    s = dict(seed=2, temperature=0.0, watermark=False, max_speech_tokens=20, cfm_steps=2, dtype="fp32")
     whole = Synthesizer(model).synthesize(reqs, SynthSettings(batch_size=3, **s), progress=False)
     split = Synthesizer(model).synthesize(reqs, SynthSettings(batch_size=2, **s), progress=False)
     assert whole.run.extra["groups"] == 1 and split.run.extra["groups"] == 2
@@ -177,7 +179,7 @@ def test_groups_of_batch_size_give_the_same_results(model, voices):
 
 def test_force_tokens_decodes_exactly_that_many(model, voices):
     out = Synthesizer(model).synthesize([SynthRequest("Forced length.", voices[0])],
-                                        SynthSettings(force_tokens=7, cfm_steps=1, watermark=False), progress=False)
+                                        SynthSettings(force_tokens=7, cfm_steps=1, watermark=False, dtype="fp32"), progress=False)
     res = out.results[0]
     assert res.speech_tokens.size == 7
     assert len(res.wav) == 7 * SAMPLES_PER_TOKEN
@@ -273,7 +275,7 @@ def test_crossfade_join_lengths_and_values():
 
 def test_turbo_appends_silence_tokens_before_s3gen(tiny_turbo):
     out = Synthesizer(tiny_turbo).synthesize([SynthRequest("Turbo speaks too.", None)],
-                                             SynthSettings(force_tokens=6, watermark=False), progress=False)
+                                             SynthSettings(force_tokens=6, watermark=False, dtype="fp32"), progress=False)
     res = out.results[0]
     assert out.settings.cfm_steps == 2 and out.settings.cfg_weight == 0.0  # Turbo's own defaults
     assert res.speech_tokens.size == 6
@@ -284,7 +286,7 @@ def test_turbo_appends_silence_tokens_before_s3gen(tiny_turbo):
 
 def test_multilingual_uses_the_language_of_each_request(tiny_multilingual):
     syn = Synthesizer(tiny_multilingual)
-    s = SynthSettings(force_tokens=4, cfm_steps=1, watermark=False, language_id="fr")
+    s = SynthSettings(force_tokens=4, cfm_steps=1, watermark=False, language_id="fr", dtype="fp32")
     out = syn.synthesize([SynthRequest("Bonjour tout le monde.", None),
                           SynthRequest("Hola a todos.", None, language_id="es")], s, progress=False)
     assert [r.speech_tokens.size for r in out.results] == [4, 4]
@@ -297,7 +299,8 @@ def test_bf16_runs_on_cast_copies_and_leaves_the_model_fp32(model):
 
     syn = Synthesizer(model)
     s = dict(seed=4, temperature=0.0, watermark=False, max_speech_tokens=24, cfm_steps=2)
-    fp = syn.synthesize([SynthRequest("Precision check.", None)], SynthSettings(**s), progress=False).results[0]
+    fp = syn.synthesize([SynthRequest("Precision check.", None)], SynthSettings(dtype="fp32", **s),
+                        progress=False).results[0]
     bf = syn.synthesize([SynthRequest("Precision check.", None)], SynthSettings(dtype="bf16", **s),
                         progress=False).results[0]
     assert next(model.t3.parameters()).dtype == torch.float32
@@ -316,7 +319,7 @@ def test_cuda_synthesis_matches_cpu_greedy_tokens(tiny_copy, voices):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    s = SynthSettings(seed=1, temperature=0.0, watermark=False, max_speech_tokens=24, cfm_steps=2)
+    s = SynthSettings(seed=1, temperature=0.0, watermark=False, max_speech_tokens=24, cfm_steps=2, dtype="fp32")
     req = [SynthRequest("Same on every device.", voices[0])]
     cpu = Synthesizer(tiny_copy("original")).synthesize(req, s, progress=False)
     gpu = Synthesizer(tiny_copy("original"), device="cuda").synthesize(req, s, progress=False)
@@ -324,3 +327,15 @@ def test_cuda_synthesis_matches_cpu_greedy_tokens(tiny_copy, voices):
     n = min(cpu.results[0].speech_tokens.size, gpu.results[0].speech_tokens.size)
     assert np.mean(cpu.results[0].speech_tokens[:n] == gpu.results[0].speech_tokens[:n]) >= 0.9
     assert np.all(np.isfinite(gpu.results[0].wav))
+
+
+def test_dtype_auto_is_resolved_per_device():
+    from cbx.engine.synth import auto_dtype, cpu_has_native_bf16
+
+    assert SynthSettings().dtype == "auto"
+    assert cpu_has_native_bf16("flags\t\t: fpu sse2 avx512f avx512_bf16 avx512vl")
+    assert cpu_has_native_bf16("flags : fpu amx_bf16 amx_tile")
+    assert not cpu_has_native_bf16("flags : fpu avx2 avx512f avx512_bf16x")
+    resolved = SynthSettings().resolved("original")
+    assert resolved.dtype == auto_dtype("cpu") and resolved.dtype in ("fp32", "bf16")
+    assert SynthSettings(dtype="fp32").resolved("original").dtype == "fp32"

@@ -46,6 +46,10 @@ def test_real_run_is_paired_scored_and_ranked(run):
     assert m["mel_l1"] > 0 and m["wave_snr_db"] < 200
     assert rec["model_bytes"] < base["model_bytes"]  # int8 T3 + fp8 CFM weights are smaller
     # which kernels the quantized modules ran (CPU: int8 pack kernel, fp8 emulated; text head unused)
+    # fair baseline: both rows computed in the same (auto-resolved) dtype, recorded in both
+    from cbx.engine.synth import auto_dtype
+
+    assert rec["synth_resolved"]["dtype"] == base["synth_resolved"]["dtype"] == auto_dtype("cpu")
     assert rec["kernels"]["fallbacks"] == [] and rec["kernels"]["paths"]["int8pack-cpu"] > 0
     assert rec["kernels"]["paths"]["fp8-emulated"] > 0 and base["kernels"] == {"paths": {}, "fallbacks": []}
     rows = [json.loads(x) for x in (run.run_dir / "score" / "utterances.jsonl").read_text().splitlines()]

@@ -122,3 +122,49 @@ def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
     # a resumed run with nothing left to do does not warm up
     again = Runner(tmp_path, backend=be, progress=False).run(exp, force=False)
     assert again.reused and len(be.synthesized) == 5
+
+
+def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_stages(tiny_copy, monkeypatch):
+    """Real engine, tiny model: the bf16 cast copies are made once, before any timed stage."""
+    import copy as copy_mod
+
+    from cbx.engine import synth as S
+    from cbx.engine.timing import StageTimer
+    from cbx.lab.runner import Backend, EvalItemView
+
+    model = tiny_copy("original")
+    b = Backend()
+    settings = S.SynthSettings(dtype="bf16", max_speech_tokens=6, cfm_steps=1, watermark=False, batch_size=1)
+    items = [EvalItemView("a", "First one.", None), EvalItemView("b", "Second one.", None)]
+    copies_in_stage = []
+    real_deepcopy, real_stage = copy_mod.deepcopy, StageTimer.stage
+    in_stage = []
+
+    def stage(self, name):
+        in_stage.append(name)
+        cm = real_stage(self, name)
+
+        class Wrap:
+            def __enter__(s):
+                return cm.__enter__()
+
+            def __exit__(s, *exc):
+                in_stage.pop()
+                return cm.__exit__(*exc)
+        return Wrap()
+
+    def deepcopy(obj, *a, **k):
+        if in_stage:
+            copies_in_stage.append(in_stage[-1])
+        return real_deepcopy(obj, *a, **k)
+
+    monkeypatch.setattr(StageTimer, "stage", stage)
+    monkeypatch.setattr(copy_mod, "deepcopy", deepcopy)
+    out1 = b.synthesize(model, items[:1], settings)
+    syn = b._synth
+    out2 = b.synthesize(model, items[1:], settings)
+    assert b._synth is syn and len(syn._casts) == 2  # T3 and the estimator, cast once
+    assert copies_in_stage == []
+    assert out1.utterances[0].id == "a" and out2.utterances[0].id == "b"
+    b.release(model)
+    assert b._synth is None
