@@ -17,7 +17,7 @@ from cbx.errors import CbxError
 # name -> (module, one-line help). Bench modes are dispatched by cbx.bench.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("cbx.engine.cli_synth", "synthesize text with a voice prompt to a 24 kHz wav"),
-    "bench": ("cbx.bench", "print speed/memory benchmarks (engine, quant, student)"),
+    "bench": ("cbx.bench", "print speed/memory benchmarks (engine, quant, student, prune)"),
     "demo": ("cbx.demo", "run the offline demo (built-in tiny model, real offline voices)"),
     "score": ("cbx.eval.cli", "score a manifest of wavs with the eval suite"),
     "run": ("cbx.lab.cli_run", "run experiment files and write run folders"),
@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cbx.lab.cli_export", "export a run's checkpoint"),
     "save-model": ("cbx.lab.cli_save_model", "write a model source (e.g. random:original) in the upstream file layout"),
     "distill": ("cbx.distill.cli", "train a few-step CFM student from a config"),
+    "prune-report": ("cbx.compress.cli_prune", "rank T3 layers/heads/FFN channels and CFM blocks by importance"),
 }
 
 

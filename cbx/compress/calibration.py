@@ -54,10 +54,11 @@ CALIBRATION_TEXTS = (
 class CalibrationSequence:
     text_tokens: torch.Tensor  # [1, T_text]
     speech_tokens: torch.Tensor  # [1, T_speech], starting with the start-of-speech token
+    conds: object = None  # upstream Conditionals of the voice; None: the model's built-in voice
 
 
-def _t3_cond(model, device) -> object:
-    conds = model.builtin_conds
+def _t3_cond(model, device, conds=None) -> object:
+    conds = conds if conds is not None else model.builtin_conds
     if conds is None:
         raise CbxError(f"model '{model.source}': GPTQ calibration needs the model's built-in voice (conds.pt), "
                        "and this model has none; use method: rtn or add conds.pt to the model folder")
@@ -66,21 +67,57 @@ def _t3_cond(model, device) -> object:
     return t3c.to(device=device, dtype=next(model.t3.cond_enc.parameters()).dtype)
 
 
-def generate_sequences(model, texts: Sequence[str], max_speech_tokens: int, seed: int) -> list[CalibrationSequence]:
+def generate_sequences(model, texts: Sequence[str], max_speech_tokens: int, seed: int,
+                       voices: Sequence[object] | None = None) -> list[CalibrationSequence]:
     """Sample speech tokens for each text with the (unquantized) T3 through the engine's
-    batched decoder (upstream's sampling: CFG, temperature, min_p, repetition penalty)."""
+    batched decoder (upstream's sampling: CFG, temperature, min_p, repetition penalty).
+
+    ``voices``: upstream ``Conditionals`` cycled over the texts (text i in voice i mod n);
+    None: the model's built-in voice for every text."""
     from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
     from cbx.engine.text import t3_text_tokens
 
     t3 = model.t3
     lang = "en" if model.variant == "multilingual" else None
-    cond = _t3_cond(model, next(t3.parameters()).device)
+    device = next(t3.parameters()).device
+    voices = list(voices) if voices else [None]
+    conds = [voices[k % len(voices)] for k in range(len(texts))]
     ids = [t3_text_tokens(model, text, language_id=lang) for text in texts]
-    rows = [T3Row(i, cond, seed=seed + k) for k, i in enumerate(ids)]
+    rows = [T3Row(i, _t3_cond(model, device, c), seed=seed + k) for k, (i, c) in enumerate(zip(ids, conds))]
     out = generate(model, rows, DecodeSettings(max_new_tokens=max_speech_tokens))
     start = t3.hp.start_speech_token
-    return [CalibrationSequence(torch.tensor([i]), torch.tensor([[start, *tok.tolist()]]))
-            for i, tok in zip(ids, out.tokens)]
+    return [CalibrationSequence(torch.tensor([i]), torch.tensor([[start, *tok.tolist()]]), c)
+            for i, tok, c in zip(ids, out.tokens, conds)]
+
+
+def calibration_voices(model, names: Sequence[str]) -> list[object]:
+    """Upstream ``Conditionals`` for each voice name: ``builtin`` (the model's ``conds.pt``), an
+    offline voice of :mod:`cbx.eval.assets` (``allison``, ``diane``, ...; real recorded speech)
+    or an audio file path."""
+    from pathlib import Path
+
+    from cbx.engine.conditioning import prepare_voice
+
+    out = []
+    for name in names:
+        if name == "builtin":
+            if model.builtin_conds is None:
+                raise CbxError(f"calib_voices: model '{model.source}' has no built-in voice (conds.pt); "
+                               "name an offline voice or an audio file")
+            out.append(model.builtin_conds)
+            continue
+        path = Path(name)
+        if not path.suffix:
+            from cbx.eval import assets  # real-speech prompts shipped by installed packages
+
+            if name not in assets.VOICES:
+                raise CbxError(f"calib_voices: {name!r} is neither 'builtin', an offline voice "
+                               f"({', '.join(assets.VOICES)}), nor an audio file path")
+            path, _ = assets.voice_prompt(name)
+        elif not path.is_file():
+            raise CbxError(f"calib_voices: audio file {name} does not exist")
+        out.append(prepare_voice(model, path))
+    return out
 
 
 @torch.inference_mode()
@@ -92,7 +129,7 @@ def _teacher_forced_pass(model, seqs: list[CalibrationSequence]) -> None:
         tt, st = s.text_tokens.to(device), s.speech_tokens.to(device)
         if cfg:
             tt, st = tt.expand(2, -1).contiguous(), st.expand(2, -1).contiguous()
-        embeds, len_cond = t3.prepare_input_embeds(t3_cond=_t3_cond(model, device), text_tokens=tt,
+        embeds, len_cond = t3.prepare_input_embeds(t3_cond=_t3_cond(model, device, s.conds), text_tokens=tt,
                                                    speech_tokens=st, cfg_weight=0.5 if cfg else 0.0)
         hidden = t3.tfmr(inputs_embeds=embeds, use_cache=False).last_hidden_state
         n_text = tt.shape[1]

@@ -72,6 +72,8 @@ def save_compressed(model, out_dir: str | Path) -> Path:
     # safetensors refuses shared storage and non-contiguous tensors.
     seen, clean = set(), {}
     for key, t in tensors.items():
+        if type(t).__name__.startswith("SparseSemiStructured"):
+            t = t.to_dense()  # a 2:4 semi-structured sparse weight (CUDA kernel) is stored as its dense zeros
         t = t.detach().cpu().contiguous()
         ptr = t.untyped_storage().data_ptr() if t.numel() else None
         if ptr is not None and ptr in seen:
@@ -133,8 +135,21 @@ def _skeleton(manifest: dict, folder: Path):
     if (folder / CONDS).exists():
         conds = upstream.Conditionals.load(folder / CONDS, map_location="cpu")
     meta = dict(manifest.get("meta") or {})
-    return ChatterboxModel(t3, s3gen, ve, variant=variant, tokenizer=tokenizer,
-                           source=manifest.get("source", str(folder)), builtin_conds=conds, meta=meta)
+    model = ChatterboxModel(t3, s3gen, ve, variant=variant, tokenizer=tokenizer,
+                            source=manifest.get("source", str(folder)), builtin_conds=conds, meta=meta)
+    _reshape_pruned(model, manifest, folder)
+    return model
+
+
+def _reshape_pruned(model, manifest: dict, folder: Path) -> None:
+    """Give an unpruned model the pruned shapes the manifest records (``meta.pruned``)."""
+    from cbx.compress.prune import PRUNED_KEY, apply_architecture
+
+    rec = (manifest.get("meta") or {}).get(PRUNED_KEY)
+    try:
+        apply_architecture(model, rec)
+    except (CbxError, KeyError, TypeError, IndexError) as e:
+        raise CbxError(f"{folder / MANIFEST}: meta.{PRUNED_KEY} does not fit the {manifest['variant']} model ({e})") from None
 
 
 def _check_matches(name: str, entry: dict, mod: nn.Module | None, folder: Path) -> None:
@@ -178,9 +193,11 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
     if base is not None and getattr(base, "variant", manifest["variant"]) != manifest["variant"]:
         raise CbxError(f"{folder / MANIFEST}: checkpoint of a {manifest['variant']} model, "
                        f"given a {base.variant} model to load into")
+    if base is not None and not (getattr(base, "meta", None) or {}).get("pruned"):
+        _reshape_pruned(base, manifest, folder)
     model = base if base is not None else _skeleton(manifest, folder)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
     named = dict(model.named_modules())
     for name, entry in manifest["modules"].items():
         mod = named.get(name)
@@ -216,6 +233,13 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
 
     name_modules(model)
     return model.eval()
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    # safetensors hands out views at file offsets; the CPU int8/int4 kernels read their operands
+    # with aligned vector loads and crashed (SIGSEGV) on a qweight 4 bytes off a 64-byte
+    # boundary (a width-pruned model's tensor sizes moved the offsets). A copy is aligned.
+    return t if t.data_ptr() % 64 == 0 else t.clone()
 
 
 def _nonpersistent_dtypes(model: nn.Module) -> dict[str, str]:

@@ -357,6 +357,13 @@ def save_upstream_layout(model: ChatterboxModel, out_dir: str | Path) -> Path:
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
+    pruned = (model.meta or {}).get("pruned")
+    if pruned:
+        # Upstream builds T3 from a named LLAMA_CONFIGS entry (every layer the same width) and
+        # S3Gen with fixed block counts: it has no way to express kept layers or per-layer widths.
+        raise CbxError(f"{out_dir}: this model is pruned ({_describe_pruned(pruned)}); upstream "
+                       "ChatterboxTTS.from_local cannot build that architecture; export the compressed "
+                       "checkpoint instead (cbx export without --dequantize), which the workbench loads")
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise CbxError(f"{out_dir}: exists and is not an empty folder")
     variant = model.variant
@@ -376,6 +383,17 @@ def save_upstream_layout(model: ChatterboxModel, out_dir: str | Path) -> Path:
             meta = {"format": META_FORMAT, "version": META_VERSION, "variant": variant, **model.meta}
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
     return out_dir
+
+
+def _describe_pruned(rec: dict) -> str:
+    parts = []
+    if rec.get("t3"):
+        t = rec["t3"]
+        parts.append(f"T3 keeps {len(t.get('layers', []))} of {t.get('num_layers_orig', '?')} layers, "
+                     f"FFN widths {sorted(set(t.get('ffn', [])))}, heads {sorted(set(t.get('heads', [])))}")
+    if rec.get("cfm"):
+        parts.append(f"CFM estimator without blocks {', '.join(rec['cfm'].get('dropped', []))}")
+    return "; ".join(parts) or "pruned"
 
 
 def _write_state(state: dict[str, torch.Tensor], path: Path, save_file: Any) -> None:

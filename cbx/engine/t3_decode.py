@@ -20,6 +20,9 @@ embeddings, ``speech_head``), following gpt-fast's ``generate.py``:
   utterances never pay for ``max_new_tokens`` of memory.
 * Finished rows keep computing (masked); the "all done?" test syncs with the host only every
   ``check_every`` tokens. There is no per-token ``.item()``.
+* Pruned backbones (:mod:`cbx.compress.prune`) decode as they are: the layers present are run
+  (fewer than the config was built with), and the cache holds each layer's own KV-head count
+  (width pruning keeps different numbers of heads per layer).
 * Every utterance samples from its own ``torch.Generator`` seeded by the caller, so its tokens
   do not depend on what else is in the batch.
 * Logit processing replicates upstream exactly, using the same Hugging Face warpers:
@@ -136,13 +139,17 @@ class StaticKVCache:
 
     Written at explicit positions with ``index_copy_`` (gpt-fast style) so a compiled step sees
     the same tensors every call. :meth:`ensure` grows the capacity by whole chunks in eager mode.
+    ``kv_heads`` is one count for every layer or one per layer (width-pruned models keep
+    different numbers of heads in different layers).
     """
 
-    def __init__(self, n_layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+    def __init__(self, n_layers: int, rows: int, kv_heads: int | Sequence[int], head_dim: int, capacity: int,
                  dtype: torch.dtype, device: torch.device):
-        shape = (rows, kv_heads, capacity, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        heads = [kv_heads] * n_layers if isinstance(kv_heads, int) else list(kv_heads)
+        if len(heads) != n_layers:
+            raise ValueError(f"{len(heads)} KV head counts for {n_layers} layers")
+        self.k = [torch.zeros((rows, h, capacity, head_dim), dtype=dtype, device=device) for h in heads]
+        self.v = [torch.zeros((rows, h, capacity, head_dim), dtype=dtype, device=device) for h in heads]
 
     @property
     def capacity(self) -> int:
@@ -163,14 +170,22 @@ class StaticKVCache:
 # ----------------------------------------------------------------------------- backbone
 
 
-def _backbone_dims(t3: Any) -> tuple[int, int, int]:
+def _backbone_dims(t3: Any) -> tuple[int, list[int], int]:
+    """(layers, KV heads of each layer, head dim) of the backbone as it is now.
+
+    Counted from the modules, not the config: a pruned backbone has fewer layers than its
+    config was built with, and may keep different numbers of heads per layer
+    (:mod:`cbx.compress.prune` sets ``num_key_value_heads`` on each attention it narrows).
+    """
     cfg = t3.cfg
     if t3.is_gpt:
         heads = cfg.n_head
-        return cfg.n_layer, heads, cfg.hidden_size // heads
+        return len(t3.tfmr.h), [heads] * len(t3.tfmr.h), cfg.hidden_size // heads
     heads = cfg.num_attention_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return cfg.num_hidden_layers, cfg.num_key_value_heads or heads, head_dim
+    default = cfg.num_key_value_heads or heads
+    per_layer = [int(getattr(layer.self_attn, "num_key_value_heads", default)) for layer in t3.tfmr.layers]
+    return len(per_layer), per_layer, head_dim
 
 
 def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
