@@ -102,6 +102,30 @@ class _Quantized(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    @staticmethod
+    def _fusable(mods: list, *same: str) -> bool:
+        """All of ``mods`` of one class with equal ``in_features``, bias presence and the named
+        attributes (``fuse`` keeps only what reads the same input the same way)."""
+        first = mods[0]
+        return all(type(m) is type(first) and m.in_features == first.in_features
+                   and (m.bias is None) == (first.bias is None)
+                   and all(getattr(m, a) == getattr(first, a) for a in same) for m in mods)
+
+    @staticmethod
+    def _share(fused: nn.Module, mods: list, names: tuple[str, ...]) -> None:
+        """Point each part's buffers ``names`` (and bias) at its rows of the fused module's,
+        so the weights are held once; the parts keep working on their own."""
+        offsets = {n: 0 for n in (*names, "bias")}
+        for m in mods:
+            for n in names:
+                rows = getattr(m, n).shape[0]
+                setattr(m, n, getattr(fused, n)[offsets[n]: offsets[n] + rows])
+                offsets[n] += rows
+            if m.bias is not None:
+                rows = m.bias.shape[0]
+                m.bias.data = fused.bias.data[offsets["bias"]: offsets["bias"] + rows]
+                offsets["bias"] += rows
+
     def _finish(self, y: Tensor, x: Tensor) -> Tensor:
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
@@ -127,6 +151,21 @@ class Int8Linear(_RowScaled, _Quantized):
     @property
     def weight(self) -> Tensor:
         return self.qweight
+
+    @classmethod
+    def fuse(cls, mods: list["Int8Linear"]) -> "Int8Linear | None":
+        """One module for several that read the same input (q/k/v, gate/up): outputs side by
+        side from one ``_weight_int8pack_mm`` call. Rows are independent in this layout, so the
+        fused codes and scales are the parts' stacked; the parts then view the fused storage.
+        None when the parts differ in input size, bias or compute dtype."""
+        if not cls._fusable(mods, "compute_dtype"):
+            return None
+        bias = torch.cat([m.bias.detach() for m in mods]) if mods[0].bias is not None else None
+        fused = cls(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]), bias,
+                    mods[0].compute_dtype, mods[0].orig_class)
+        fused._kernel_ok = all(m._kernel_ok for m in mods)
+        cls._share(fused, mods, ("qweight", "_scale_bits"))
+        return fused
 
     def dequantize(self) -> Tensor:
         return P.dequantize_int8(self.qweight, self.scale)
@@ -184,6 +223,38 @@ class Int4Linear(_GroupScaled, _Quantized):
     @property
     def weight(self) -> Tensor:
         return self.packed
+
+    @classmethod
+    def fuse(cls, mods: list["Int4Linear"]) -> "Int4Linear | None":
+        """One module for several that read the same input (q/k/v, gate/up): their outputs side
+        by side from ONE int4 kernel call, which on a 2-row decode step is mostly fixed cost.
+
+        The packed kernel layouts block output rows (16-64 per block on CPU, 8 on CUDA), so
+        when every part's row count fills whole blocks the fused packing is the parts' packings
+        stacked: no repacking. That is checked, not assumed: the fused module must reproduce
+        the parts' outputs exactly on a probe input, else None (parts left as they are). The
+        parts then view the fused storage. None too for differing input size, group size,
+        layout or bias, and for the canonical (no-kernel) layout.
+        """
+        first = mods[0]
+        if not cls._fusable(mods, "group_size", "layout") or first.layout == "canonical":
+            return None
+        if any(P.padded_rows(m.out_features) != m.out_features for m in mods):
+            return None
+        fused = cls.__new__(cls)
+        bias = torch.cat([m.bias.detach() for m in mods]) if first.bias is not None else None
+        _Quantized.__init__(fused, first.in_features, sum(m.out_features for m in mods), bias, first.orig_class)
+        fused.group_size = first.group_size
+        fused.register_buffer("_scale_bits", torch.cat([m._scale_bits for m in mods]))
+        fused.register_buffer("_zero_bits", torch.cat([m._zero_bits for m in mods]))
+        fused.register_buffer("packed", torch.cat([m.packed for m in mods]))
+        fused.layout, fused._sz_cache = first.layout, {}
+        probe = torch.randn(2, first.in_features, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.bfloat16).to(first.packed.device)
+        if not torch.equal(fused(probe), torch.cat([m(probe) for m in mods], dim=-1)):
+            return None
+        cls._share(fused, mods, ("packed", "_scale_bits", "_zero_bits"))
+        return fused
 
     # -- layouts
     def _pack(self, codes: Tensor, device: torch.device) -> None:

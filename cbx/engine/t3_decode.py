@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -60,6 +61,8 @@ from cbx.errors import CbxError
 
 SPEECH_VOCAB = 6561  # real S3 tokens are 0..6560; the rest are start/stop/unused ids
 CACHE_CHUNK = 256
+# Query lengths up to this use :func:`_decode_attention`; longer ones (prefill) use SDPA.
+DECODE_ATTENTION_MAX_Q = 4
 
 
 @dataclass
@@ -189,18 +192,43 @@ def _backbone_dims(t3: Any) -> tuple[int, list[int], int]:
 
 
 def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
+    if q.shape[2] <= DECODE_ATTENTION_MAX_Q:
+        return _decode_attention(q, k_all, v_all, mask, scale)
     # enable_gqa: grouped-query attention (fewer KV heads) without materialising repeated keys.
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], scale=scale,
                                           enable_gqa=k_all.shape[1] != q.shape[1])
 
 
+def _decode_attention(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of a few queries over the cache as three plain ops: ``q @ k^T``, a float32
+    softmax, ``p @ v`` (the arithmetic of Hugging Face's ``eager_attention_forward``, the path
+    upstream's ``T3.inference`` runs since it asks for attentions).
+
+    Why not SDPA: for one query per row CPU SDPA dispatches to its flash kernel, which cost
+    0.36 ms at 190 cached positions and 2.1 ms at 1000 (bf16, 2 rows x 16 heads, this 2-core
+    CPU) against 0.17 ms and 0.38 ms here: with 30 layers that was 8 ms of a 30 ms int4 step.
+    Grouped-query attention folds each KV head's query group into the query axis instead of
+    repeating keys. ``mask`` (rows, q, kv) bool.
+    """
+    n, heads, q_len, d = q.shape
+    kv_heads = k_all.shape[1]
+    group = heads // kv_heads
+    qg = q.reshape(n, kv_heads, group * q_len, d)
+    scores = torch.matmul(qg, k_all.transpose(-1, -2)).float()
+    scores = scores.view(n, kv_heads, group, q_len, -1).mul_(scale)
+    scores = scores.masked_fill_(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v_all.dtype).view(n, kv_heads, group * q_len, -1)
+    return torch.matmul(probs, v_all).view(n, heads, q_len, d)
+
+
 def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,
-              kv_len: int | None) -> Tensor:
+              kv_len: int | None, plan: list[Any] | None = None) -> Tensor:
     """Run the upstream backbone layers on ``x`` (rows, q, d); returns the final-norm hidden states.
 
     ``pos_ids`` (rows, q): each row's own positions; ``cache_pos`` (q,): cache slots to write;
     ``mask`` (rows, q, kv) bool: which cache slots each query may attend to; ``kv_len``: how
-    much of the cache to read (None: all of it, fixed shapes for compiled steps).
+    much of the cache to read (None: all of it, fixed shapes for compiled steps); ``plan``:
+    :func:`fusion_plan` (Llama), one matrix product for q/k/v and one for gate/up per layer.
     """
     n, q_len, _ = x.shape
     tf = t3.tfmr
@@ -222,14 +250,110 @@ def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tens
     for i, layer in enumerate(tf.layers):
         attn = layer.self_attn
         h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(n, q_len, -1, attn.head_dim).transpose(1, 2)
+        fused = plan[i] if plan is not None else None
+        if fused is not None and fused.qkv is not None:
+            q, k, v = fused.qkv(h).split(fused.qkv_sizes, dim=-1)
+        else:
+            q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
+        q, k, v = (t.reshape(n, q_len, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         o = _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(n, q_len, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        if fused is not None and fused.gate_up is not None:
+            mlp = layer.mlp
+            gate, up = fused.gate_up(h).split(fused.gate_up_sizes, dim=-1)
+            x = x + mlp.down_proj(mlp.act_fn(gate) * up)
+        else:
+            x = x + layer.mlp(h)
     return tf.norm(x)
+
+
+# ----------------------------------------------------------------------------- fused projections
+
+
+@dataclass
+class _FusedLayer:
+    """One Llama layer's fused projections (None where the layer's projections could not be
+    fused) and the output widths to split them back into."""
+
+    qkv: Any
+    qkv_sizes: list[int]
+    gate_up: Any
+    gate_up_sizes: list[int]
+
+
+# t3 -> (signature of the projections it was built from, [_FusedLayer per layer]); held outside
+# the module tree so that state dicts, weight counts and checkpoints never see it.
+_FUSION: "weakref.WeakKeyDictionary[Any, tuple[tuple, list[_FusedLayer]]]" = weakref.WeakKeyDictionary()
+
+
+def fuse_linears(mods: Sequence[torch.nn.Module]) -> torch.nn.Module | None:
+    """One module computing ``cat([m(x) for m in mods], -1)`` with a single matrix product, or
+    None when these modules cannot be fused.
+
+    ``nn.Linear`` is fused here; any other class fuses through its own ``fuse(mods)``
+    classmethod (the quantized modules of :mod:`cbx.compress.modules` have one). After a
+    successful fusion the parts' weights are views into the fused module's storage: the
+    weights exist once, and the parts still work on their own (state dicts, exports).
+    """
+    first = mods[0]
+    if any(type(m) is not type(first) for m in mods):
+        return None
+    if type(first) is torch.nn.Linear:
+        if any(m.in_features != first.in_features or m.weight.dtype != first.weight.dtype
+               or m.weight.device != first.weight.device or (m.bias is None) != (first.bias is None) for m in mods):
+            return None
+        fused = torch.nn.Linear(first.in_features, sum(m.out_features for m in mods), bias=first.bias is not None,
+                                device=first.weight.device, dtype=first.weight.dtype)
+        fused.weight.data = torch.cat([m.weight.detach() for m in mods])
+        if first.bias is not None:
+            fused.bias.data = torch.cat([m.bias.detach() for m in mods])
+        fused.requires_grad_(False)
+        start = 0
+        for m in mods:
+            stop = start + m.out_features
+            m.weight.data = fused.weight.data[start:stop]
+            if m.bias is not None:
+                m.bias.data = fused.bias.data[start:stop]
+            start = stop
+        return fused
+    fuse = getattr(type(first), "fuse", None)
+    return fuse(list(mods)) if callable(fuse) else None
+
+
+def _signature(mods: Sequence[Any]) -> tuple:
+    out = []
+    for m in mods:
+        w = getattr(m, "weight", None)
+        out.append((id(m), w.data_ptr() if torch.is_tensor(w) else None, str(getattr(w, "dtype", None))))
+    return tuple(out)
+
+
+def fusion_plan(t3: Any) -> list[_FusedLayer] | None:
+    """The fused q/k/v and gate/up projections of every Llama layer of ``t3`` (None for GPT-2
+    T3s, whose ``c_attn`` is fused already). Built on first use and rebuilt whenever a
+    projection module or its weight changed (a transform swapped it, a cast or a move)."""
+    if t3.is_gpt:
+        return None
+    layers = list(t3.tfmr.layers)
+    parts = [((l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj), (l.mlp.gate_proj, l.mlp.up_proj))
+             for l in layers]
+    sig = _signature([m for qkv, gu in parts for m in (*qkv, *gu)])
+    cached = _FUSION.get(t3)
+    if cached is not None and cached[0] == sig:
+        return cached[1]
+    plan = []
+    # Ordinary tensors even when called under inference_mode: the parts' weights become views
+    # of the fused ones, and a model trained later (healing) must not hold inference tensors.
+    with torch.inference_mode(False), torch.no_grad():
+        for qkv, gu in parts:
+            f_qkv, f_gu = fuse_linears(qkv), fuse_linears(gu)
+            plan.append(_FusedLayer(f_qkv, [m.out_features for m in qkv], f_gu, [m.out_features for m in gu]))
+    # Fusing re-pointed the parts' weights into the fused storage: sign what is there now.
+    sig = _signature([m for qkv, gu in parts for m in (*qkv, *gu)])
+    _FUSION[t3] = (sig, plan)
+    return plan
 
 
 def _cached_attention(cache: StaticKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_pos: Tensor,
@@ -426,6 +550,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     slots = torch.arange(p_max, p_max + max_new, device=device)
     speech_positions = torch.arange(max_new + 1, device=device)
     step_fn = _step_function(s.compile_backend)
+    plan = fusion_plan(t3)
 
     gens = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in rows]
     warpers = _warpers(t3.is_gpt, s)
@@ -435,7 +560,7 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     out = torch.full((n_utt, max_new), eos, dtype=torch.long, device=device)
 
     with autocast(device, s.compute_dtype):
-        hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max)
+        hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max, plan)
         logits = t3.speech_head(hidden[:, -1])
         steps = 0
         for step in range(max_new):
@@ -461,9 +586,10 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
             feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1, speech_positions).to(cdtype)
             pos = (lens + step)[:, None]
             if static:
-                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, :], cache, None)
+                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, :], cache, None, plan)
             else:
-                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, : slot + 1], cache, slot + 1)
+                hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, : slot + 1], cache, slot + 1,
+                                 plan)
             logits = t3.speech_head(hidden[:, -1])
 
     out_cpu = out[:, :steps].cpu()
