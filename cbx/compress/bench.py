@@ -18,7 +18,14 @@ real sizes and costs, meaningless outputs), built once:
 Every candidate runs in this one process beside its fp32 baseline and is printed with its
 ratio to it; the timed runs of all candidates are interleaved round-robin, so a drift in the
 load of a shared machine hits them alike. All four T3 variants are held at once (about 4 GB
-for the full-size model). The last line is exactly
+for the full-size model).
+
+* The memory floor of a T3 step: the bytes a step must read (:func:`step_bytes`: weights it
+  multiplies by plus the KV cache) over the machine's read bandwidth measured in the same run
+  (:func:`cbx.engine.timing.read_bandwidth`). A memory-bound decode cannot beat it; the ratio
+  says how much is left to win. ``--compile BACKEND`` adds the int4 step compiled.
+
+The last line is exactly
 ``t3 int4 decode speed-up vs fp32: N.NNx, weights N.NN GB``.
 """
 
@@ -52,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
     parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="also time the int4 step with T3's decode step torch.compile'd by BACKEND "
+                             "(inductor; compiled before timing, the compile time printed apart)")
 
 
 def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -68,15 +78,31 @@ def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _decode_fn(model, t3, prompt_ids, n):
+def _decode_fn(model, t3, prompt_ids, n, compile_backend=None):
     from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
 
     # The engine copies the T3Cond to the model's device but not to its dtype: cast it here so
     # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
     dtype = next(t3.cond_enc.parameters()).dtype
     rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
-    settings = DecodeSettings(force_tokens=n, cfg_weight=0.5)
+    settings = DecodeSettings(force_tokens=n, cfg_weight=0.5, compile_backend=compile_backend)
     return lambda: generate(t3, rows, settings)
+
+
+def step_bytes(t3, rows: int, kv_len: int) -> int:
+    """Bytes one decode step must read from memory: the weights it multiplies by (transformer
+    layers and the speech head; embeddings are row lookups) and the KV cache of ``rows`` rows
+    at ``kv_len`` positions (bf16). Divided by the memory bandwidth this is the step's floor."""
+    from cbx.engine.t3_decode import _backbone_dims
+
+    n_layers, kv_heads, head_dim = _backbone_dims(t3)
+    kv = 2 * n_layers * rows * kv_heads * kv_len * head_dim * 2
+    return weight_bytes(t3.tfmr) + weight_bytes(t3.speech_head) + kv
+
+
+def _cond_positions(model) -> int:
+    with torch.inference_mode():
+        return int(model.t3.prepare_conditioning(_fresh(model.builtin_conds.t3)).shape[1])
 
 
 def _prompt_ids(model, n_positions: int) -> list[int]:
@@ -110,7 +136,7 @@ class _Holder(torch.nn.Module):
         self.variant, self.meta = variant, {}
 
 
-def _t3_rows(model, args) -> list[tuple[str, float, int]]:
+def _t3_rows(model, args) -> tuple[list[tuple[str, float, int]], dict[str, int]]:
     from cbx.compress.registry import apply_transforms, build_config
 
     prompt = _prompt_ids(model, args.prompt)
@@ -132,13 +158,24 @@ def _t3_rows(model, args) -> list[tuple[str, float, int]]:
     for label, t3 in t3s.items():
         fns[(label, n1)] = _decode_fn(model, t3, prompt, n1)
         fns[(label, n2)] = _decode_fn(model, t3, prompt, n2)
+    if args.compile:
+        label = f"int4+{args.compile}"
+        t3s[label] = t3s["int4"]
+        fns[(label, n1)] = _decode_fn(model, t3s["int4"], prompt, n1, args.compile)
+        fns[(label, n2)] = _decode_fn(model, t3s["int4"], prompt, n2, args.compile)
+        t0 = time.perf_counter()
+        fns[(label, n2)]()  # one graph serves both lengths (static cache rounded to 256 slots)
+        print(f"  compiling the int4 decode step ({args.compile}) + one run: {time.perf_counter() - t0:.1f} s",
+              flush=True)
     print(f"  timing {len(fns)} decode runs x {args.repeats} (interleaved) ...", flush=True)
     med = _interleaved_medians(fns, args.repeats)
     rows = []
     for label, t3 in t3s.items():
         step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
         rows.append((label, step, weight_bytes(t3)))
-    return rows
+    n_prompt = len(prompt) + _cond_positions(model)
+    per_step = {label: step_bytes(t3, rows=2, kv_len=n_prompt + (n1 + n2) // 2) for label, t3 in t3s.items()}
+    return rows, per_step
 
 
 def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
@@ -174,9 +211,9 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
 def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:
     base_t, base_b = rows[0][1], rows[0][2]
     print(f"\n{title}")
-    print(f"{'variant':<8} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
+    print(f"{'variant':<14} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
     for label, t, b in rows:
-        print(f"{label:<8} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
+        print(f"{label:<14} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,13 +236,24 @@ def run(args: argparse.Namespace) -> int:
     if "cfm" not in args.skip:
         cfm_rows = _cfm_rows(model, args)
     if "t3" not in args.skip:
-        t3_rows = _t3_rows(model, args)
+        t3_rows, per_step = _t3_rows(model, args)
     if cfm_rows:
         _table(f"CFM estimator, {args.cfm_steps} Euler steps with CFG (batch 2), {args.cfm_frames} frames",
                "seconds", cfm_rows, 1.0)
     if t3_rows:
         _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}",
                "ms/step", t3_rows, 1e3)
+        from cbx.engine.timing import read_bandwidth
+
+        bw = read_bandwidth()
+        print(f"\nT3 decode step against the memory floor (bytes read per step: weights multiplied + KV cache; "
+              f"measured read bandwidth {bw / 1e9:.1f} GB/s)")
+        print(f"{'variant':<14} {'ms/step':>8} {'floor ms':>9} {'x floor':>8} {'GB/step':>8}")
+        for label, t, _ in t3_rows:
+            b = per_step[label]
+            print(f"{label:<14} {t * 1e3:>8.2f} {b / bw * 1e3:>9.2f} {t / (b / bw):>7.2f}x {b / 1e9:>8.3f}")
         int4 = dict((r[0], r) for r in t3_rows)["int4"]
+        floor = per_step["int4"] / bw
+        print(f"t3 int4 step {int4[1] * 1e3:.2f} ms, memory floor {floor * 1e3:.2f} ms ({int4[1] / floor:.2f}x floor)")
         print(f"t3 int4 decode speed-up vs fp32: {t3_rows[0][1] / int4[1]:.2f}x, weights {int4[2] / 1e9:.2f} GB")
     return 0

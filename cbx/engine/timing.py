@@ -200,6 +200,20 @@ def apportion(total: float, weights: Sequence[float]) -> list[float]:
     return [total * float(w) / s for w in weights]
 
 
+def read_bandwidth(n_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Memory read bandwidth in bytes/s: the best of ``repeats`` ``amax`` passes over a float32
+    buffer much larger than any cache (a reduction that reads every byte once and writes
+    nothing; on the 2-core EPYC about 22 GB/s). The yardstick of memory-bound decode steps."""
+    buf = torch.ones(n_bytes // 4, dtype=torch.float32)
+    buf.amax()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buf.amax()
+        best = min(best, time.perf_counter() - t0)
+    return buf.numel() * 4 / best
+
+
 def machine_description(device: torch.device | str | None = None) -> dict[str, str | int]:
     """CPU/GPU name, thread count and torch version, for benchmark headers and run records."""
     import platform
