@@ -18,6 +18,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -127,8 +128,9 @@ def build_t3(variant: str, arch: dict | None = None) -> nn.Module:
     if arch:
         name = arch["backbone_name"]
         # Upstream picks the backbone by name from this module-level dict; registering is
-        # idempotent (same name, same dict).
-        upstream.LLAMA_CONFIGS[name] = dict(arch["backbone"])
+        # idempotent (same name, same dict). A deep copy: transformers' LlamaConfig writes into
+        # the nested rope_scaling dict, which must not reach the caller's arch.
+        upstream.LLAMA_CONFIGS[name] = copy.deepcopy(arch["backbone"])
         overrides = dict(arch.get("t3", {}), llama_config_name=name)
     t3 = upstream.T3(t3_config(variant, overrides))
     perceiver = (arch or {}).get("perceiver")

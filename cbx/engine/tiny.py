@@ -26,6 +26,7 @@ The architecture goes into ``model.meta["tiny"]`` (and into the folder metadata 
 
 from __future__ import annotations
 
+import copy
 import string
 import unicodedata
 from typing import Any
@@ -49,13 +50,13 @@ def tiny_arch(variant: str, seed: int = 0) -> dict:
 
     d, layers, heads = TINY_WIDTH, TINY_LAYERS, TINY_HEADS
     if variant == "turbo":
-        backbone = dict(upstream.LLAMA_CONFIGS["GPT2_medium"])
+        backbone = copy.deepcopy(upstream.LLAMA_CONFIGS["GPT2_medium"])
         backbone.update(n_embd=d, hidden_size=d, n_head=heads, n_layer=layers, n_ctx=2048, n_positions=2048)
         name = f"cbx_tiny_gpt2_{d}x{layers}"
         t3 = dict(max_text_tokens=256, max_speech_tokens=512)
         perceiver = None
     elif variant in ("original", "multilingual"):
-        backbone = dict(upstream.LLAMA_CONFIGS["Llama_520M"])
+        backbone = copy.deepcopy(upstream.LLAMA_CONFIGS["Llama_520M"])
         backbone.update(hidden_size=d, intermediate_size=2 * d, num_hidden_layers=layers, num_attention_heads=heads,
                         head_dim=d // heads, num_key_value_heads=heads // 2)
         name = f"cbx_tiny_llama_{d}x{layers}"
