@@ -6,9 +6,9 @@ PY := $(VENV)/bin/python
 env:
 	@bash scripts/setup_env.sh
 
-# The demo's student is trained first (about a minute; a second call finds it done).
+# One command: cbx run trains the demo's student on first use (its `train:` step) and reuses
+# every finished run and checkpoint on a second call.
 demo: env
-	$(VENV)/bin/cbx distill experiments/distill-demo.yaml
 	$(VENV)/bin/cbx run experiments/demo.yaml && $(VENV)/bin/cbx leaderboard
 
 test: env

@@ -10,6 +10,13 @@ A transform receives a :class:`cbx.engine.model.ChatterboxModel` and returns it 
 place or replaced). Modules are chosen by name patterns (``fnmatch`` globs over
 ``named_modules()`` names relative to the model, e.g. ``t3.tfmr.layers.*.mlp.*``) with an
 explicit ``ignore`` list; upstream code is never edited.
+
+Some transforms load a trained checkpoint (``cfm_student``'s student; a healed pruned model).
+Their training is registered beside them (:func:`register_trainer`): a :class:`Trainer` says
+which parameter names the checkpoint and how to load, identify, estimate and run the training
+config that makes it, so an experiment step can name ``train: CONFIG.yaml`` instead of a
+checkpoint and ``cbx run`` trains it on first use (:mod:`cbx.lab.recipes`). The registry lives
+here, below both the training code (``cbx.distill``) and the runner (``cbx.lab``).
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 
@@ -123,3 +131,58 @@ def select_modules(
         ):
             out.append((name, mod))
     return out
+
+
+# ---------------------------------------------------------------- trainers
+
+
+class Trainer(Protocol):
+    """How the checkpoint of one transform is trained from a config file (train-on-demand).
+
+    ``param``: the transform parameter that names the checkpoint folder. Every method raises
+    :class:`CbxError` (one line) for bad input."""
+
+    param: str
+    checkpoint_dir: str  # where train() puts the checkpoint, relative to its out_dir
+
+    def load_config(self, path: Path, overrides: dict[str, Any]) -> Any:
+        """The typed training config of ``path`` with dotted-key ``overrides`` applied."""
+
+    def resolved(self, config: Any) -> dict[str, Any]:
+        """What determines the trained weights (no output folder, cadence or tracking): its
+        hash keys the trained checkpoint."""
+
+    def teacher(self, config: Any) -> str:
+        """The model source the training starts from (its identity keys the checkpoint too)."""
+
+    def estimate_seconds(self, config: Any, device: str) -> float | None:
+        """A rough wall time for the whole training on ``device`` (None: no idea)."""
+
+    def check_checkpoint(self, path: Path) -> None:
+        """Refuse (CbxError) a folder that is not a complete checkpoint of this kind."""
+
+    def train(self, config: Any, out_dir: Path, progress: bool) -> dict[str, Any]:
+        """Train (resuming what ``out_dir`` holds); returns ``{"checkpoint": folder, "metrics":
+        {...}}`` once the checkpoint is complete."""
+
+
+_TRAINERS: dict[str, Trainer] = {}
+
+
+def register_trainer(transform: str, trainer: Trainer) -> Trainer:
+    """Declare how the checkpoint that ``transform``'s ``trainer.param`` names is trained."""
+    if transform in _TRAINERS and _TRAINERS[transform] is not trainer:
+        raise ValueError(f"trainer for {transform!r} registered twice")
+    _TRAINERS[transform] = trainer
+    return trainer
+
+
+def get_trainer(transform: str) -> Trainer | None:
+    """The trainer of ``transform`` (None when its checkpoints are not trained by the workbench)."""
+    _load_builtin()
+    return _TRAINERS.get(transform)
+
+
+def trainable_transforms() -> list[str]:
+    _load_builtin()
+    return sorted(_TRAINERS)

@@ -14,7 +14,7 @@ import sys
 import yaml
 
 from cbx.errors import CbxError
-from cbx.lab.schema import load_yaml
+from cbx.config import load_yaml
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 A config file has six sections (``teacher``, ``data``, ``student``, ``objective``, ``train``,
 ``tracking``), each a frozen dataclass below. Keys and types are checked by the same walker the
-experiment files use (:func:`cbx.lab.schema.from_mapping`), so an unknown key, a wrong type or
+experiment files use (:func:`cbx.config.from_mapping`), so an unknown key, a wrong type or
 a value outside a ``Literal`` is a :class:`CbxError` naming the file, the key's path
 (``train.mixed_precision``) and the valid choices, before anything is written. The objective's
 parameters are checked against the config class registered for the chosen objective
@@ -17,10 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from cbx.config import TrackingConfig, from_mapping, read_yaml_file, to_plain
 from cbx.errors import CbxError
-from cbx.lab.schema import TrackingConfig, from_mapping, load_yaml, to_plain
 
 
 @dataclass(frozen=True)
@@ -167,12 +165,7 @@ def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
     """Config from a YAML file; ``overrides`` maps dotted keys (``train.out_dir``) to values."""
     path = Path(path)
-    try:
-        data = load_yaml(path.read_text())
-    except OSError as e:
-        raise CbxError(f"{path}: cannot read config ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = read_yaml_file(path, "training config")
     if data is None:
         data = {}
     if not isinstance(data, dict):

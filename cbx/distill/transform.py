@@ -14,13 +14,21 @@ number of steps goes into ``model.meta["cfm_steps"]`` (the default the engine us
 experiment does not set ``synth.cfm_steps``); ``model.meta["cfm_student"]`` records which
 checkpoint was swapped in. The checkpoint must have been trained for this model's estimator
 architecture (checked by fingerprint, then loaded with ``strict=True``).
+
+Instead of ``checkpoint`` a step may name the training config that makes it
+(``train: experiments/distill-demo.yaml``): :data:`TRAINER` tells ``cbx run`` how to load,
+identify, estimate and run that training (see :mod:`cbx.lab.recipes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
-from cbx.compress.registry import register_transform
+from cbx.compress.registry import register_trainer, register_transform
 from cbx.errors import CbxError
 
 
@@ -58,3 +66,69 @@ def cfm_student(model, config: CfmStudentConfig):
                                  "trained_steps": manifest.get("trained_steps"),
                                  "architecture": manifest.get("architecture")}
     return model
+
+
+# Rough cost of the training, in "estimator frame-calls" (one estimator call over one mel frame
+# of one example), and seconds per frame-call measured on this project's 2-core CPU for the
+# built-in tiny model (`cbx distill experiments/distill-demo.yaml`: 2.7e5 frame-calls in 17 s
+# wall, start-up included)
+# and derived for the full-size estimator from the measured 10-step CFG solve (DESIGN.md:
+# 10.5 s for 20 calls over ~600 frames). A GPU is assumed ~30x faster. It says "a minute" or
+# "an hour"; nothing more precise is claimed.
+_SECONDS_PER_FRAME_CALL = {"tiny": 6e-5, "full": 9e-4}
+_GPU_SPEEDUP = 30.0
+
+
+class CfmStudentTrainer:
+    """``cbx distill``'s training, as train-on-demand for ``cfm_student`` steps."""
+
+    param = "checkpoint"
+    checkpoint_dir = "student"
+
+    def load_config(self, path: Path, overrides: dict[str, Any]):
+        from cbx.distill.config import load_config
+
+        return load_config(path, overrides)
+
+    def resolved(self, config) -> dict[str, Any]:
+        d = config.resolved()
+        d.pop("tracking")
+        d["data"].pop("dir")
+        for k in ("out_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+            d["train"].pop(k)
+        return d
+
+    def teacher(self, config) -> str:
+        return config.teacher.model
+
+    def estimate_seconds(self, config, device: str) -> float | None:
+        d, t = config.data, config.train
+        frames = 2 * ((d.min_tokens + d.max_tokens) / 2) + 50 * d.prompt_seconds  # mel frames per example
+        record = (d.n_train + d.n_heldout) * config.teacher.steps * (2 if config.teacher.cfg_rate > 0 else 1)
+        obj_steps = sum(getattr(config.objective_config(), "steps", None) or (2,))
+        train = t.max_steps * t.batch_size * t.grad_accum * obj_steps * 3  # forward + backward ~ 3 calls
+        size = "tiny" if config.teacher.model.startswith("tiny") else "full"
+        s = (record + train) * frames * _SECONDS_PER_FRAME_CALL[size]
+        return s / _GPU_SPEEDUP if str(device).startswith("cuda") else s
+
+    def check_checkpoint(self, path: Path) -> None:
+        from cbx.distill.student import read_manifest
+
+        read_manifest(path)
+
+    def train(self, config, out_dir: Path, progress: bool) -> dict[str, Any]:
+        from cbx.distill.train import train
+
+        cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
+        summary = train(cfg, progress=progress)
+        metrics: dict[str, Any] = {"steps": summary.get("step"), "eval_mel_l1": summary.get("eval"),
+                                   "line": summary.get("line")}
+        log = Path(out_dir) / "metrics.jsonl"
+        if log.is_file():
+            losses = [r for r in map(json.loads, log.read_text().splitlines()) if "loss" in r]
+            if losses:
+                metrics["final_loss"] = losses[-1]["loss"]
+        return {"checkpoint": Path(out_dir) / self.checkpoint_dir, "metrics": metrics}
+
+
+TRAINER = register_trainer("cfm_student", CfmStudentTrainer())

@@ -1,8 +1,13 @@
 """``cbx run EXP.yaml... [--results DIR]``: run experiment files into run folders.
 
-Every file is loaded and validated before any work starts, so a typo in the third file of a
-list fails at once with exit status 2 and nothing written. Under ``accelerate launch`` the
-same command shards each run across the launched processes (see :mod:`cbx.lab.shard`).
+Every file is loaded and validated, and every input of every experiment resolved (model
+source, device, checkpoints to load or to train, eval set files: :func:`cbx.lab.plan.plan_runs`),
+before any work starts, so a typo in the third file of a list or a missing checkpoint fails at
+once with exit status 2 and nothing written. Checkpoints that steps name by their training
+config (``train:``) are trained on first use and reused afterwards (:mod:`cbx.lab.recipes`).
+Exit status: 0 when every run is done, 1 when any run failed (its folder says why), 2 for bad
+input. Under ``accelerate launch`` the same command shards each run across the launched
+processes (see :mod:`cbx.lab.shard`).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault(*OMP_POLICY)
     from cbx.errors import CbxError
+    from cbx.lab.plan import plan_runs
     from cbx.lab.runner import Runner
     from cbx.lab.schema import load_experiments
     from cbx.lab.shard import from_environment
@@ -49,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         exps = [e for e in exps if e.name in set(args.only)]
     shard = from_environment()
     runner = Runner(args.results, shard=shard, progress=not args.quiet)
+    plan = plan_runs(exps, args.results, runner.backend)
+    plan.check()
+    if shard.is_main and not args.quiet:
+        for line in plan.training_lines():
+            print(f"cbx run: {line}", file=sys.stderr)
     failed = 0
     try:
         for exp in exps:
@@ -64,4 +75,4 @@ def run(args: argparse.Namespace) -> int:
         shard.close()
     if shard.is_main and failed:
         print(f"cbx run: {failed} run(s) failed (listed on the leaderboard, not ranked)", file=sys.stderr)
-    return 0
+    return 1 if failed else 0

@@ -150,6 +150,8 @@ def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool =
             "git": record.get("git"),
             "eval_set": record.get("eval_set"),
             "hardware": record.get("hardware"),
+            # how any trained checkpoint of its steps was made (train-on-demand provenance)
+            "trained": record.get("trained") or {},
             "files": _file_hashes(target),
         }
         store.atomic_write_json(target / EXPORT_FILE, info)

@@ -105,6 +105,18 @@ class Backend:
             raise CbxError(f"device: {requested!r} asked for but CUDA is not available")
         return requested
 
+    def model_source_kind(self, source: str) -> str:
+        """``builtin`` | ``folder`` | ``hub`` (cached) | ``hub-download``, checked without
+        loading; :class:`CbxError` for a source that cannot load (offline and not cached too)."""
+        from cbx.engine.identity import hub_cached, source_kind
+
+        kind = source_kind(source)
+        if kind == "hub" and not hub_cached(source):
+            if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+                raise CbxError(f"'{source}': not in the local Hub cache and HF_HUB_OFFLINE is set")
+            return "hub-download"
+        return kind
+
     def hardware(self, device: str) -> dict[str, Any]:
         from cbx.engine.timing import machine_description
 
@@ -315,7 +327,22 @@ class Runner:
 
     # ------------------------------------------------------------------ entry
 
+    def prepare(self, exp: Experiment) -> Experiment:
+        """``exp`` with every ``train:`` step's checkpoint trained (on first use) and named."""
+        from cbx.lab import recipes
+
+        if recipes.is_prepared(exp):
+            return exp
+        todo = recipes.trainings(exp, self.results.root)
+        device = self.backend.device(exp.device)
+        for t in todo:
+            recipes.ensure_trained(t, self.results, progress=self.progress, device=device, log=self._log,
+                                   shard=self.shard)
+        self.shard.wait()
+        return recipes.with_checkpoints(exp, todo)
+
     def run(self, exp: Experiment, force: bool = False) -> RunOutcome:
+        exp = self.prepare(exp)
         baseline = None
         if not exp.is_baseline and exp.baseline:
             baseline = self.run(exp.baseline_experiment())
@@ -384,6 +411,7 @@ class Runner:
             "eval_suite_version": b.suite_version(),
             "status": store.STATUS_RUNNING,
             "started_at": _now(),
+            "trained": _trained_provenance(exp, self.results.root),
             "command": " ".join(sys.argv),
         }
         if self.shard.is_main:
@@ -587,6 +615,15 @@ class Runner:
     def _log(self, msg: str) -> None:
         if self.shard.is_main and self.progress:
             print(f"cbx run: {msg}", file=sys.stderr)
+
+
+def _trained_provenance(exp: Experiment, results: Path) -> dict[str, Any]:
+    """Provenance of the checkpoints this run's steps trained on demand (empty for none)."""
+    if not any(s.train is not None for s in exp.steps):
+        return {}
+    from cbx.lab.recipes import provenance
+
+    return provenance(exp, results)
 
 
 def _safe(uid: str) -> str:

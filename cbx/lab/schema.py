@@ -7,10 +7,9 @@ against frozen dataclasses: an unknown key, a wrong type, an unknown transform o
 name is a :class:`CbxError` naming the file, the key's path (``steps[1].params.group_size``),
 what was expected and the valid choices, raised before anything is written.
 
-The checker is a small hand-written walk over dataclass type hints rather than pydantic:
-the same function must also check the dataclasses that other layers own (the engine's
-``SynthSettings``, each transform's config), whose tuple fields YAML gives as lists, and
-pydantic's strict mode rejects those while its lax mode turns ``"4"`` into ``4``.
+YAML parsing and the dataclass checker are shared with the training configs and live in
+:mod:`cbx.config` (re-exported here: ``load_yaml``, ``from_mapping``, ``to_plain``,
+``TrackingConfig``).
 
 Defaults live in one place: the dataclass fields below, the engine's ``SynthSettings`` and
 each transform's config class. The resolved experiment (every default filled in) is what a
@@ -23,25 +22,49 @@ import copy
 import dataclasses
 import itertools
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-
+from cbx.config import (  # noqa: F401 (re-exported: the shared config pieces)
+    TrackingConfig,
+    _join,
+    _show,
+    from_mapping,
+    load_yaml,
+    read_yaml_file,
+    to_plain,
+)
 from cbx.errors import CbxError
 
 SCHEMA_VERSION = "1"
 
 
 @dataclass(frozen=True)
+class TrainRef:
+    """``train:`` of a step: the training config that makes the step's checkpoint, with
+    optional dotted-key overrides (``set: {train.max_steps: 80}``). Paths are relative to the
+    current folder, like every path in an experiment file."""
+
+    config: str
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Step:
-    """One compression step: a registered transform name and its parameters."""
+    """One compression step: a registered transform name and its parameters.
+
+    ``train`` (a config path, or a :class:`TrainRef` mapping) stands for the checkpoint
+    parameter of a transform that loads a trained checkpoint: ``cbx run`` trains it on first
+    use and fills the parameter in (:mod:`cbx.lab.recipes`)."""
 
     transform: str
     params: dict[str, Any] = field(default_factory=dict)
+    train: TrainRef | str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.train, str):
+            object.__setattr__(self, "train", TrainRef(self.train))
 
 
 @dataclass(frozen=True)
@@ -87,14 +110,6 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class TrackingConfig:
-    backend: Literal["none", "wandb"] = "none"
-    project: str = "chatterbox-workbench"
-    entity: str | None = None
-    mode: Literal["online", "offline"] | None = None  # None: wandb's own setting (WANDB_MODE)
-
-
-@dataclass(frozen=True)
 class Experiment:
     name: str
     model: str = "tiny"
@@ -126,7 +141,12 @@ class Experiment:
                     f"steps[{i}].transform: unknown transform {s.transform!r}; "
                     f"valid choices: {', '.join(sorted(reg)) or '(none registered)'}"
                 )
-            out.append((s.transform, from_mapping(reg[s.transform].config_cls, s.params, f"steps[{i}].params")))
+            params = s.params
+            if s.train is not None:
+                trainer = _trainer(s, i)
+                if trainer.param not in params:  # not trained yet: the runner fills it in
+                    params = {**params, trainer.param: PENDING_CHECKPOINT}
+            out.append((s.transform, from_mapping(reg[s.transform].config_cls, params, f"steps[{i}].params")))
         return out
 
     def synth_settings(self):
@@ -138,7 +158,8 @@ class Experiment:
         """Plain dict with every default filled in (what a run folder records)."""
         d = to_plain(self)
         d["steps"] = [
-            {"transform": n, "params": to_plain(c)} for n, c in self.transform_configs()
+            {"transform": n, "params": to_plain(c), **({"train": to_plain(s.train)} if s.train else {})}
+            for (n, c), s in zip(self.transform_configs(), self.steps)
         ]
         d["synth"] = to_plain(self.synth_settings())
         # The scorer configs in full (defaults filled in): a run scored otherwise is another run.
@@ -174,6 +195,20 @@ def _scorer_part(cls, data: dict, where: str):
         raise CbxError(msg if msg.startswith(where) else f"{where}: {msg}") from None
 
 
+# What a trained step's checkpoint parameter holds until cbx run has trained it.
+PENDING_CHECKPOINT = "<trained on first use>"
+
+
+def _trainer(step: Step, i: int):
+    from cbx.compress.registry import get_trainer, trainable_transforms
+
+    trainer = get_trainer(step.transform)
+    if trainer is None:
+        raise CbxError(f"steps[{i}].train: transform {step.transform!r} loads no trained checkpoint; "
+                       f"train: is for {', '.join(trainable_transforms()) or '(none registered)'}")
+    return trainer
+
+
 def content_hash(path: Path) -> str:
     """SHA-256 over a file, or over a folder's sorted (relative path, file hash) pairs."""
     import hashlib
@@ -193,142 +228,20 @@ def _slug(s: str) -> str:
     return out or "x"
 
 
-def to_plain(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        return obj.item()
-    return obj
-
-
-# ---------------------------------------------------------------- type checking
-
-
-def _describe(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        return f"a list of {_describe(args[0])}" if args else "a list"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if tp is type(None):
-        return "null"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    if tp is float:
-        return "a number"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _check(value: Any, tp: Any, path: str) -> Any:
-    """Return ``value`` converted to ``tp`` (lists -> tuples, mappings -> dataclasses) or raise."""
-    if tp is Any:
-        return value
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp) and type(value) in {type(a) for a in typing.get_args(tp)}:
-            return value
-        raise CbxError(f"{path}: expected {_describe(tp)}, got {value!r}")
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _check(value, arg, path)
-            except CbxError as e:
-                errors.append(str(e))
-        # A mapping that failed inside a dataclass arm has the more useful message.
-        for msg in errors:
-            if not msg.startswith(f"{path}: expected"):
-                raise CbxError(msg)
-        raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise CbxError(f"{path}: expected null, got {_show(value)}")
-    if origin in (list, tuple) or tp in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis]
-        if origin is tuple and len(args) > 1 and Ellipsis not in typing.get_args(tp):
-            if len(value) != len(args):
-                raise CbxError(f"{path}: expected a list of {len(args)} values, got {len(value)}")
-            items = [_check(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            items = [_check(v, args[0] if args else Any, f"{path}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise CbxError(f"{path}: expected a mapping, got {_show(value)}")
-        return dict(value)
-    if dataclasses.is_dataclass(tp):
-        return from_mapping(tp, value, path)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(tp, type):
-        if isinstance(value, tp):
-            return value
-    else:  # an annotation this checker does not know: let the class validate it
-        return value
-    raise CbxError(f"{path}: expected {_describe(tp)}, got {_show(value)}")
-
-
-def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if not isinstance(value, (dict, list)) else type(value).__name__
-
-
-def from_mapping(cls: type, data: Any, path: str = "") -> Any:
-    """Build dataclass ``cls`` from a YAML mapping, checking keys and types; errors name ``path``."""
-    where = path or "top level"
-    if not isinstance(data, dict):
-        raise CbxError(f"{where}: expected a mapping with keys {', '.join(_field_names(cls))}, got {_show(data)}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = [k for k in data if k not in fields]
-    if unknown:
-        k = unknown[0]
-        raise CbxError(f"{_join(path, str(k))}: unknown key; valid keys: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        sub = _join(path, name)
-        if name in data:
-            kwargs[name] = _check(data[name], hints.get(name, Any), sub)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise CbxError(f"{sub}: missing required key ({_describe(hints.get(name, Any))})")
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as e:
-        raise CbxError(f"{where}: {e}") from e
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
 # ---------------------------------------------------------------- semantic checks
 
 
 def validate(exp: Experiment, path: str = "") -> Experiment:
     """Names checked against the registries; engine settings and transform params typed."""
     try:
+        for i, s in enumerate(exp.steps):
+            if s.train is not None and _trainer(s, i).param in s.params:
+                raise CbxError(f"steps[{i}]: give either params.{_trainer(s, i).param} or train, not both")
         exp.transform_configs()
     except CbxError as e:
         raise CbxError(f"{path}.{e}" if path else str(e)) from None
+    if exp.device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", exp.device):
+        raise CbxError(f"{_join(path, 'device')}: unknown device {exp.device!r}; valid choices: auto, cpu, cuda, cuda:N, mps")
     if exp.eval.metrics is not None:
         from cbx.eval.registry import metric_specs
 
@@ -417,34 +330,10 @@ def expand_sweep(data: dict[str, Any], where: str = "sweep") -> list[tuple[str, 
     return out
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that ``1e-3`` is a float (YAML 1.2) rather than the string
-    YAML 1.1 makes of an exponent without a dot, which researchers write for learning rates."""
-
-
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def load_yaml(text: str) -> Any:
-    """Parse YAML text for experiment and training configs (raises ``yaml.YAMLError``)."""
-    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 (a SafeLoader subclass)
-
-
 def load_experiments(path: str | Path) -> list[Experiment]:
     """Experiments defined by one YAML file (one, or many for a sweep), all validated."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise CbxError(f"{path}: cannot read experiment file ({e.strerror or e})") from e
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as e:
-        raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
+    data = read_yaml_file(path, "experiment file")
     if not isinstance(data, dict):
         raise CbxError(f"{path}: expected a mapping of experiment keys, got {_show(data)}")
     try:

@@ -126,7 +126,7 @@ def test_cbx_run_rejects_a_bad_file_with_status_2_and_writes_nothing(tmp_path, c
     assert len(err.strip().splitlines()) == 1
     assert not results.exists()
     assert main(["run", str(tmp_path / "missing.yaml"), "--results", str(results)]) == 2
-    assert "cannot read experiment file" in capsys.readouterr().err
+    assert "missing.yaml: no such experiment file" in capsys.readouterr().err
 
 
 def test_shipped_experiment_files_load():
@@ -167,6 +167,30 @@ def test_a_checkpoint_named_by_a_step_is_part_of_the_experiment_identity(tmp_pat
     assert list(first) == ["steps[0].params.checkpoint"]
     (ck / "w.bin").write_bytes(b"two")  # retrained in place
     assert exp.resolved()["inputs"] != first
+
+
+@pytest.mark.parametrize("text, where", [
+    ("model: tiny\nsteps:\n  - transform: [int8\n    x: 1\n", ":4:6: not valid YAML"),
+    ("model: tiny\n  seed: 1\n", ":2:7: not valid YAML"),
+    ("model: 'tiny\n", ":2:1: not valid YAML"),
+])
+def test_a_yaml_syntax_error_names_line_and_column(tmp_path, text, where):
+    p = _write(tmp_path, text, "syntax.yaml")
+    with pytest.raises(CbxError) as e:
+        load_experiments(p)
+    assert f"syntax.yaml{where}" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("device", ["gpu", "cuda:x", "CPU", ""])
+def test_an_unknown_device_is_refused_at_load(tmp_path, device):
+    p = _write(tmp_path, f"model: tiny\ndevice: '{device}'\n", "dev.yaml")
+    with pytest.raises(CbxError, match=r"dev.yaml: device: unknown device .*valid choices: auto, cpu, cuda, cuda:N, mps"):
+        load_experiments(p)
+
+
+def test_a_folder_given_as_experiment_file_is_refused(tmp_path):
+    with pytest.raises(CbxError, match="is a folder; give the experiment file itself"):
+        load_experiments(tmp_path)
 
 
 def test_yaml_reads_exponent_floats_like_yaml_1_2():
