@@ -6,9 +6,10 @@ checkpoint is keyed by its teacher's identity, so a student trained against one 
 weights is never reused for another). Loading a full-size model to find out takes a minute and
 gigabytes; the checks here only look at names and files.
 
-Identities: a built-in model is its name plus a hash of the weights it builds (a function of
+Identities: a built-in tiny model is its name plus a hash of the weights it builds (a function of
 the code and the seed; not of its architecture dict, which transformers mutates in place while
-building a Llama: ``rope_scaling`` gains a ``rope_theta`` key); a local folder is the hash of its files' contents (names
+building a Llama: ``rope_scaling`` gains a ``rope_theta`` key); a full-size random model
+(``random:VARIANT``) its name and the upstream package version; a local folder is the hash of its files' contents (names
 and SHA-256, not modification times: a copy of the same weights is the same teacher); a Hub id
 is the id itself (the workbench fetches a fixed file list of a known repository).
 """
@@ -26,10 +27,10 @@ def source_kind(source: str) -> str:
     """``"builtin"``, ``"folder"`` or ``"hub"`` for a loadable model source; :class:`CbxError`
     (the same message :func:`cbx.engine.model.load_model` gives) for anything else."""
     from cbx.engine import hub
-    from cbx.engine.model import TINY_SOURCES, detect_variant
+    from cbx.engine.model import builtin_sources, detect_variant
 
     src = str(source)
-    if src in TINY_SOURCES:
+    if src in builtin_sources():
         return "builtin"
     p = Path(src).expanduser()
     if p.is_dir():
@@ -41,7 +42,7 @@ def source_kind(source: str) -> str:
         hub.resolve(src)
         return "hub"
     raise CbxError(f"model source '{src}': not a folder, not a known Hub id ({', '.join(hub.HUB_MODELS)}) "
-                   f"and not a built-in model ({', '.join(TINY_SOURCES)})")
+                   f"and not a built-in model ({', '.join(builtin_sources())})")
 
 
 def hub_cached(source: str) -> bool:
@@ -64,8 +65,12 @@ def model_identity(source: str) -> str:
 
     src = str(source)
     kind = source_kind(src)
-    if kind == "builtin":
+    if kind == "builtin" and src in TINY_SOURCES:
         return f"{src}:{_builtin_weights_hash(TINY_SOURCES[src])}"
+    if kind == "builtin":  # full-size random weights: too large to hash; upstream code + seed 0
+        import importlib.metadata as md
+
+        return f"{src}:chatterbox-tts-{md.version('chatterbox-tts')}"
     if kind == "folder":
         from cbx.files import sha256_file
 
