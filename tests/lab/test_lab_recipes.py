@@ -27,7 +27,7 @@ class LabCkptConfig:
     gain: float = 1.0
 
 
-@register_transform("lab_test_ckpt", LabCkptConfig)
+@register_transform("lab_test_trained", LabCkptConfig)
 def _ckpt(model, cfg):
     model.gain *= json.loads((Path(cfg.checkpoint) / "weights.json").read_text())["gain"] * cfg.gain
     return model
@@ -62,7 +62,7 @@ class FakeTrainer:
 
     def check_checkpoint(self, path):
         if not (Path(path) / "weights.json").is_file():
-            raise CbxError(f"{path}: not a lab_test_ckpt checkpoint (no weights.json)")
+            raise CbxError(f"{path}: not a lab_test_trained checkpoint (no weights.json)")
 
     def train(self, config, out_dir, progress):
         self.calls.append(dict(config))
@@ -75,7 +75,7 @@ class FakeTrainer:
         return {"checkpoint": ck, "metrics": {"final_loss": 0.5}}
 
 
-TRAINER = register_trainer("lab_test_ckpt", FakeTrainer())
+TRAINER = register_trainer("lab_test_trained", FakeTrainer())
 
 
 @pytest.fixture(autouse=True)
@@ -91,7 +91,7 @@ def _cfg(name="recipe.yaml", gain=0.5, **extra) -> str:
 
 
 def _exp(name="stud", train="recipe.yaml", sets=None, **kw) -> Experiment:
-    step = Step("lab_test_ckpt", {"gain": 1.0}, TrainRef(train, sets or {}))
+    step = Step("lab_test_trained", {"gain": 1.0}, TrainRef(train, sets or {}))
     return Experiment(name=name, model="tiny", steps=(step,), synth={"batch_size": 2},
                       eval=EvalConfig(set="fake", samples=1, warmup=0), **kw)
 
@@ -153,19 +153,19 @@ def test_plan_says_what_it_will_train_then_that_it_reuses(tmp_path):
     plan = plan_runs([_exp(), _exp(name="twin")], tmp_path / "runs", be)
     assert plan.problems == [] and len(plan.trainings) == 1 and len(plan.to_train) == 1
     (line,) = plan.training_lines()
-    assert line.startswith("will train lab_test_ckpt checkpoint from recipe.yaml") and "about a minute" in line
+    assert line.startswith("will train lab_test_trained checkpoint from recipe.yaml") and "about a minute" in line
     d = plan.to_dict()
     assert d["trainings"][0]["estimate_s"] == 42.0 and not d["trainings"][0]["ready"]
     Runner(tmp_path / "runs", backend=be, progress=False).run(_exp())
     plan = plan_runs([_exp()], tmp_path / "runs", be)
-    assert plan.to_train == [] and plan.training_lines()[0].startswith("reusing trained lab_test_ckpt")
+    assert plan.to_train == [] and plan.training_lines()[0].startswith("reusing trained lab_test_trained")
 
 
 @pytest.mark.parametrize("case, expect", [
     ("missing-config", "steps[0].train: nope.yaml: no such training config"),
     ("bad-config", "recipe.yaml: gain: missing required key"),
     ("missing-checkpoint", "steps[0].params.checkpoint: gone/ckpt: no such checkpoint folder; name its training config"),
-    ("not-a-checkpoint", "steps[0].params.checkpoint: empty: not a lab_test_ckpt checkpoint"),
+    ("not-a-checkpoint", "steps[0].params.checkpoint: empty: not a lab_test_trained checkpoint"),
     ("teacher", "trains against teacher 'tiny-turbo', but the experiment's model is 'tiny'"),
     ("model", "model: model source 'no-such-model'"),
     ("device", "device: 'cuda' asked for but CUDA is not available"),
@@ -180,7 +180,7 @@ def test_plan_refuses_missing_inputs_before_any_work(tmp_path, case, expect):
     elif case in ("missing-checkpoint", "not-a-checkpoint"):
         Path("empty").mkdir()
         path = "gone/ckpt" if case == "missing-checkpoint" else "empty"
-        exp = dataclasses.replace(exp, steps=(Step("lab_test_ckpt", {"checkpoint": path}),))
+        exp = dataclasses.replace(exp, steps=(Step("lab_test_trained", {"checkpoint": path}),))
     elif case == "teacher":
         _cfg(teacher="tiny-turbo")
     elif case == "model":
@@ -208,11 +208,11 @@ def test_plan_refuses_missing_inputs_before_any_work(tmp_path, case, expect):
 def test_experiment_files_name_train_and_refuse_both_or_the_wrong_transform(tmp_path):
     _cfg()
     Path("e.yaml").write_text(
-        "model: tiny\nsteps:\n  - transform: lab_test_ckpt\n    train: recipe.yaml\n"
-        "  - transform: lab_test_ckpt\n    train: {config: recipe.yaml, set: {gain: 2}}\n")
+        "model: tiny\nsteps:\n  - transform: lab_test_trained\n    train: recipe.yaml\n"
+        "  - transform: lab_test_trained\n    train: {config: recipe.yaml, set: {gain: 2}}\n")
     (exp,) = load_experiments("e.yaml")
     assert exp.steps[0].train == TrainRef("recipe.yaml") and exp.steps[1].train.set == {"gain": 2}
-    Path("both.yaml").write_text("steps:\n  - transform: lab_test_ckpt\n    params: {checkpoint: x}\n    train: recipe.yaml\n")
+    Path("both.yaml").write_text("steps:\n  - transform: lab_test_trained\n    params: {checkpoint: x}\n    train: recipe.yaml\n")
     with pytest.raises(CbxError, match=r"both.yaml: steps\[0\]: give either params.checkpoint or train, not both"):
         load_experiments("both.yaml")
     Path("wrong.yaml").write_text("steps:\n  - transform: int8_weight_only\n    train: recipe.yaml\n")
