@@ -14,6 +14,11 @@ copied reference code, on purpose:
 
 The Hessian ``H = 2/n * sum(x x^T)`` comes from :class:`HessianAccumulator`, filled by forward
 hooks during calibration (see :mod:`cbx.compress.calibration`).
+
+Device: everything runs where the layer's inputs and weight live (the Hessian is allocated on
+the device of the first activations it sees, the solve runs on the weight's device) and the
+codes come back on the weight's device, so a CUDA model is quantized on the GPU and its int4
+module packs them for the GPU kernel; no tensor crosses devices inside the loop.
 """
 
 from __future__ import annotations
@@ -27,12 +32,17 @@ from cbx.compress import primitives as P
 class HessianAccumulator:
     """Running ``2/n * X^T X`` of a layer's inputs (rows = tokens), in float64 for stability."""
 
-    def __init__(self, in_features: int):
-        self.h = torch.zeros(in_features, in_features, dtype=torch.float64)
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.in_features = int(in_features)
+        # Allocated on the device of the first inputs unless given (a CUDA layer's Hessian stays on its GPU).
+        self.h = torch.zeros(in_features, in_features, dtype=torch.float64, device=device) if device else None
         self.n = 0
 
     def add(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        x = x.detach().reshape(-1, x.shape[-1])
+        if self.h is None:
+            self.h = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=x.device)
+        x = x.to(device=self.h.device, dtype=torch.float64)
         m = x.shape[0]
         if m == 0:
             return
@@ -49,7 +59,8 @@ def _inverse_hessian_factor(h: Tensor, w: Tensor, damp: float) -> tuple[Tensor, 
     w = w.clone()
     w[:, dead] = 0.0
     k = h.shape[0]
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+    h += damp * torch.mean(torch.diag(h)) * eye
     # Raise damping until the Cholesky factorisation succeeds (near-singular Hessians from
     # few calibration tokens).
     for attempt in range(6):
@@ -57,7 +68,7 @@ def _inverse_hessian_factor(h: Tensor, w: Tensor, damp: float) -> tuple[Tensor, 
             lower = torch.linalg.cholesky(h)
             break
         except RuntimeError:
-            h += (10**attempt) * damp * torch.mean(torch.diag(h)) * torch.eye(k, dtype=h.dtype)
+            h += (10**attempt) * damp * torch.mean(torch.diag(h)) * eye
     else:
         raise RuntimeError("GPTQ: Hessian is not positive definite even with heavy damping")
     hinv = torch.cholesky_inverse(lower)
@@ -85,13 +96,16 @@ def gptq_quantize(
     if bits == 4:
         P._check_group(k, group_size)
         block_size = max(block_size // group_size, 1) * group_size
-    hinv, wf = _inverse_hessian_factor(h, w.detach().double(), damp)
-    q_out = torch.zeros(n, k, dtype=torch.float64)
+    device = w.device
+    if h is None:
+        raise ValueError("GPTQ: the Hessian saw no inputs (was the layer run during calibration?)")
+    hinv, wf = _inverse_hessian_factor(h.to(device), w.detach().double(), damp)
+    q_out = torch.zeros(n, k, dtype=torch.float64, device=device)
     if bits == 8:
         _, scale8 = P.quantize_int8_per_channel(w)
         s8 = scale8.double()[:, None]
     else:
-        scales = torch.zeros(n, k // group_size, dtype=torch.bfloat16)
+        scales = torch.zeros(n, k // group_size, dtype=torch.bfloat16, device=device)
         zeros = torch.zeros_like(scales)
 
     for i1 in range(0, k, block_size):

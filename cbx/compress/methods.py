@@ -32,6 +32,7 @@ from torch import nn
 
 from cbx.compress import primitives as P
 from cbx.compress.modules import (
+    CUDA_INT8_KERNELS,
     FP8Linear,
     Int4Embedding,
     Int4Linear,
@@ -104,11 +105,16 @@ class _WeightOnlyBase:
 @dataclass(frozen=True)
 class Int8WeightOnlyConfig(_WeightOnlyBase):
     compute_dtype: str = "bfloat16"
+    # CUDA kernel: "int-mm" (torch._int_mm, activations quantized per token to int8 on the fly:
+    # W8A8-dynamic numerics) or "dequant" (bf16 activations, weight dequantized per call).
+    cuda_kernel: str = "int-mm"
 
     def __post_init__(self):
         super().__post_init__()
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if self.cuda_kernel not in CUDA_INT8_KERNELS:
+            raise ValueError(f"cuda_kernel must be one of {', '.join(CUDA_INT8_KERNELS)}, got {self.cuda_kernel!r}")
 
 
 @dataclass(frozen=True)
@@ -214,10 +220,10 @@ def int8_weight_only(model, config: Int8WeightOnlyConfig):
         elif name in hess:
             q, s = gptq_quantize(linear_weight(mod), hess.pop(name), bits=8, damp=config.gptq_damp,
                                  block_size=config.gptq_block_size)
-            new = Int8Linear(q, s, mod.bias, config.compute_dtype, type(mod).__name__)
+            new = Int8Linear(q, s, mod.bias, config.compute_dtype, type(mod).__name__, config.cuda_kernel)
             _swap(model, name, new, "int8_weight_only", cfg, rounding="gptq")
         else:
-            _swap(model, name, Int8Linear.from_float(mod, config.compute_dtype), "int8_weight_only", cfg,
+            _swap(model, name, Int8Linear.from_float(mod, config.compute_dtype, config.cuda_kernel), "int8_weight_only", cfg,
                   rounding="rtn")
     return model
 

@@ -4,12 +4,18 @@ Each class holds only low-bit data (the float weight is dropped, so resident mem
 falls) and runs a real low-bit kernel where one exists:
 
 * :class:`Int8Linear`: ``torch.ops.aten._weight_int8pack_mm`` on CPU (bf16 activations by
-  default: on this CPU the bf16 path is >20x faster than the fp32 one); on CUDA torchao's
-  int8 weight-only recipe (``(x @ q.to(x.dtype).T) * scale``, which torch.compile fuses).
+  default: on this CPU the bf16 path is >20x faster than the fp32 one); on CUDA ``torch._int_mm``
+  (int8 x int8 -> int32 on the tensor cores) with per-token dynamic int8 activations
+  (:func:`cbx.compress.primitives.int8_int_mm_linear`, the same code tested on CPU), or with
+  ``cuda_kernel="dequant"`` torchao's weight-only recipe (``(x @ q.to(x.dtype).T) * scale``,
+  bf16 activations, fused only under torch.compile).
 * :class:`Int4Linear`: ``_weight_int4pack_mm_for_cpu`` on CPU and the tinygemm kernel
   ``_weight_int4pack_mm`` (the one torchao's int4 tensor-core layout dispatches to) on CUDA.
   The kernel layout depends on the device (and on the CPU's vector width), so it is rebuilt
-  when the module moves between device types and never written to disk.
+  when the module moves between device types and never written to disk; the codes can be read
+  back from either layout (:meth:`Int4Linear.codes`), so a CUDA model saves like a CPU one.
+  Both kernels want a multiple of 16 (CPU) / 8 (CUDA) output rows: the weight is padded with
+  zero-weight rows and the output cropped, so heads of any height work on every kernel.
 * :class:`FP8Linear`: ``torch._scaled_mm`` with row-wise scales on sm89+ GPUs, otherwise the
   rounding-exact emulation of :func:`cbx.compress.primitives.fp8_linear_emulated`.
 
@@ -34,6 +40,18 @@ from cbx.compress import kernels as K
 from cbx.compress import primitives as P
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+# Int8Linear on CUDA: torch._int_mm with per-token int8 activations, or dequantize-then-matmul.
+CUDA_INT8_KERNELS = ("int-mm", "dequant")
+
+
+def _own(t: Tensor) -> Tensor:
+    """``t`` contiguous in storage of its own, aligned as torch's allocator aligns it.
+
+    Tensors read from a safetensors file can sit at any byte offset of the mapped file, and the
+    CPU int8 kernel crashed the process (SIGSEGV) on an int8 weight at offset 28 (seen here,
+    torch 2.13, AVX512): kernels get freshly allocated copies."""
+    t = t.contiguous()
+    return t.clone() if t.data_ptr() % 64 else t
 
 
 def linear_weight(module: nn.Module) -> Tensor:
@@ -136,17 +154,22 @@ class Int8Linear(_RowScaled, _Quantized):
     kind = "int8"
 
     def __init__(self, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
-                 compute_dtype: str = "bfloat16", orig_class: str = "Linear"):
+                 compute_dtype: str = "bfloat16", orig_class: str = "Linear", cuda_kernel: str = "int-mm"):
         super().__init__(qweight.shape[1], qweight.shape[0], bias, orig_class)
         self.compute_dtype = compute_dtype
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+        if cuda_kernel not in CUDA_INT8_KERNELS:
+            raise ValueError(f"cuda_kernel must be one of {', '.join(CUDA_INT8_KERNELS)}, got {cuda_kernel!r}")
+        self.cuda_kernel = cuda_kernel
+        self._int_mm_ok = True
+        self._int_mm_error = ""
+        self.register_buffer("qweight", _own(qweight.to(torch.int8)))
+        self.register_buffer("_scale_bits", _own(scale.float()).view(torch.int32))
         self._kernel_ok = True
 
     @classmethod
-    def from_float(cls, module: nn.Module, compute_dtype: str = "bfloat16") -> "Int8Linear":
+    def from_float(cls, module: nn.Module, compute_dtype: str = "bfloat16", cuda_kernel: str = "int-mm") -> "Int8Linear":
         q, s = P.quantize_int8_per_channel(linear_weight(module))
-        return cls(q, s, module.bias, compute_dtype, type(module).__name__)
+        return cls(q, s, module.bias, compute_dtype, type(module).__name__, cuda_kernel)
 
     @property
     def weight(self) -> Tensor:
@@ -174,8 +197,7 @@ class Int8Linear(_RowScaled, _Quantized):
         cd = _DTYPES[self.compute_dtype]
         x2 = x.reshape(-1, self.in_features).to(cd)
         if x.device.type == "cuda":
-            y = torch.matmul(x2, self.qweight.to(cd).t()) * self.scale.to(cd)
-            K.used(self, "int8-dequant")
+            y = self._forward_cuda(x2)
         elif self._kernel_ok:
             try:
                 y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.qweight, self.scale.to(cd))
@@ -190,6 +212,27 @@ class Int8Linear(_RowScaled, _Quantized):
             K.fell_back(self, "int8pack-cpu", "dequant-fallback", getattr(self, "_kernel_error", "kernel failed"))
             y = self._reference(x2)
         return self._finish(y, x)
+
+    def _forward_cuda(self, x2: Tensor) -> Tensor:
+        cd = x2.dtype
+        if self.cuda_kernel == "int-mm":
+            why = None
+            if not self._int_mm_ok:
+                why = self._int_mm_error
+            elif not P.int_mm_ok(self.out_features, self.in_features):
+                why = f"shape {self.out_features}x{self.in_features} is not a multiple of 8 (or <= 16)"
+            else:
+                try:
+                    y = P.int8_int_mm_linear(x2, self.qweight, self.scale).to(cd)
+                    K.used(self, "int-mm")
+                    return y
+                except (RuntimeError, NotImplementedError) as exc:
+                    self._int_mm_ok = False
+                    self._int_mm_error = why = f"torch._int_mm failed: {_reason(exc)}"
+            K.fell_back(self, "int-mm", "int8-dequant", why)
+        else:
+            K.used(self, "int8-dequant")
+        return torch.matmul(x2, self.qweight.to(cd).t()) * self.scale.to(cd)
 
     def _reference(self, x2: Tensor) -> Tensor:
         cd = x2.dtype
@@ -207,8 +250,8 @@ class Int4Linear(_GroupScaled, _Quantized):
         n, k = codes.shape
         super().__init__(k, n, bias, orig_class)
         self.group_size = int(group_size)
-        self.register_buffer("_scale_bits", scale.to(torch.bfloat16).contiguous().view(torch.int16))
-        self.register_buffer("_zero_bits", zero.to(torch.bfloat16).contiguous().view(torch.int16))
+        self.register_buffer("_scale_bits", _own(scale.to(torch.bfloat16)).view(torch.int16))
+        self.register_buffer("_zero_bits", _own(zero.to(torch.bfloat16)).view(torch.int16))
         self.register_buffer("packed", torch.empty(0, dtype=torch.uint8))
         self.layout = ""
         self._layout_reason = ""  # why the kernel layout could not be built (layout "canonical")
@@ -259,18 +302,21 @@ class Int4Linear(_GroupScaled, _Quantized):
     # -- layouts
     def _pack(self, codes: Tensor, device: torch.device) -> None:
         n = self.out_features
+        self._layout_reason = ""
         if device.type == "cuda":
-            # tinygemm wants uint8 [N, K/2] with the *high* nibble holding the even column.
-            c = codes.to(device)
-            u8 = (c[:, 0::2] << 4 | c[:, 1::2]).to(torch.uint8).contiguous()
-            tiles = next(t for t in (8, 4, 2, 1) if self.in_features % (16 * t) == 0)
-            self.packed = torch.ops.aten._convert_weight_to_int4pack(u8, tiles)
-            self.layout = "cuda"
+            # Padded rows hold code 8 (and get scale 1 / zero 0): weight 0, output cropped.
+            c = P.pad_rows(codes.to(device=device, dtype=torch.uint8), P.int4_kernel_rows(n, "cuda"), 8)
+            try:
+                tiles = P.tinygemm_inner_k_tiles(self.in_features)
+                self.packed = torch.ops.aten._convert_weight_to_int4pack(P.codes_to_tinygemm_input(c), tiles)
+                self.layout = "cuda"
+            except (RuntimeError, NotImplementedError, ValueError) as exc:  # old GPU, odd K
+                self.packed = P.pack_int4(c[:n])
+                self.layout = "canonical"
+                self._layout_reason = f"cannot pack for tinygemm: {_reason(exc)}"
         else:
-            n_pad = P.padded_rows(n)
-            c = codes.cpu()
-            if n_pad != n:
-                c = torch.cat([c, torch.full((n_pad - n, self.in_features), 8, dtype=torch.uint8)])
+            n_pad = P.int4_kernel_rows(n, "cpu")
+            c = P.pad_rows(codes.cpu().to(torch.uint8), n_pad, 8)
             try:
                 self.packed = P.codes_to_int4_cpu_layout(c).to(device)
                 self.layout = "cpu"
@@ -281,31 +327,41 @@ class Int4Linear(_GroupScaled, _Quantized):
         self._sz_cache = {}
 
     def codes(self) -> Tensor:
-        """The uint8 ``[N, K]`` codes, whatever the current kernel layout."""
+        """The uint8 ``[N, K]`` codes (on CPU), whatever the current kernel layout."""
         n, k = self.out_features, self.in_features
         if self.layout == "canonical":
             return P.unpack_int4(self.packed.cpu())
         if self.layout == "cpu":
-            return P.int4_cpu_layout_to_codes(self.packed, P.padded_rows(n), k)[:n]
-        raise RuntimeError("reading int4 codes back from the CUDA layout: move the module to CPU first")
+            return P.int4_cpu_layout_to_codes(self.packed, P.int4_kernel_rows(n, "cpu"), k)[:n]
+        return self._codes_cuda()
 
     def _apply(self, fn, recurse=True):
         target = fn(torch.zeros(1, device=self.packed.device)).device
         if target.type != self.packed.device.type:
-            codes = self.codes() if self.layout != "cuda" else self._codes_cuda()
+            codes = self.codes()
             super()._apply(fn, recurse)
             self._pack(codes, target)
             return self
         return super()._apply(fn, recurse)
 
-    def _codes_cuda(self) -> Tensor:
+    @torch.no_grad()
+    def _codes_cuda(self, block: int = 1024) -> Tensor:
         # Dequantize through the kernel itself with scale 1 and zero 8: rows of the identity pick
-        # out the codes exactly (only needed when moving a CUDA module back to CPU).
+        # out the codes exactly ((q - 8) * 1 + 8 = q, one nonzero term per sum, all exact in
+        # bf16), a block of input channels at a time; the padded rows are cropped.
         k, n = self.in_features, self.out_features
-        eye = torch.eye(k, dtype=torch.bfloat16, device=self.packed.device)
-        ones = torch.ones(k // self.group_size, n, 2, dtype=torch.bfloat16, device=self.packed.device)
-        ones[..., 1] = 8.0
-        return torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, ones).t().round().to(torch.uint8).cpu()
+        dev = self.packed.device
+        n_pad = P.int4_kernel_rows(n, "cuda")
+        sz = torch.ones(k // self.group_size, n_pad, 2, dtype=torch.bfloat16, device=dev)
+        sz[..., 1] = 8.0
+        out = torch.empty(n, k, dtype=torch.uint8)
+        for i in range(0, k, block):
+            j = min(i + block, k)
+            eye = torch.zeros(j - i, k, dtype=torch.bfloat16, device=dev)
+            eye[:, i:j] = torch.eye(j - i, dtype=torch.bfloat16, device=dev)
+            cols = torch.ops.aten._weight_int4pack_mm(eye, self.packed, self.group_size, sz)  # [j-i, n_pad]
+            out[:, i:j] = cols[:, :n].t().round().clamp(0, 15).to(torch.uint8).cpu()
+        return out
 
     def qstate(self) -> dict[str, Tensor]:
         return {"qweight": P.pack_int4(self.codes()), "scale": self.scale, "zero": self.zero}
@@ -327,14 +383,16 @@ class Int4Linear(_GroupScaled, _Quantized):
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if self.layout == "cpu":
-            n_pad = P.padded_rows(self.out_features)
+            n_pad = P.int4_kernel_rows(self.out_features, "cpu")
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, n_pad))
             y = y[:, : self.out_features]
             K.used(self, "int4pack-cpu")
         elif self.layout == "cuda":
+            n_pad = P.int4_kernel_rows(self.out_features, "cuda")
             y = torch.ops.aten._weight_int4pack_mm(
-                x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, self.out_features))
+                x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, n_pad))
+            y = y[:, : self.out_features]
             K.used(self, "tinygemm")
         else:
             K.fell_back(self, "tinygemm" if x.device.type == "cuda" else "int4pack-cpu", "dequant-fallback",
@@ -362,8 +420,8 @@ class FP8Linear(_RowScaled, _Quantized):
         super().__init__(qweight.shape[1], qweight.shape[0], bias, orig_class)
         self.matmul_dtype = matmul_dtype
         self._gemm_ok = True
-        self.register_buffer("_w_bits", qweight.to(torch.float8_e4m3fn).contiguous().view(torch.uint8))
-        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+        self.register_buffer("_w_bits", _own(qweight.to(torch.float8_e4m3fn)).view(torch.uint8))
+        self.register_buffer("_scale_bits", _own(scale.float()).view(torch.int32))
 
     @classmethod
     def from_float(cls, module: nn.Module, matmul_dtype: str = "bfloat16") -> "FP8Linear":
@@ -451,8 +509,8 @@ class Int8Embedding(_RowScaled, _QuantEmbedding):
 
     def __init__(self, qweight: Tensor, scale: Tensor, padding_idx=None, dtype=torch.float32):
         super().__init__(qweight.shape[0], qweight.shape[1], padding_idx, dtype)
-        self.register_buffer("qweight", qweight.to(torch.int8).contiguous())
-        self.register_buffer("_scale_bits", scale.float().contiguous().view(torch.int32))
+        self.register_buffer("qweight", _own(qweight.to(torch.int8)))
+        self.register_buffer("_scale_bits", _own(scale.float()).view(torch.int32))
 
     @classmethod
     def from_float(cls, module: nn.Embedding) -> "Int8Embedding":
@@ -475,9 +533,9 @@ class Int4Embedding(_GroupScaled, _QuantEmbedding):
                  padding_idx=None, dtype=torch.float32):
         super().__init__(codes.shape[0], codes.shape[1], padding_idx, dtype)
         self.group_size = int(group_size)
-        self.register_buffer("packed", P.pack_int4(codes).contiguous())
-        self.register_buffer("_scale_bits", scale.to(torch.bfloat16).contiguous().view(torch.int16))
-        self.register_buffer("_zero_bits", zero.to(torch.bfloat16).contiguous().view(torch.int16))
+        self.register_buffer("packed", _own(P.pack_int4(codes)))
+        self.register_buffer("_scale_bits", _own(scale.to(torch.bfloat16)).view(torch.int16))
+        self.register_buffer("_zero_bits", _own(zero.to(torch.bfloat16)).view(torch.int16))
 
     @classmethod
     def from_float(cls, module: nn.Embedding, group_size: int = 128) -> "Int4Embedding":
@@ -519,7 +577,8 @@ def from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None, dty
             return Int4Embedding(P.unpack_int4(tensors["qweight"]), tensors["scale"], tensors["zero"],
                                  params["group_size"], meta.get("padding_idx"), dtype)
     elif kind == "int8":
-        return Int8Linear(tensors["qweight"], tensors["scale"], bias, params.get("compute_dtype", "bfloat16"), orig)
+        return Int8Linear(tensors["qweight"], tensors["scale"], bias, params.get("compute_dtype", "bfloat16"), orig,
+                          params.get("cuda_kernel", "int-mm"))
     elif kind == "int4":
         return Int4Linear(P.unpack_int4(tensors["qweight"]), tensors["scale"], tensors["zero"],
                           params["group_size"], bias, orig)

@@ -35,8 +35,11 @@ from torch import Tensor
 
 INT4_GROUP_SIZES = (32, 64, 128)
 FP8_E4M3_MAX = 448.0
-# The CPU int4 kernel needs the output dimension to be a multiple of this.
+# The CPU int4 kernel needs the output dimension to be a multiple of this; tinygemm (CUDA) of 8.
 INT4_CPU_N_MULTIPLE = 16
+INT4_CUDA_N_MULTIPLE = 8
+# torch._int_mm (cuBLASLt) wants both matrix dimensions it contracts/returns in multiples of 8.
+INT_MM_MULTIPLE = 8
 _EPS = 1e-8
 
 
@@ -51,6 +54,54 @@ def sqnr_db(reference: Tensor, approx: Tensor) -> float:
 
 
 # --------------------------------------------------------------------------- INT8
+
+
+def quantize_int8_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Dynamic symmetric activation quantization: ``x[M, K]`` -> ``(q int8[M, K], scale
+    float32[M, 1])``, ``x ~= q * scale`` (the activation side of ``torch._int_mm``)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=_EPS) / 127.0
+    return torch.round(xf / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def int8_int_mm_linear(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """``x[M, K] @ (q * scale)[N, K].T`` through ``torch._int_mm`` with per-token int8 activations;
+    float32 ``[M, N]``. Any device (CPU has ``_int_mm`` too, so this exact code is tested there).
+
+    The weight is the kernel's *first* operand (``q @ xq.T``, then transposed): ``q`` stays as
+    stored (``[N, K]`` contiguous, no per-call transpose copy, which cuBLAS would need for a
+    transposed second operand), and the short activation side is padded to a multiple of 8 rows.
+    Needs ``K % 8 == 0`` and ``N > 16`` on CUDA (see :func:`int_mm_ok`).
+    """
+    m = x.shape[0]
+    xq, xs = quantize_int8_per_token(x)
+    m_pad = max(INT_MM_MULTIPLE, -(-m // INT_MM_MULTIPLE) * INT_MM_MULTIPLE)
+    xt = pad_rows(xq, m_pad, 0).t().contiguous()
+    acc = torch._int_mm(q, xt)  # int32 [N, m_pad]; exact integer accumulation
+    return acc[:, :m].t().float() * xs * scale.float()[None, :]
+
+
+def int_mm_ok(n: int, k: int) -> bool:
+    """Shapes ``torch._int_mm`` takes as :func:`int8_int_mm_linear` calls it on CUDA."""
+    return k % INT_MM_MULTIPLE == 0 and n % INT_MM_MULTIPLE == 0 and n > 16 and k > 16
+
+
+def int8_int_mm_reference(x: Tensor, q: Tensor, scale: Tensor) -> Tensor:
+    """What :func:`int8_int_mm_linear` computes, in float64 (exact for the integer part)."""
+    xq, xs = quantize_int8_per_token(x)
+    acc = xq.double() @ q.double().t()
+    return (acc * xs.double() * scale.double()[None, :]).float()
+
+
+def pad_rows(t: Tensor, n_rows: int, fill: int | float) -> Tensor:
+    """``t[N, ...]`` with rows of ``fill`` appended up to ``n_rows`` (kernels that need a multiple
+    of 8/16 rows); the padded rows' outputs are cropped by the caller. Same device and dtype."""
+    n = t.shape[0]
+    if n_rows < n:
+        raise ValueError(f"cannot pad {n} rows down to {n_rows}")
+    if n_rows == n:
+        return t
+    return torch.cat([t, torch.full((n_rows - n, *t.shape[1:]), fill, dtype=t.dtype, device=t.device)])
 
 
 def quantize_int8_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
@@ -120,6 +171,27 @@ def scale_and_zeros(scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.bflo
 
 def padded_rows(n: int, multiple: int = INT4_CPU_N_MULTIPLE) -> int:
     return -(-n // multiple) * multiple
+
+
+def int4_kernel_rows(n: int, device_type: str) -> int:
+    """Rows the int4 kernel of ``device_type`` is given for an ``n``-row weight: padded to its
+    multiple (CPU 16, CUDA tinygemm 8) so heads of any size (8194, 6563, 50276, 2454 rows) run."""
+    return padded_rows(n, INT4_CUDA_N_MULTIPLE if device_type == "cuda" else INT4_CPU_N_MULTIPLE)
+
+
+def codes_to_tinygemm_input(codes: Tensor) -> Tensor:
+    """Codes ``uint8[N, K]`` -> what ``aten._convert_weight_to_int4pack`` (CUDA) takes: ``uint8[N,
+    K/2]`` with the *high* nibble holding the even column (the reverse of :func:`pack_int4`)."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] << 4 | c[:, 1::2]).contiguous()
+
+
+def tinygemm_inner_k_tiles(k: int) -> int:
+    """The largest inner-K tiling (8, 4, 2) tinygemm accepts for input size ``k``."""
+    for t in (8, 4, 2):
+        if k % (16 * t) == 0:
+            return t
+    raise ValueError(f"tinygemm needs the input size to be a multiple of 32, got {k}")
 
 
 def codes_to_int4_cpu_layout(codes: Tensor) -> Tensor:

@@ -59,6 +59,16 @@ def test_round_trip_is_bit_identical(saved):
     assert sd_a.keys() == sd_b.keys() and all(torch.equal(sd_a[k], sd_b[k]) for k in sd_a)
 
 
+def test_int8_cuda_kernel_choice_survives_the_checkpoint(tmp_path):
+    from cbx.engine.tiny import build_tiny
+
+    model = _quantize(build_tiny("original"), [("int8_weight_only", {"cuda_kernel": "dequant"})])
+    assert model.t3.speech_head.cuda_kernel == "dequant"
+    back = load_compressed(save_compressed(model, tmp_path / "ck"))
+    assert back.t3.speech_head.cuda_kernel == "dequant"
+    assert back.t3.speech_head.cbx_config["cuda_kernel"] == "dequant"
+
+
 def test_manifest_describes_each_module(saved):
     _, folder = saved
     manifest = json.loads((folder / MANIFEST).read_text())

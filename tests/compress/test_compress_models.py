@@ -186,6 +186,7 @@ def test_fp8_cfm_keeps_estimator_output(base):
     ("int8_weight_only", {"compute_dtype": "int8"}, "compute_dtype"),
     ("int8_weight_only", {"targets": []}, "targets"),
     ("int8_weight_only", {"gptq_damp": 2.0}, "gptq_damp"),
+    ("int8_weight_only", {"cuda_kernel": "cublas"}, "cuda_kernel must be one of int-mm, dequant"),
     ("fp8_cfm", {"matmul_dtype": "float8"}, "matmul_dtype"),
 ])
 def test_bad_configs_are_named(name, params, match):
