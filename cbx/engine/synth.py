@@ -473,6 +473,39 @@ class Synthesizer:
             r.wav = np.asarray(w, dtype=np.float32)
             r.shares["vocoder"] = sh
 
+    # -- the decoder alone ------------------------------------------------------------------
+
+    def decode_tokens(self, voice: Any, speech_tokens: Any, settings: SynthSettings | None = None,
+                      chunk_index: int = 0) -> np.ndarray:
+        """S3Gen (CFM + HiFT) of the given speech tokens, with the CFM noise and HiFT seed the
+        engine uses for chunk ``chunk_index`` of a request, and no watermark.
+
+        Fidelity of a compressed decoder is measured with it: the compressed and the baseline
+        model each decode the *baseline's* tokens with the same noise, so their outputs differ
+        only by what compression did to the decoder (T3 sampling is out of the picture). The
+        path is the one :meth:`synthesize` runs (same precision casts, same seeding)."""
+        from cbx.engine import s3gen_batch as sb
+        from cbx.engine.t3_decode import autocast
+
+        s = (settings or SynthSettings()).resolved(self.model, self.device)
+        tokens = self._s3gen_tokens(torch.as_tensor(np.asarray(speech_tokens, dtype=np.int64)))
+        if tokens.numel() == 0:
+            return np.zeros(0, np.float32)
+        seed = row_seed(s.seed, chunk_index)
+        with torch.inference_mode():
+            key = self._voice_key(voice, float(s.exaggeration))
+            conds = self._conditioning(voice, key, float(s.exaggeration))
+            s3 = self.model.s3gen
+            meanflow = bool(getattr(s3, "meanflow", False))
+            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [conds])
+            noise = sb.cfm_noise(inputs, [seed], meanflow, dtype=inputs.mu.dtype)
+            estimator = self._low_precision(s3.flow.decoder.estimator, s)
+            with autocast(self.device, _float_dtype(estimator)):
+                mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
+            mels = [m.float() for m in sb.crop_mels(mels, inputs)]
+            wav = sb.vocode(self.model, mels, seeds=[seed])[0]
+        return np.asarray(wav, dtype=np.float32)
+
     # -- the call ---------------------------------------------------------------------------
 
     def synthesize(self, requests: Sequence[SynthRequest], settings: SynthSettings | None = None,

@@ -8,6 +8,12 @@ how much it did, given the same inputs (tokens, noise, seed) to both models:
   hop 480, window 1920 (periodic Hann), fmin 0, fmax 8000, Slaney mel filters, magnitude
   (not power) spectrum, reflect padding of (n_fft - hop) / 2 and no centring, natural log
   clamped at 1e-5). So a distance here is in the units the CFM decoder is trained in.
+- ``mel_cepstral_distortion``: MCD in dB over the frames both have, from cepstra taken as
+  the orthonormal DCT of the same log-mel (coefficients 1..``MCD_ORDER``; c0, the level, left
+  out): ``10 / ln 10 * sqrt(2 * sum_d (c_d - c'_d)^2)`` averaged over frames. Frames are aligned
+  by construction (the runner feeds both decoders the same tokens and noise), so no DTW. It is
+  an MFCC-style MCD: comparable between runs here, not equal to WORLD/SPTK mel-cepstrum MCDs
+  in papers (pymcd), which need a vocoder analysis this layer does not carry.
 - ``waveform_distance``: SNR of the compressed waveform against the baseline in dB, and the
   largest absolute sample error; lengths are cropped to the shorter output.
 - ``top1_agreement`` and ``mean_kl``: next-token agreement and KL(base || compressed) of two
@@ -38,6 +44,7 @@ MEL_BINS = 80
 MEL_FMIN = 0.0
 MEL_FMAX = 8000.0
 MEL_LOG_FLOOR = 1e-5
+MCD_ORDER = 13
 
 
 def log_mel(wav: np.ndarray, sr: int = MEL_SR) -> np.ndarray:
@@ -65,6 +72,18 @@ def mel_l1(reference: np.ndarray, test: np.ndarray, sr: int = MEL_SR, test_sr: i
     b = log_mel(test, test_sr or sr)
     n = min(a.shape[1], b.shape[1])
     return float(np.mean(np.abs(a[:, :n] - b[:, :n])))
+
+
+def mel_cepstral_distortion(reference: np.ndarray, test: np.ndarray, sr: int = MEL_SR, test_sr: int | None = None,
+                            order: int = MCD_ORDER) -> float:
+    """Mean MCD (dB) of two outputs over the frames both have (see the module docstring)."""
+    from scipy.fft import dct
+
+    a = dct(log_mel(reference, sr), type=2, norm="ortho", axis=0)[1 : order + 1]
+    b = dct(log_mel(test, test_sr or sr), type=2, norm="ortho", axis=0)[1 : order + 1]
+    n = min(a.shape[1], b.shape[1])
+    d = a[:, :n] - b[:, :n]
+    return float(np.mean(10.0 / math.log(10.0) * np.sqrt(2.0 * np.sum(d * d, axis=0))))
 
 
 def waveform_distance(reference: np.ndarray, test: np.ndarray) -> dict[str, float]:

@@ -40,7 +40,7 @@ from cbx.eval.runtime import scoring_runtime, thread_pools
 from cbx.eval.types import Utterance
 from cbx.files import atomic_write_text
 
-KNOWN_KEYS = {"audio", "text", "prompt", "id", "timings", "reference_audio", "prompt_text"}
+KNOWN_KEYS = {"audio", "text", "prompt", "id", "timings", "reference_audio", "fidelity_audio", "prompt_text"}
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ def read_manifest(path: Path) -> tuple[list[ManifestEntry], list[dict]]:
         if missing:
             bad.append({"line": n, "reason": f"missing or non-string key(s): {', '.join(missing)}"})
             continue
-        for k in ("prompt", "reference_audio"):
+        for k in ("prompt", "reference_audio", "fidelity_audio"):
             if k in d and d[k] is not None and not isinstance(d[k], str):
                 bad.append({"line": n, "reason": f"key {k!r} must be a path string"})
                 break
@@ -173,6 +173,8 @@ def _utterance(entry: ManifestEntry, base: Path, cache: _AudioCache) -> Utteranc
         utt.prompt_audio, utt.prompt_sr = cache.get(base / d["prompt"])
     if d.get("reference_audio"):
         utt.reference_audio, utt.reference_sr = cache.get(base / d["reference_audio"])
+    if d.get("fidelity_audio"):
+        utt.fidelity_audio, utt.fidelity_sr = read_audio(base / d["fidelity_audio"])
     timings = d.get("timings") or {}
     utt.timings = {str(k): v for k, v in timings.items()}
     utt.extra = {k: v for k, v in d.items() if k not in KNOWN_KEYS}
@@ -423,7 +425,7 @@ class _Partial:
     def key(self, entry: ManifestEntry, base: Path) -> str:
         import hashlib
 
-        files = {k: _file_stamp(base / entry.data[k]) for k in ("audio", "prompt", "reference_audio") if entry.data.get(k)}
+        files = {k: _file_stamp(base / entry.data[k]) for k in ("audio", "prompt", "reference_audio", "fidelity_audio") if entry.data.get(k)}
         blob = json.dumps([self.run_key, entry.line, entry.data, files], sort_keys=True, default=str)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

@@ -34,6 +34,8 @@ class Utterance:
     prompt_text: str | None = None
     reference_audio: np.ndarray | None = None  # the uncompressed model's output, for fidelity
     reference_sr: int | None = None
+    fidelity_audio: np.ndarray | None = None  # what fidelity compares with the reference (default: audio)
+    fidelity_sr: int | None = None
     timings: dict[str, float] = field(default_factory=dict)  # engine stage seconds
     extra: dict[str, Any] = field(default_factory=dict)  # e.g. speech_tokens, peak_mem_bytes
     _resampled: dict[tuple[str, int], np.ndarray] = field(default_factory=dict, repr=False, compare=False)

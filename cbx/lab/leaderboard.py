@@ -111,12 +111,18 @@ COLUMNS: list[Column] = [
            width=20, kind="id"),
     Column("method", "method", "method", "compression steps with every non-default parameter", "{}", terminal=False, kind="id"),
     Column("status", "status", "status", "done, or failed (not ranked; reason below the table)", "{}", terminal=False, kind="id"),
+    Column("n_failed", "fail", "failed utterances", "utterances left out with a reason (prompt refused; empty, silent or non-finite output): run.json 'failures'",
+           "{}", kind="id", value=lambda rec, base: (rec.get("failures") or {}).get("n"),
+           reason=lambda rec, base: "not recorded by this run (older record)"),
     Column("t3_top1_agreement", "top1", "T3 top-1 agreement", "T3 next-token top-1 agreement with the baseline, teacher-forced on its tokens (1 = same)",
            "{:.3f}", True, 1.0, kind="fidelity"),
     Column("t3_kl", "KL", "T3 KL (nats)", "KL(baseline || run) of T3's next-token distributions, nats per token (0 = same)", "{:.3g}", False, 0.0,
            kind="fidelity"),
-    Column("mel_l1", "melL1", "mel L1", "mean |log-mel difference| from the baseline's audio of the same utterance (0 = same)", "{:.3f}", False, 0.0,
-           kind="fidelity"),
+    Column("mel_l1", "melL1", "mel L1", "mean |log-mel difference| between this model's and the baseline's decoder on the baseline's tokens, same noise (0 = same)",
+           "{:.3f}", False, 0.0, kind="fidelity"),
+    Column("mcd_db", "MCD", "mel cepstral distortion (dB)", "MCD of the aligned decoder outputs (baseline's tokens, same noise), dB (0 = same)",
+           "{:.2f}", False, 0.0, terminal=False, kind="fidelity", value=lambda rec, base: _metrics_of(rec).get("mcd_db"),
+           reason=lambda rec, base: "baseline: fidelity is measured against it" if rec.get("is_baseline") else "not in this run's scores"),
     Column("wer", "WER", "WER", "word error rate of the ASR transcript (0-1+)", "{:.3f}", False, terminal=False, kind="quality"),
     Column("wer_delta", "ΔWER", "ΔWER (points vs baseline)", "WER minus the baseline's WER (negative is better)", "{:+.3f}", False, 0.0,
            kind="quality"),
@@ -124,6 +130,8 @@ COLUMNS: list[Column] = [
            terminal=False, kind="quality"),
     Column("sim_ratio", "SIM×", "SIM ratio vs baseline", "speaker similarity / the baseline's (1 = same)", "{:.3f}", True, 1.0, kind="quality"),
     Column("mos", "MOS", "MOS (predicted)", "predicted mean opinion score, 1-5", "{:.2f}", True, kind="quality"),
+    Column("mos_delta", "ΔMOS", "ΔMOS vs baseline", "predicted MOS minus the baseline's, paired per utterance", "{:+.2f}", True, 0.0,
+           terminal=False, kind="quality", reason=lambda rec, base: _paired_reason(rec, "mos_delta")),
     Column("artifacts", "art", "artifacts / utt", "artifact events per utterance (clicks, clipping, noisy pauses, ...)", "{:.2f}", False,
            terminal=False, kind="quality"),
     Column("rtf", "RTF", "real-time factor", "synthesis seconds per second of audio (below 1: faster than real time)", "{:.3g}", False,
@@ -395,6 +403,14 @@ def row_of(rec: dict, base: dict | None, run_dir: Path) -> dict[str, Any]:
     row["why"] = {**_reasons(rec, base, row), **row.get("why", {})}
     row["noise"] = {c.key: True for c in COLUMNS if c.null is not None and _within_noise(row, c)}
     return row
+
+
+def _paired_reason(rec: dict, key: str) -> str:
+    if rec.get("is_baseline"):
+        return "baseline: compared against itself"
+    if rec.get("status") != store.STATUS_DONE:
+        return "run failed (not scored)"
+    return "no paired value in this run's record (metric not scored in both runs)"
 
 
 def _within_noise(row: dict, col: Column) -> bool:

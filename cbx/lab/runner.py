@@ -28,7 +28,6 @@ import datetime as _dt
 import gc
 import importlib.metadata as md
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -152,10 +151,30 @@ class Backend:
     def resolved_settings(self, model, settings) -> dict[str, Any]:
         return to_plain(settings.resolved(model))
 
+    def check_prompt(self, model, prompt: str) -> str | None:
+        """Why the engine refuses this voice prompt for this model (the CbxError's message:
+        silent, unreadable, too short for the variant), or None when it takes it."""
+        from cbx.engine.conditioning import prepare_voice
+
+        try:
+            prepare_voice(model, prompt)
+        except CbxError as e:
+            return str(e)
+        return None
+
+    def decode_tokens(self, model, item: EvalItemView, speech_tokens: list[int], settings) -> tuple[np.ndarray, int]:
+        """The model's S3Gen on given speech tokens, seeded as the engine seeds the item."""
+        from cbx.engine.synth import SAMPLE_RATE
+
+        return self._synthesizer(model, settings).decode_tokens(item.prompt, speech_tokens, settings), SAMPLE_RATE
+
     def reset_caches(self, model) -> None:
         from cbx.engine.conditioning import clear_cache
 
         clear_cache(model)
+        syn = getattr(self, "_synth", None)
+        if syn is not None and syn.model is model:
+            syn.clear_voices()  # the run's Synthesizer keeps voices too: conditioning is timed again
 
     def synthesize(self, model, items: Sequence[EvalItemView], settings) -> BatchOutput:
         from cbx.engine.synth import SynthRequest, Synthesizer
@@ -164,11 +183,7 @@ class Backend:
         # One Synthesizer per model and run: its cast copies (bf16 T3 and estimator) are built
         # once, by prepare(), outside every timed stage (it was one per batch, and the estimator's
         # copy was made inside the timed cfm stage).
-        syn = getattr(self, "_synth", None)
-        if syn is None or syn.model is not model:
-            syn = self._synth = Synthesizer(model)
-            syn.prepare(settings)
-        batch = syn.synthesize(reqs, settings)
+        batch = self._synthesizer(model, settings).synthesize(reqs, settings)
         outs = [
             UttOutput(it.id, np.asarray(r.wav, np.float32), int(r.sample_rate), [int(t) for t in np.asarray(r.speech_tokens).reshape(-1)],
                       float(r.audio_s), dict(r.timings), len(r.chunks))
@@ -176,6 +191,15 @@ class Backend:
         ]
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
                            int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
+
+    def _synthesizer(self, model, settings):
+        from cbx.engine.synth import Synthesizer
+
+        syn = getattr(self, "_synth", None)
+        if syn is None or syn.model is not model:
+            syn = self._synth = Synthesizer(model)
+            syn.prepare(settings)
+        return syn
 
     def release(self, model) -> None:
         """Drop what this backend holds for ``model`` (its Synthesizer and cast copies)."""
@@ -288,13 +312,14 @@ def hardware_label(hw: dict[str, Any]) -> str:
 
 
 def check_output(wav: np.ndarray) -> str | None:
-    """Why an output is unusable (``"nan"`` / ``"silent"``), or None when it is fine."""
+    """Why an output is unusable (``"output empty"`` / ``"output nan"`` / ``"output silent"``),
+    or None when it is fine."""
     if wav.size == 0:
-        return "silent"
+        return "output empty: no samples"
     if not np.all(np.isfinite(wav)):
-        return "nan"
+        return f"output nan: {int(np.sum(~np.isfinite(wav)))} non-finite samples"
     if float(np.max(np.abs(wav))) < SILENCE_PEAK:
-        return "silent"
+        return f"output silent: peak {float(np.max(np.abs(wav))):.1e}"
     return None
 
 
@@ -437,9 +462,14 @@ class Runner:
             b.save_checkpoint(model, tmp)
             tmp.replace(ckpt)
 
+        # ---- prompts the engine refuses (silent, unreadable, too short for the variant) are
+        # per-utterance failures with their reason, found before any timed work
+        refused = self._refused_prompts(model, items, run_dir)
+
         # ---- synthesis (resumable per utterance, sharded by item index)
         mine = self.shard.take(items)
-        todo = [it for it in mine if force or not (run_dir / "synth" / f"{_safe(it.id)}.json").is_file()]
+        todo = [it for it in mine if it.id not in refused
+                and (force or not (run_dir / "synth" / f"{_safe(it.id)}.json").is_file())]
         batch_size = int(record["synth_resolved"].get("batch_size") or 1)
         if todo and exp.eval.warmup:
             # First calls pay one-time costs (allocator, kernel selection for each new shape,
@@ -448,55 +478,146 @@ class Runner:
             # and cached voice conditioning is dropped so that its cost is still measured.
             for start in range(0, min(len(todo), exp.eval.warmup * batch_size), batch_size):
                 self.backend.synthesize(model, todo[start : start + batch_size], settings)
-            self.backend.reset_caches(model)
+        self.backend.reset_caches(model)  # the prompt check above conditioned every voice too
         self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
         self.shard.wait()
 
         # What the quantized modules really ran (a fallback is also logged when it happens).
         record["kernels"] = b.kernel_summary(model)
         rows = [self._read_row(run_dir, it.id) for it in items]
-        bad = [(r["id"], r["check"]) for r in rows if r.get("check")]
+        failed = {r["id"]: r["check"] for r in rows if r.get("check")}
+        # Utterances the baseline lost are left out here too, so both means cover the same ones.
+        base_failed = set((baseline.record.get("failures") or {}).get("ids") or []) if baseline else set()
+        excluded = sorted(base_failed - set(failed))
+        keep = [it for it in items if it.id not in failed and it.id not in base_failed]
+        record["failures"] = _failure_record(failed, len(items), exp.eval.max_failed, excluded)
 
-        # ---- T3 fidelity needs this model now and the baseline model after it
-        fid_rows: dict[str, dict[str, float]] = {}
-        if baseline is not None and exp.eval.t3_fidelity and not bad:
-            fid_rows = self._t3_fidelity(exp, model, device, settings, items, baseline)
+        # Extra timed passes (eval.timing_repeats) give the speed-up an interval.
+        rtfs = self._timing_repeats(exp, model, [it for it in mine if it.id not in failed], settings, run_dir, batch_size)
+
+        too_many = len(failed) > exp.eval.max_failed * len(items)
+        # ---- fidelity needs this model now and the baseline model after it
+        fid_rows: dict[str, dict[str, Any]] = {}
+        if baseline is not None and keep and not too_many and (exp.eval.t3_fidelity or exp.eval.aligned_fidelity):
+            fid_rows = self._fidelity(exp, model, device, settings, keep, baseline, run_dir)
         b.release(model)
         del model
         gc.collect()
 
-        if bad:
+        if too_many or not keep:
             record["status"] = store.STATUS_FAILED
-            kinds = sorted({k for _, k in bad})
-            record["failure"] = f"{len(bad)} of {len(items)} outputs {'/'.join(kinds)}: " + ", ".join(i for i, _ in bad[:5])
+            record["failure"] = _failure_message(failed, len(items), exp.eval.max_failed) if failed else \
+                "no utterance left to score (every one failed in the baseline)"
         else:
-            self._score(exp, run_dir, items, rows, baseline, fid_rows, record["model_bytes"], {"name": set_name, "version": set_version})
+            good_rows = [r for r in rows if r["id"] in {it.id for it in keep}]
+            self._score(exp, run_dir, keep, good_rows, baseline, fid_rows, record["model_bytes"], {"name": set_name, "version": set_version})
             if self.shard.is_main:
                 record["aggregate"] = _read_aggregate(run_dir / "score")
+                if baseline is not None:
+                    record["paired"] = self._paired(exp, run_dir, baseline)
                 record["status"] = store.STATUS_DONE
 
-        total_s = sum(float(r["timings"].get("total", 0.0)) for r in rows)
-        audio_s = sum(float(r["audio_s"]) for r in rows)
+        ok_rows = [r for r in rows if not r.get("check")] or rows
+        total_s = sum(float(r["timings"].get("total", 0.0)) for r in ok_rows)
+        audio_s = sum(float(r["audio_s"]) for r in ok_rows)
+        rtf = total_s / audio_s if audio_s > 0 else None
         record["speed"] = {
             "synth_s": total_s,
             "audio_s": audio_s,
-            "rtf": total_s / audio_s if audio_s > 0 else None,
-            "stage_s": _sum_stages(rows),
-            "peak_mem_bytes": max(int(r.get("peak_mem_bytes", 0)) for r in rows),
+            "rtf": rtf,
+            # RTF of each timed pass over the set (the first is the one that made the audio)
+            "rtf_repeats": ([rtf] if rtf is not None else []) + rtfs,
+            "stage_s": _sum_stages(ok_rows),
+            "peak_mem_bytes": max(int(r.get("peak_mem_bytes", 0)) for r in ok_rows),
             # Growth over what was in use when a batch started: on a CPU the peak is the whole
             # process's RSS (earlier runs' and the scorer's models too), this part is the run's own.
-            "work_mem_bytes": max(max(0, int(r.get("peak_mem_bytes", 0)) - int(r.get("mem_start_bytes", 0))) for r in rows),
-            "mem_kind": rows[0].get("mem_kind", ""),
-            "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in rows),
+            "work_mem_bytes": max(max(0, int(r.get("peak_mem_bytes", 0)) - int(r.get("mem_start_bytes", 0))) for r in ok_rows),
+            "mem_kind": ok_rows[0].get("mem_kind", ""),
+            "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in ok_rows),
         }
+        if baseline is not None:
+            record["speed"]["speedup"] = sp = _speedup(baseline.record.get("speed") or {}, record["speed"])
+            if sp is not None and "paired" in record:
+                record["paired"]["speedup"] = {"value": sp["value"], "ci95": sp["ci95"], "within_noise": sp["within_noise"]}
         record["checkpoint_bytes"] = store.dir_size(ckpt) if ckpt.is_dir() else None
-        record["samples"] = [r["audio"] for r in rows[: exp.eval.samples] if not r.get("check")]
+        record["samples"] = [r["audio"] for r in rows if not r.get("check")][: exp.eval.samples]
         record["finished_at"] = _now()
         if self.shard.is_main:
             atomic_write_json(run_dir / store.RUN_RECORD, record)
         record = self.shard.broadcast(record)  # the main process's view (status, aggregate) for all
-        self._log(f"{run_id}: {record['status']}" + (f" ({record.get('failure')})" if record.get("failure") else ""))
+        self._log(f"{run_id}: {record['status']}" + (f" ({record.get('failure')})" if record.get("failure") else "")
+                  + (f"; {len(failed)} of {len(items)} utterance(s) failed" if failed and not record.get("failure") else ""))
         return record
+
+    def _refused_prompts(self, model, items, run_dir: Path) -> dict[str, str]:
+        """``{id: reason}`` for items whose voice prompt the engine refuses; each gets a synth
+        row saying why (so a resumed run and the record agree). Every process checks every
+        item (cheap, deterministic), so all shards agree without a message."""
+        out: dict[str, str] = {}
+        checked: dict[str, str | None] = {}
+        for it in items:
+            if not it.prompt:
+                continue
+            if it.prompt not in checked:
+                checked[it.prompt] = self.backend.check_prompt(model, it.prompt)
+            why = checked[it.prompt]
+            if why is None:
+                continue
+            out[it.id] = f"prompt refused: {why}"
+            if self.shard.is_main:
+                atomic_write_json(run_dir / "synth" / f"{_safe(it.id)}.json", {
+                    "id": it.id, "text": it.text, "prompt": it.prompt, "audio": None, "sr": None, "audio_s": 0.0,
+                    "speech_tokens": [], "timings": {}, "peak_mem_bytes": 0, "mem_start_bytes": 0, "mem_kind": "",
+                    "batch_size": 0, "n_chunks": 0, "check": out[it.id],
+                })
+        if out:
+            self._log(f"{len(out)} prompt(s) refused, e.g. {next(iter(out.values()))}")
+        self.shard.wait()
+        return out
+
+    def _timing_repeats(self, exp, model, mine, settings, run_dir: Path, batch_size: int) -> list[float]:
+        """RTF of each extra timed pass over the set (eval.timing_repeats - 1 of them). Outputs
+        are discarded; conditioning caches are dropped before each pass, as before the first.
+        Stored per pass and process under ``timing/`` so a resumed run does not time again."""
+        extra = exp.eval.timing_repeats - 1
+        if extra <= 0:
+            return []
+        out = []
+        for k in range(1, extra + 1):
+            f = run_dir / "timing" / f"pass{k}-rank{self.shard.rank}.json"
+            if not f.is_file():
+                total = audio = 0.0
+                self.backend.reset_caches(model)
+                for start in range(0, len(mine), batch_size):
+                    got = self.backend.synthesize(model, mine[start : start + batch_size], settings)
+                    for u in got.utterances:
+                        total += float(u.timings.get("total", 0.0))
+                        audio += float(u.audio_s)
+                atomic_write_json(f, {"total_s": total, "audio_s": audio})
+            self.shard.wait()
+            parts = [store.read_json(run_dir / "timing" / f"pass{k}-rank{r}.json") for r in range(self.shard.world)]
+            total = sum(p["total_s"] for p in parts)
+            audio = sum(p["audio_s"] for p in parts)
+            if audio > 0:
+                out.append(total / audio)
+        return out
+
+    def _paired(self, exp, run_dir: Path, baseline: RunOutcome) -> dict:
+        """Per-utterance paired comparison with the baseline (``cbx.eval.paired``)."""
+        from cbx.eval.paired import compare
+
+        base = _read_rows(baseline.run_dir / "score")
+        mine = _read_rows(run_dir / "score")
+        out = compare(base, mine)
+        # Leaderboard columns read record["paired"][column] = {"value", "ci95", "significant"}.
+        m = out["metrics"]
+        for col, name, kind in (("wer_delta", "wer", "delta"), ("sim_ratio", "speaker_sim", "ratio"), ("mos_delta", "mos", "delta")):
+            if name in m and m[name].get(kind) is not None:
+                ci = m[name].get(f"{kind}_ci95")
+                null = 0.0 if kind == "delta" else 1.0
+                out[col] = {"value": m[name][kind], "ci95": ci, "n": m[name]["n"],
+                            "significant": (not (ci[0] <= null <= ci[1])) if ci else None}
+        return out
 
     def _synthesize(self, model, todo, settings, run_dir: Path, batch_size: int, name: str) -> None:
         bar = None
@@ -546,6 +667,8 @@ class Runner:
             raise RuntimeError(f"{p}: missing after synthesis (a shard did not finish)") from None
 
     def _score(self, exp: Experiment, run_dir: Path, items, rows, baseline: RunOutcome | None, fid_rows, model_bytes, eval_set: dict) -> None:
+        # Fidelity inputs (T3 numbers, aligned decoder outputs) come from _fidelity per item;
+        # an item without them (a long, multi-chunk text) simply has no fidelity metrics.
         # Paths relative to the manifest (the run folder), so results folders can move.
         manifest = []
         for it, r in zip(items, rows):
@@ -563,9 +686,6 @@ class Runner:
             }
             if it.prompt_text is not None:
                 line["prompt_text"] = it.prompt_text
-            if baseline is not None:
-                ref = baseline.run_dir / "audio" / f"{_safe(it.id)}.wav"
-                line["reference_audio"] = os.path.relpath(ref.resolve(), run_dir.resolve())
             manifest.append({k: v for k, v in line.items() if v is not None})
         show = self.progress and self.shard.is_main
         if self.shard.world == 1:
@@ -585,20 +705,37 @@ class Runner:
                                       [m["id"] for m in manifest], exp.eval.metrics, config=exp.eval.scorer_config())
         self.shard.wait()
 
-    def _t3_fidelity(self, exp, model, device, settings, items, baseline: RunOutcome) -> dict[str, dict[str, float]]:
+    def _fidelity(self, exp, model, device, settings, items, baseline: RunOutcome, run_dir: Path) -> dict[str, dict[str, Any]]:
+        """Per item: T3 teacher-forced top-1/KL on the baseline's tokens, and the aligned
+        decoder outputs (this model's and the baseline's S3Gen on the baseline's tokens with
+        the same CFM noise) written to ``aligned/`` and ``aligned_ref/``, whose paths the
+        manifest gives the scorer (``fidelity_audio``, ``reference_audio``). This model first,
+        then the baseline model, so only one is in memory at a time."""
         b = self.backend
-        # Teacher forcing feeds one text with its tokens: utterances the engine split into
-        # several text chunks (long texts) are left out rather than scored on a wrong pairing.
+        # Teacher forcing and token decoding take one text chunk's tokens: utterances the engine
+        # split into several chunks (long texts) are left out rather than scored on a wrong pairing.
         base_rows = {it.id: self._read_row(baseline.run_dir, it.id) for it in self.shard.take(items)}
         mine = [it for it in self.shard.take(items) if base_rows[it.id].get("n_chunks", 1) == 1 and base_rows[it.id]["speech_tokens"]]
-        ours = {it.id: b.t3_logits(model, it, base_rows[it.id]["speech_tokens"], settings) for it in mine}
+        t3, aligned = exp.eval.t3_fidelity, exp.eval.aligned_fidelity
+        ours = {it.id: b.t3_logits(model, it, base_rows[it.id]["speech_tokens"], settings) for it in mine} if t3 else {}
+        out: dict[str, dict[str, Any]] = {it.id: {} for it in mine}
+        if aligned:
+            for it in mine:
+                wav, sr = b.decode_tokens(model, it, base_rows[it.id]["speech_tokens"], settings)
+                store.write_wav_atomic(run_dir / "aligned" / f"{_safe(it.id)}.wav", np.nan_to_num(wav), sr)
         base_model = b.load_model(exp.model, device)
         try:
-            out = {}
             for it in mine:
-                ref = b.t3_logits(base_model, it, base_rows[it.id]["speech_tokens"], settings)
-                out[it.id] = b.t3_fidelity(ref, ours[it.id])
+                if t3:
+                    ref = b.t3_logits(base_model, it, base_rows[it.id]["speech_tokens"], settings)
+                    out[it.id].update(b.t3_fidelity(ref, ours[it.id]))
+                if aligned:
+                    wav, sr = b.decode_tokens(base_model, it, base_rows[it.id]["speech_tokens"], settings)
+                    store.write_wav_atomic(run_dir / "aligned_ref" / f"{_safe(it.id)}.wav", np.nan_to_num(wav), sr)
+                    out[it.id]["fidelity_audio"] = f"aligned/{_safe(it.id)}.wav"
+                    out[it.id]["reference_audio"] = f"aligned_ref/{_safe(it.id)}.wav"
         finally:
+            b.release(base_model)
             del base_model
             gc.collect()
         return self.shard.gather_dict(out)
@@ -636,6 +773,51 @@ def _sum_stages(rows: list[dict]) -> dict[str, float]:
         for k, v in r["timings"].items():
             out[k] = out.get(k, 0.0) + float(v)
     return out
+
+
+def _failure_record(failed: dict[str, str], n_items: int, max_failed: float, excluded: list[str]) -> dict[str, Any]:
+    """What ``run.json`` says about per-utterance failures: how many, why, which."""
+    reasons: dict[str, int] = {}
+    for why in failed.values():
+        kind = why.split(":")[0]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    return {
+        "n": len(failed),
+        "n_items": n_items,
+        "share": len(failed) / n_items if n_items else 0.0,
+        "max_failed": max_failed,
+        "reasons": dict(sorted(reasons.items())),
+        "ids": sorted(failed),
+        "utterances": [{"id": i, "reason": failed[i]} for i in sorted(failed)],
+        # left out because the baseline failed them (so both runs' means cover the same utterances)
+        "excluded_for_baseline": excluded,
+    }
+
+
+def _failure_message(failed: dict[str, str], n_items: int, max_failed: float) -> str:
+    kinds = sorted({w.split(":")[0] for w in failed.values()})
+    return (f"{len(failed)} of {n_items} utterances failed (more than eval.max_failed {max_failed:g}): "
+            f"{'/'.join(kinds)}: " + ", ".join(sorted(failed)[:5]))
+
+
+def _speedup(base_speed: dict, speed: dict) -> dict[str, Any] | None:
+    """Baseline RTF / RTF with an interval from the repeated timings of both runs (None with a
+    single timing each); ``within_noise`` where the interval holds 1.0."""
+    from cbx.eval import stats
+
+    b, r = base_speed.get("rtf"), speed.get("rtf")
+    if not b or not r:
+        return None
+    ci = stats.ratio_of_means_ci(base_speed.get("rtf_repeats") or [], speed.get("rtf_repeats") or [])
+    return {"value": b / r, "ci95": list(ci) if ci else None, "within_noise": (not stats.excludes(ci, 1.0)) if ci else None,
+            "repeats": [len(base_speed.get("rtf_repeats") or []), len(speed.get("rtf_repeats") or [])]}
+
+
+def _read_rows(score_dir: Path) -> list[dict]:
+    p = score_dir / "utterances.jsonl"
+    if not p.is_file():
+        return []
+    return [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def _read_aggregate(score_dir: Path) -> dict[str, Any]:

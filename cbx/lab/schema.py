@@ -79,6 +79,7 @@ class EvalConfig:
     metrics: tuple[str, ...] | None = None  # None: the scorer's default metrics
     samples: int = 4  # audio samples listed in the run folder for the leaderboard page
     t3_fidelity: bool = True  # teacher-forced T3 top-1 agreement / KL against the baseline
+    aligned_fidelity: bool = True  # both decoders on the baseline's tokens, same noise: mel L1, MCD, SNR
     warmup: int = 1  # untimed batches synthesized first (one-time costs would skew RTF)
     asr: str | dict[str, Any] | None = None  # AsrConfig.model, or AsrConfig fields
     speaker: str | dict[str, Any] | None = None  # SpeakerConfig.backend, or its fields

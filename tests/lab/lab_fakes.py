@@ -56,8 +56,11 @@ def _h(s: str) -> int:
 
 
 class FakeBackend(Backend):
-    def __init__(self, n_items=4, fail_after=None):
+    def __init__(self, n_items=4, fail_after=None, prompts=None, bad_outputs=()):
         self.n_items = n_items
+        self.prompts = dict(prompts or {})  # item index -> prompt path ("silent" in it: refused)
+        # item id -> "compressed" | "baseline": that run's output for it is silent
+        self.bad_outputs = dict(bad_outputs) if isinstance(bad_outputs, dict) else {i: "compressed" for i in bad_outputs}
         self.synthesized: list[str] = []
         self.fail_after = fail_after  # raise after this many utterances (simulated crash)
         self.scored: list[list[dict]] = []
@@ -76,11 +79,20 @@ class FakeBackend(Backend):
         out_dir.mkdir(parents=True)
         (out_dir / "manifest.json").write_text(json.dumps({"gain": model.gain}))
 
+    def check_prompt(self, model, prompt):
+        return "audio is silent (fake)" if "silent" in str(prompt) else None
+
+    def decode_tokens(self, model, item, speech_tokens, settings):
+        """A deterministic 'decoder': the tokens and the item set the waveform, the model's gain scales it."""
+        t = np.repeat(np.asarray(speech_tokens, np.float32), 80)
+        wav = 0.2 * np.sin(t * 0.01 + np.arange(t.size) * 0.03 * (1 + _h(item.id) % 5)) * getattr(model, "gain", 1.0)
+        return wav.astype(np.float32), SR
+
     def reset_caches(self, model):
         self.resets = getattr(self, "resets", 0) + 1
 
     def eval_set(self, name):
-        items = [EvalItemView(f"utt{i}", f"sentence number {i}", None) for i in range(self.n_items)]
+        items = [EvalItemView(f"utt{i}", f"sentence number {i}", self.prompts.get(i)) for i in range(self.n_items)]
         return "fake", "1", items
 
     def resolved_settings(self, model, settings):
@@ -98,6 +110,8 @@ class FakeBackend(Backend):
             wav = wav.astype(np.float32)
             if getattr(model, "nan", False):
                 wav[10] = np.nan
+            if self.bad_outputs.get(it.id) == ("compressed" if gain != 1.0 else "baseline"):
+                wav[:] = 0.0
             self.synthesized.append(it.id)
             tokens = [int(t) for t in rng.integers(0, 100, size=5)]
             outs.append(UttOutput(it.id, wav, SR, tokens, n / SR, {"t3": 0.01, "total": 0.02 / max(gain, 0.1)}))
@@ -123,8 +137,9 @@ class FakeBackend(Backend):
             det = {}
             if m.get("reference_audio"):
                 ref, _ = sf.read(manifest.parent / m["reference_audio"], dtype="float32")
-                met["wave_max_abs_err"] = float(np.abs(wav - ref).max())
-                det["ref_corr"] = float(np.dot(wav, ref) / (np.linalg.norm(wav) * np.linalg.norm(ref)))
+                test = sf.read(manifest.parent / m["fidelity_audio"], dtype="float32")[0] if m.get("fidelity_audio") else wav
+                met["wave_max_abs_err"] = float(np.abs(test - ref).max())
+                det["ref_corr"] = float(np.dot(test, ref) / (np.linalg.norm(test) * np.linalg.norm(ref)))
             if "t3_top1_agreement" in m:
                 met["t3_top1_agreement"] = m["t3_top1_agreement"]
             rows.append({"line": n, "id": m["id"], "metrics": met, "details": det})

@@ -29,9 +29,9 @@ def test_compressed_run_is_paired_with_a_baseline_it_runs_once(tmp_path):
     assert base["status"] == "done" and base["is_baseline"] and base["config"]["steps"] == []
     # baseline + compressed: each utterance synthesized exactly once per run
     assert sorted(be.synthesized) == sorted([f"utt{i}" for i in range(4)] * 2)
-    # the scorer saw the baseline's wavs as references, per utterance
+    # the scorer saw both decoders' outputs on the baseline's tokens (aligned fidelity), per utterance
     last = be.scored[-1]
-    assert all(m["reference_audio"] == f"../{rec['baseline_run']}/audio/{m['id']}.wav" for m in last)
+    assert all(m["reference_audio"] == f"aligned_ref/{m['id']}.wav" and m["fidelity_audio"] == f"aligned/{m['id']}.wav" for m in last)
     scored = [json.loads(x) for x in (out.run_dir / "score" / "utterances.jsonl").read_text().splitlines()]
     assert all(r["details"]["ref_corr"] == pytest.approx(1.0, abs=1e-5) for r in scored)  # gain only: same shape
     assert all(0 <= m["t3_top1_agreement"] <= 1 for m in last)
@@ -124,6 +124,7 @@ def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
     assert again.reused and len(be.synthesized) == 5
 
 
+<<<<<<< HEAD
 def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_stages(tiny_copy, monkeypatch):
     """Real engine, tiny model: the bf16 cast copies are made once, before any timed stage."""
     import copy as copy_mod
@@ -168,3 +169,80 @@ def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_s
     assert out1.utterances[0].id == "a" and out2.utterances[0].id == "b"
     b.release(model)
     assert b._synth is None
+=======
+def _exp_f(name="int", gain=0.5, **ev):
+    steps = (Step("lab_test_gain", {"gain": gain}),) if gain is not None else ()
+    return Experiment(name=name, model="tiny", steps=steps, synth={"batch_size": 2},
+                      eval=EvalConfig(set="fake", samples=2, warmup=0, **ev))
+
+
+def test_a_refused_prompt_is_one_failed_utterance_and_the_rest_is_scored(tmp_path):
+    be = FakeBackend(n_items=6, prompts={i: f"voices/v{i}.wav" for i in range(6)} | {1: "voices/silent.wav"})
+    out = Runner(tmp_path, backend=be, progress=False).run(_exp_f(max_failed=0.5))
+    rec = out.record
+    assert rec["status"] == "done"
+    f = rec["failures"]
+    assert f["n"] == 1 and f["ids"] == ["utt1"] and f["reasons"] == {"prompt refused": 1}
+    assert "silent" in f["utterances"][0]["reason"] and f["max_failed"] == 0.5
+    assert "utt1" not in be.synthesized  # never sent to the engine
+    assert [m["id"] for m in be.scored[-1]] == ["utt0", "utt2", "utt3", "utt4", "utt5"]
+    base = store.ResultsDir(tmp_path).record(rec["baseline_run"])
+    assert base["status"] == "done" and base["failures"]["ids"] == ["utt1"]
+    assert rec["paired"]["n_common"] == 5 and len(rec["samples"]) == 2
+
+
+def test_output_failures_mark_the_run_failed_only_above_max_failed(tmp_path):
+    be = FakeBackend(n_items=4, bad_outputs={"utt2"})
+    r = Runner(tmp_path, backend=be, progress=False)
+    strict = r.run(_exp_f(name="strict")).record  # default max_failed 0.05: 1 of 4 is too many
+    assert strict["status"] == "failed" and "1 of 4 utterances failed" in strict["failure"] and "output silent" in strict["failure"]
+    lenient = r.run(_exp_f(name="lenient", max_failed=0.3)).record
+    assert lenient["status"] == "done" and lenient["failures"]["reasons"] == {"output silent": 1}
+    assert [m["id"] for m in be.scored[-1]] == ["utt0", "utt1", "utt3"]
+    # the baseline scored all four; the paired comparison covers the three both runs have
+    p = lenient["paired"]
+    assert p["n_common"] == 3 and p["metrics"]["wer"]["n"] == 3
+    base_rows = [json.loads(x) for x in (store.ResultsDir(tmp_path).run_dir(lenient["baseline_run"]) / "score" / "utterances.jsonl").read_text().splitlines()]
+    common = [r["metrics"]["wer"] for r in base_rows if r["id"] != "utt2"]
+    assert p["metrics"]["wer"]["base"] == pytest.approx(sum(common) / 3)
+    # gain 0.5 halves every sample: the change is systematic, so the paired interval excludes 0
+    assert p["metrics"]["wer"]["delta"] < 0 and p["metrics"]["wer"]["significant"] is True
+    lo, hi = p["metrics"]["wer"]["delta_ci95"]
+    assert lo <= p["metrics"]["wer"]["delta"] <= hi < 0
+
+
+def test_utterances_the_baseline_lost_are_left_out_of_the_compressed_run_too(tmp_path):
+    be = FakeBackend(n_items=4, bad_outputs={"utt3": "baseline"})
+    rec = Runner(tmp_path, backend=be, progress=False).run(_exp_f(max_failed=0.3)).record
+    assert rec["status"] == "done" and rec["failures"]["n"] == 0
+    assert rec["failures"]["excluded_for_baseline"] == ["utt3"]
+    assert [m["id"] for m in be.scored[-1]] == ["utt0", "utt1", "utt2"]
+
+
+def test_timing_repeats_give_the_speedup_an_interval(tmp_path):
+    be = FakeBackend(n_items=2)
+    rec = Runner(tmp_path, backend=be, progress=False).run(_exp_f(timing_repeats=3)).record
+    assert len(rec["speed"]["rtf_repeats"]) == 3
+    sp = rec["speed"]["speedup"]
+    assert sp["value"] == pytest.approx(0.5) and sp["repeats"] == [3, 3]  # the fake gain 0.5 run is 2x slower
+    assert sp["ci95"] == pytest.approx([0.5, 0.5]) and sp["within_noise"] is False
+    # each item synthesized once for the audio and twice more for timing, in both runs
+    assert sorted(be.synthesized) == sorted(["utt0", "utt1"] * 6)
+    one = Runner(tmp_path / "one", backend=FakeBackend(n_items=2), progress=False).run(_exp_f()).record
+    assert one["speed"]["speedup"]["ci95"] is None and one["speed"]["speedup"]["within_noise"] is None
+
+
+def test_the_leaderboard_shows_failure_counts_and_paired_intervals(tmp_path):
+    from cbx.lab import leaderboard as lb
+
+    be = FakeBackend(n_items=4, bad_outputs={"utt2"})
+    rec = Runner(tmp_path, backend=be, progress=False).run(_exp_f(max_failed=0.3)).record
+    rows = {r["run_id"]: r for r in lb.leaderboard(tmp_path)}
+    mine, base = rows[rec["run_id"]], rows[rec["baseline_run"]]
+    assert mine["n_failed"] == 1 and base["n_failed"] == 0
+    p = rec["paired"]["wer_delta"]
+    assert mine["wer_delta"] == pytest.approx(p["value"]) and mine["wer_delta_ci"] == pytest.approx(tuple(p["ci95"]))
+    assert p["n"] == 3 and p["significant"] is True and not (mine.get("noise") or {}).get("wer_delta")
+    text = lb.render_terminal(lb.leaderboard(tmp_path))
+    assert "fail" in text and "±" in text
+>>>>>>> d8e5eb0 (Per-utterance failures (refused prompts, empty/silent/non-finite outputs) recorded with reasons and left out of the run's and its baseline's means, run failed only above eval.max_failed; paired per-utterance baseline-relative statistics with bootstrap intervals (ΔWER, SIM ratio, ΔMOS) and a speed-up interval from eval.timing_repeats; aligned fidelity (both decoders on the baseline's tokens, same noise) with MCD; leaderboard fail/ΔMOS/MCD columns)

@@ -1,8 +1,12 @@
 """Fidelity metric group: how close an output is to the uncompressed model's output.
 
-Scores ``utt.audio`` against ``utt.reference_audio`` (the baseline's wav for the same item,
-tokens and noise) with the pure functions of :mod:`cbx.eval.fidelity`; without a reference
-the group returns nothing. The T3 metrics need two models under teacher forcing, which only
+Scores a test waveform against ``utt.reference_audio`` with the pure functions of
+:mod:`cbx.eval.fidelity`; without a reference the group returns nothing. The test waveform is
+``utt.fidelity_audio`` when the manifest gives one (``fidelity_audio``), else ``utt.audio``.
+The runner gives both: the compressed model's decoder and the baseline's, each run on the
+baseline's speech tokens with the same CFM noise ("aligned" fidelity). Comparing the two
+models' *sampled* outputs instead would measure sampling noise after the first token that
+differs, not what compression did to the decoder. The T3 metrics need two models under teacher forcing, which only
 the runner has: it computes them with :func:`cbx.eval.fidelity.top1_agreement` and
 :func:`cbx.eval.fidelity.mean_kl` and passes them in ``utt.extra`` under the metric names
 (``t3_top1_agreement``, ``t3_kl``), so they are recorded under a registered direction and
@@ -34,6 +38,7 @@ def _spec(name, higher, unit, desc):
 
 SPECS = [
     _spec("mel_l1", False, "nats", "mean |log-mel difference| to the baseline output (S3Gen mel settings)"),
+    _spec("mcd_db", False, "dB", "mel cepstral distortion to the baseline output (c1..c13 of the S3Gen log-mel, aligned frames)"),
     _spec("wave_snr_db", True, "dB", "SNR of the output against the baseline waveform (cropped to the shorter)"),
     _spec("wave_max_abs_err", False, "FS", "largest absolute sample difference to the baseline waveform"),
     _spec("t3_top1_agreement", True, "fraction", "T3 next-token top-1 agreement with the baseline (teacher forced)"),
@@ -68,10 +73,16 @@ class FidelityGroup:
             return out
         ref_sr = utt.reference_sr or utt.sr
         ref = dsp.finite(utt.reference_audio)
-        test = dsp.finite(utt.audio)
-        if min(ref.size / ref_sr, test.size / utt.sr) >= MIN_MEL_S:
-            out["mel_l1"] = fidelity.mel_l1(ref, test, ref_sr, utt.sr)
-        wd = fidelity.waveform_distance(dsp.resample(ref, ref_sr, utt.sr), test)
+        if utt.fidelity_audio is not None:
+            test, test_sr = dsp.finite(utt.fidelity_audio), int(utt.fidelity_sr or utt.sr)
+        else:
+            test, test_sr = dsp.finite(utt.audio), utt.sr
+        if min(ref.size / ref_sr, test.size / test_sr) >= MIN_MEL_S:
+            out["mel_l1"] = fidelity.mel_l1(ref, test, ref_sr, test_sr)
+            out["mcd_db"] = fidelity.mel_cepstral_distortion(ref, test, ref_sr, test_sr)
+        if min(ref.size, test.size) == 0:
+            return out
+        wd = fidelity.waveform_distance(dsp.resample(ref, ref_sr, test_sr), test)
         out["wave_snr_db"] = _clamp(wd["snr_db"], SNR_CAP_DB)
         out["wave_max_abs_err"] = wd["max_abs_err"]
         return out
