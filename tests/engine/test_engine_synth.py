@@ -329,7 +329,6 @@ def test_cuda_synthesis_matches_cpu_greedy_tokens(tiny_copy, voices):
     assert np.all(np.isfinite(gpu.results[0].wav))
 
 
-<<<<<<< HEAD
 def test_dtype_auto_is_resolved_per_device():
     from cbx.engine.synth import auto_dtype, cpu_has_native_bf16
 
@@ -340,7 +339,7 @@ def test_dtype_auto_is_resolved_per_device():
     resolved = SynthSettings().resolved("original")
     assert resolved.dtype == auto_dtype("cpu") and resolved.dtype in ("fp32", "bf16")
     assert SynthSettings(dtype="fp32").resolved("original").dtype == "fp32"
-=======
+
 def test_decode_tokens_redoes_the_decoder_of_a_synthesized_utterance_exactly(model, voices):
     """S3Gen alone on an utterance's own tokens, with the engine's seeding, gives its audio back
     bit for bit (no watermark): the aligned-fidelity path decodes what synthesis decodes."""
@@ -353,4 +352,3 @@ def test_decode_tokens_redoes_the_decoder_of_a_synthesized_utterance_exactly(mod
     other = Synthesizer(model).decode_tokens(voices[0], r.speech_tokens, SynthSettings(seed=6, watermark=False, **FAST))
     assert other.shape == r.wav.shape and not np.array_equal(other, r.wav)  # other seed: other CFM noise
     assert Synthesizer(model).decode_tokens(voices[0], [], s).size == 0
->>>>>>> d8e5eb0 (Per-utterance failures (refused prompts, empty/silent/non-finite outputs) recorded with reasons and left out of the run's and its baseline's means, run failed only above eval.max_failed; paired per-utterance baseline-relative statistics with bootstrap intervals (ΔWER, SIM ratio, ΔMOS) and a speed-up interval from eval.timing_repeats; aligned fidelity (both decoders on the baseline's tokens, same noise) with MCD; leaderboard fail/ΔMOS/MCD columns)

@@ -124,7 +124,6 @@ def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
     assert again.reused and len(be.synthesized) == 5
 
 
-<<<<<<< HEAD
 def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_stages(tiny_copy, monkeypatch):
     """Real engine, tiny model: the bf16 cast copies are made once, before any timed stage."""
     import copy as copy_mod
@@ -169,7 +168,7 @@ def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_s
     assert out1.utterances[0].id == "a" and out2.utterances[0].id == "b"
     b.release(model)
     assert b._synth is None
-=======
+
 def _exp_f(name="int", gain=0.5, **ev):
     steps = (Step("lab_test_gain", {"gain": gain}),) if gain is not None else ()
     return Experiment(name=name, model="tiny", steps=steps, synth={"batch_size": 2},
@@ -245,4 +244,3 @@ def test_the_leaderboard_shows_failure_counts_and_paired_intervals(tmp_path):
     assert p["n"] == 3 and p["significant"] is True and not (mine.get("noise") or {}).get("wer_delta")
     text = lb.render_terminal(lb.leaderboard(tmp_path))
     assert "fail" in text and "±" in text
->>>>>>> d8e5eb0 (Per-utterance failures (refused prompts, empty/silent/non-finite outputs) recorded with reasons and left out of the run's and its baseline's means, run failed only above eval.max_failed; paired per-utterance baseline-relative statistics with bootstrap intervals (ΔWER, SIM ratio, ΔMOS) and a speed-up interval from eval.timing_repeats; aligned fidelity (both decoders on the baseline's tokens, same noise) with MCD; leaderboard fail/ΔMOS/MCD columns)
