@@ -55,8 +55,7 @@ def save_compressed(model, out_dir: str | Path) -> Path:
     qnames = {n for n, _ in qmods}
     tensors: dict[str, torch.Tensor] = {}
     for key, t in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if owner in qnames:
+        if _under(key, qnames):
             continue
         tensors[key] = t
     modules = {}
@@ -214,12 +213,16 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
         new.cbx_method = entry.get("method", "")
         new.cbx_config = entry.get("config", {})
         model.set_submodule(name, new)
-    expected = model.state_dict()
     qnames = set(manifest["modules"])
-    expected = {k: v for k, v in expected.items() if k.rsplit(".", 1)[0] not in qnames}
+    expected = {k: v for k, v in model.state_dict().items() if not _under(k, qnames)}
     check_state(expected, tensors, folder / WEIGHTS)
-    model.load_state_dict({**{k: tensors[k] for k in expected}, **_quant_state(model, qnames)}, strict=True,
-                          assign=True)
+    # The quantized modules are already built from their own tensors (a library's tensor
+    # subclasses must not be re-assigned through load_state_dict); everything else loads here,
+    # and the check above plus the one below keep the load strict.
+    result = model.load_state_dict({k: tensors[k] for k in expected}, strict=False, assign=True)
+    stray = [k for k in result.missing_keys if not _under(k, qnames)] + list(result.unexpected_keys)
+    if stray:
+        raise CbxError(f"{folder / WEIGHTS}: tensors do not match the model: {', '.join(stray[:5])}")
     # Non-persistent buffers (rotary inv_freq, ...) are not saved, but a cast of the model cast
     # them too and outputs depend on their dtype.
     named_buffers = dict(model.named_buffers())
@@ -248,11 +251,7 @@ def _nonpersistent_dtypes(model: nn.Module) -> dict[str, str]:
             if k not in persistent and b.is_floating_point()}
 
 
-def _quant_state(model: nn.Module, qnames: set[str]) -> dict[str, torch.Tensor]:
-    # The quantized modules are already built from their tensors; hand their own state back so
-    # the strict load covers every key of the model.
-    out = {}
-    for name in qnames:
-        for k, v in model.get_submodule(name).state_dict().items():
-            out[f"{name}.{k}"] = v
-    return out
+def _under(key: str, names: set[str]) -> bool:
+    """Whether state-dict ``key`` belongs to one of the modules ``names`` (at any depth)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in names for i in range(1, len(parts)))

@@ -474,6 +474,86 @@ class FP8Linear(_RowScaled, _Quantized):
         return P.fp8_linear_emulated(x, self.qweight, self.scale, self.bias, _DTYPES[self.matmul_dtype])
 
 
+class LibraryLinear(_Quantized):
+    """A field library's quantized linear layer (torchao, bitsandbytes, optimum-quanto) behind
+    the workbench's module interface, so the checkpoint, exports and the engine treat it like
+    the classes above. The library module is ``inner`` (an ``nn.Linear``-shaped layer without
+    bias, computing in ``compute_dtype``); the bias stays here in floating point. The
+    library-specific subclasses live in :mod:`cbx.compress.libraries`.
+
+    Casts of the model (``model.to(torch.bfloat16)``, ``.half()``) reach only the bias: the
+    library's tensors keep the layout and compute dtype their config chose (a cast would
+    re-quantize or break them); inputs are cast to ``compute_dtype`` and outputs back. Device
+    moves go through the library's own ``.to(device)``. Autocast is switched off around the
+    library call so its kernel sees the dtype it was built for.
+    """
+
+    kind = "library"
+    library = ""
+
+    def __init__(self, inner: nn.Module, in_features: int, out_features: int, bias: Tensor | None,
+                 orig_class: str, compute_dtype: str):
+        super().__init__(in_features, out_features, bias, orig_class)
+        self.inner = inner.eval()
+        self.compute_dtype = compute_dtype
+
+    def train(self, mode: bool = True):
+        # Inference-only: bitsandbytes picks other kernels in training mode, so the library
+        # layer stays in eval mode whatever the model is set to.
+        super().train(mode)
+        self.inner.train(False)
+        return self
+
+    @property
+    def weight(self) -> Tensor:
+        return self.inner.weight
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        x2 = x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])
+        with torch.autocast(x.device.type, enabled=False):
+            y = self.inner(x2)
+        return self._finish(y, x)
+
+    def _apply(self, fn, recurse=True):
+        here = self.weight.device
+        target = fn(torch.zeros(1, device=here)).device
+        super()._apply(fn, recurse=False)
+        if target != here:
+            self.inner = self.inner.to(target)
+        return self
+
+    def meta(self) -> dict:
+        return {**super().meta(), "library": self.library, "compute_dtype": self.compute_dtype,
+                **self.library_meta()}
+
+    def library_meta(self) -> dict:
+        """JSON-plain description the library needs to rebuild its tensors (manifest entry)."""
+        raise NotImplementedError
+
+    def library_state(self) -> dict[str, Tensor]:
+        """The library's own serialized tensors for this layer (no bias)."""
+        raise NotImplementedError
+
+    def qstate(self) -> dict[str, Tensor]:
+        # Checkpoint keys are one level below the module name: escape the library's dotted keys.
+        return {k.replace(".", ":"): v for k, v in self.library_state().items()}
+
+    def __deepcopy__(self, memo):
+        # Not every library tensor deep-copies (quanto's float8 weights do not): copy through
+        # the library's own serialization, the one the checkpoint relies on.
+        import copy
+
+        state = {k: v.clone() for k, v in self.qstate().items()}
+        bias = self.bias.detach().clone() if self.bias is not None else None
+        new = from_qstate(self.meta(), state, bias, torch.float32, {})
+        new.cbx_method, new.cbx_config = self.cbx_method, copy.deepcopy(self.cbx_config, memo)
+        new.train(self.training)
+        if self.weight.device.type != "cpu":
+            new = new.to(self.weight.device)
+        memo[id(self)] = new
+        return new
+
+
 class _QuantEmbedding(nn.Module):
     """Row gather of low-bit codes, dequantized to the dtype the model was last cast to."""
 
@@ -563,13 +643,17 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
-QUANT_CLASSES = (Int8Linear, Int4Linear, FP8Linear, Int8Embedding, Int4Embedding)
+QUANT_CLASSES = (Int8Linear, Int4Linear, FP8Linear, Int8Embedding, Int4Embedding, LibraryLinear)
 
 
 def from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None, dtype: torch.dtype,
                 params: dict) -> nn.Module:
     """Rebuild a quantized module from its checkpoint tensors and manifest entry."""
     kind, orig = meta["kind"], meta["orig_class"]
+    if kind == LibraryLinear.kind:
+        from cbx.compress.libraries import library_from_qstate
+
+        return library_from_qstate(meta, {k.replace(":", "."): v for k, v in tensors.items()}, bias)
     if orig == "Embedding":
         if kind == "int8":
             return Int8Embedding(tensors["qweight"], tensors["scale"], meta.get("padding_idx"), dtype)

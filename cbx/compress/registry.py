@@ -61,7 +61,8 @@ def _load_builtin() -> None:
     # Importing the method modules registers them. Kept here so callers need one import.
     import importlib
 
-    for mod in ("cbx.compress.methods", "cbx.compress.prune_methods", "cbx.distill.transform"):
+    for mod in ("cbx.compress.methods", "cbx.compress.prune_methods", "cbx.compress.libraries",
+                "cbx.distill.transform"):
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

@@ -1,0 +1,512 @@
+"""The field's quantization libraries as registered transforms: torchao, bitsandbytes, optimum-quanto.
+
+Why: researchers already quantize their LLMs with these three libraries and want to know which
+one's int8 / int4 / fp8 to use for Chatterbox. Each transform here calls the library's own
+quantizer on each targeted layer and runs the library's own kernels, so a leaderboard row named
+``torchao_...``, ``bnb_...`` or ``quanto_...`` measures that library's code, not a re-implementation.
+The workbench only adds what it needs to treat the result like its own modules
+(:class:`cbx.compress.modules.LibraryLinear`): the same ``targets``/``ignore`` globs (default
+``methods.T3_TARGETS``), GPT-2 ``Conv1D`` layers converted to ``nn.Linear`` first (the
+libraries take only ``nn.Linear``), the bias kept in floating point beside the library layer,
+and a checkpoint entry holding the library's *own* serialization:
+
+* torchao: the tensor subclass flattened by ``torchao.prototype.safetensors``
+  (``flatten_tensor_state_dict``: plain tensors + JSON metadata read back through torchao's
+  allow-list of classes, no pickle);
+* bitsandbytes: the packed weight and its quant state as bitsandbytes' ``state_dict`` writes them
+  (``absmax``, ``quant_map``, nested statistics and the ``quant_state.bitsandbytes__*`` blob;
+  ``SCB`` for LLM.int8), rebuilt with ``Params4bit.from_prequantized`` / ``Int8Params``;
+* optimum-quanto: the frozen ``QLinear`` state dict plus its entry of ``quantization_map``,
+  rebuilt as ``requantize`` does.
+
+Library layers quantize linear layers only: token embeddings matched by the default targets stay
+in floating point (logged), unlike the workbench's own ``int8/int4_weight_only``.
+
+A library or scheme that cannot run on the model's device refuses with one line naming the
+requirement, before any layer is touched (measured with torchao 0.18, bitsandbytes 0.50,
+optimum-quanto 0.2.7, torch 2.13 CPU): torchao's ``Int4WeightOnlyConfig`` needs CUDA (its CPU
+counterpart here is ``IntxWeightOnlyConfig`` with int4 values stored unpacked in int8),
+and torchao's float8 dynamic config needs compute capability 8.9+. quanto's generic qint4 path
+(fp32, or input sizes that do not give groups of 128) fails on inference tensors, so that layer
+runs it on a copy of its input outside inference mode (its bf16 groups-of-128 path uses the
+tinygemm kernel and needs nothing).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from cbx.compress.methods import COMPUTE_DTYPES, T3_TARGETS, _progress, _record, _swap, _tuple_of_globs
+from cbx.compress.modules import _DTYPES, LibraryLinear, is_linear, linear_weight
+from cbx.compress.registry import register_transform, select_modules
+from cbx.errors import CbxError
+
+log = logging.getLogger(__name__)
+
+# pip name, import name, the version the project pins (pyproject.toml)
+LIBRARIES = {
+    "torchao": ("torchao", "torchao==0.18.0"),
+    "bitsandbytes": ("bitsandbytes", "bitsandbytes==0.50.2"),
+    "optimum-quanto": ("optimum.quanto", "optimum-quanto==0.2.7"),
+}
+INT4_GROUP_SIZES = (32, 64, 128)
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class _LibraryConfig:
+    targets: Optional[tuple[str, ...]] = None
+    ignore: tuple[str, ...] = ()
+    compute_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        _tuple_of_globs(self, "targets")
+        _tuple_of_globs(self, "ignore")
+        if self.targets is not None and not self.targets:
+            raise ValueError("targets must not be empty (null means the variant's default)")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ValueError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+
+
+@dataclass(frozen=True)
+class TorchaoInt8WeightOnlyConfig(_LibraryConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class TorchaoInt8DynamicConfig(_LibraryConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class TorchaoInt4WeightOnlyConfig(_LibraryConfig):
+    group_size: int = 128
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+
+
+@dataclass(frozen=True)
+class TorchaoFloat8WeightOnlyConfig(_LibraryConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class TorchaoFloat8DynamicConfig(_LibraryConfig):
+    pass
+
+
+@dataclass(frozen=True)
+class BnbInt8Config(_LibraryConfig):
+    # LLM.int8() outlier threshold on activations (columns above it run in 16-bit); 0 disables.
+    threshold: float = 6.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.threshold >= 0:
+            raise ValueError(f"threshold must be >= 0, got {self.threshold}")
+
+
+@dataclass(frozen=True)
+class Bnb4bitConfig(_LibraryConfig):
+    blocksize: int = 64
+    double_quant: bool = False  # bitsandbytes' compress_statistics: the absmax values quantized too
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise ValueError(f"blocksize must be a power of two in 32..4096, got {self.blocksize}")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
+
+
+QUANTO_ACTIVATIONS = ("none", "qint8", "qfloat8")
+
+
+@dataclass(frozen=True)
+class QuantoConfig(_LibraryConfig):
+    pass
+
+
+# ----------------------------------------------------------------------------- requirements
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _require(model, transform: str, library: str, *, cuda: bool = False, capability=None) -> torch.device:
+    """One-line refusal naming what is missing, before any layer is touched."""
+    module, pin = LIBRARIES[library]
+    if importlib.util.find_spec(module.split(".")[0]) is None or importlib.util.find_spec(module) is None:
+        raise CbxError(f"{transform}: needs the {library} package ({pin}, installed by `make env`)")
+    device = _device(model)
+    if cuda and device.type != "cuda":
+        need = f"a CUDA GPU with compute capability >= {capability[0]}.{capability[1]}" if capability else "a CUDA GPU"
+        raise CbxError(f"{transform}: needs {need}; the model is on {device.type} "
+                       f"(run with device: cuda)")
+    if capability and torch.cuda.get_device_capability(device) < capability:
+        have = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        raise CbxError(f"{transform}: needs compute capability >= {capability[0]}.{capability[1]} "
+                       f"(Ada/Hopper or newer); {torch.cuda.get_device_name(device)} has {have}")
+    return device
+
+
+# ----------------------------------------------------------------------------- the library layers
+
+
+def _plain_linear(weight: Tensor, dtype: torch.dtype) -> nn.Linear:
+    """A bias-free ``nn.Linear`` holding ``weight [out, in]`` in ``dtype`` (no initialisation)."""
+    out_f, in_f = weight.shape
+    lin = nn.Linear(in_f, out_f, bias=False, device="meta")
+    lin.weight = nn.Parameter(weight.detach().to(dtype).contiguous(), requires_grad=False)
+    return lin
+
+
+class TorchaoLinear(LibraryLinear):
+    """An ``nn.Linear`` whose weight is a torchao tensor subclass (``quantize_`` on it)."""
+
+    library = "torchao"
+
+    def library_state(self) -> dict[str, Tensor]:
+        return _torchao_flatten(self.inner.weight)[0]
+
+    def library_meta(self) -> dict:
+        return {"torchao_metadata": _torchao_flatten(self.inner.weight)[1]}
+
+    def dequantize(self) -> Tensor:
+        return self.inner.weight.dequantize().float()
+
+
+def _torchao_flatten(weight: Tensor) -> tuple[dict[str, Tensor], dict]:
+    from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
+
+    tensors, metadata = flatten_tensor_state_dict({"w.weight": weight.detach()})
+    return tensors, metadata
+
+
+def _torchao_rebuild(meta: dict, tensors: dict[str, Tensor]) -> nn.Module:
+    from torchao.prototype.safetensors.safetensors_support import unflatten_tensor_state_dict
+
+    result, leftover = unflatten_tensor_state_dict(tensors, meta["torchao_metadata"])
+    if "w.weight" not in result or leftover:
+        raise ValueError(f"torchao tensors incomplete (left over: {sorted(leftover)})")
+    lin = nn.Linear(meta["in_features"], meta["out_features"], bias=False, device="meta")
+    lin.weight = nn.Parameter(result["w.weight"], requires_grad=False)
+    return lin
+
+
+class BnbLinear(LibraryLinear):
+    """bitsandbytes' ``Linear4bit`` (NF4/FP4) or ``Linear8bitLt`` (LLM.int8())."""
+
+    library = "bitsandbytes"
+
+    def library_state(self) -> dict[str, Tensor]:
+        # bitsandbytes' own state dict: for 4-bit it first undoes its CPU repacking, so the file
+        # holds the portable layout.
+        sd = self.inner.state_dict()
+        sd.pop("bias", None)
+        sd.pop("weight_format", None)
+        return {k: v.detach() for k, v in sd.items()}
+
+    def library_meta(self) -> dict:
+        inner = self.inner
+        if _is_bnb_int8(inner):
+            return {"bnb_layer": "Linear8bitLt", "threshold": float(inner.state.threshold)}
+        return {"bnb_layer": "Linear4bit", "quant_type": inner.weight.quant_type}
+
+    def dequantize(self) -> Tensor:
+        import bitsandbytes.functional as F
+
+        st = self.library_state()
+        if "SCB" in st:
+            return st["weight"].float() * (st["SCB"].float()[:, None] / 127.0)
+        w = self.inner.weight
+        return F.dequantize_4bit(st["weight"], w.quant_state).float().reshape(self.out_features, self.in_features)
+
+
+def _is_bnb_int8(inner: nn.Module) -> bool:
+    return type(inner).__name__ == "Linear8bitLt"
+
+
+def _bnb_rebuild(meta: dict, tensors: dict[str, Tensor], compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    n, k = meta["out_features"], meta["in_features"]
+    if meta["bnb_layer"] == "Linear8bitLt":
+        inner = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=meta["threshold"],
+                                    device="meta")
+        cb = tensors["weight"]
+        inner.weight = bnb.nn.Int8Params(cb, requires_grad=False, has_fp16_weights=False, CB=cb, SCB=tensors["SCB"])
+        return inner
+    inner = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=compute_dtype, quant_type=meta["quant_type"],
+                              device="meta")
+    stats = {key[len("weight."):]: v for key, v in tensors.items() if key.startswith("weight.")}
+    inner.weight = bnb.nn.Params4bit.from_prequantized(tensors["weight"], stats, requires_grad=False,
+                                                       device="cpu", module=inner)
+    _portable_cpu_path(inner)
+    return inner
+
+
+class QuantoLinear(LibraryLinear):
+    """optimum-quanto's frozen ``QLinear``."""
+
+    library = "optimum-quanto"
+
+    def library_state(self) -> dict[str, Tensor]:
+        sd = self.inner.state_dict()
+        sd.pop("bias", None)
+        return {k: v.detach() for k, v in sd.items()}
+
+    def library_meta(self) -> dict:
+        from optimum.quanto import quantization_map
+
+        return {"quanto_map": quantization_map(nn.ModuleDict({"w": self.inner}))["w"]}
+
+    def dequantize(self) -> Tensor:
+        return self.inner.weight.dequantize().float()
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if torch.is_inference_mode_enabled() and type(self.inner.weight).__name__ == "WeightQBitsTensor":
+            # quanto 0.2.7's generic qint4 path (fp32, or groups other than 128, i.e. no tinygemm)
+            # fails on inference tensors ("Cannot set version_counter"): run it on a normal copy
+            # of the input with autograd off, which computes the same thing.
+            with torch.inference_mode(False), torch.no_grad():
+                return super().forward(x.clone(), *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+
+def _quanto_rebuild(meta: dict, tensors: dict[str, Tensor], compute_dtype: torch.dtype) -> nn.Module:
+    from optimum.quanto import quantize_module
+
+    qmap = meta["quanto_map"]
+    lin = nn.Linear(meta["in_features"], meta["out_features"], bias=False, device="meta", dtype=compute_dtype)
+    acts = None if qmap["activations"] == "none" else qmap["activations"]
+    q = quantize_module(lin, weights=qmap["weights"], activations=acts).to_empty(device="cpu")
+    q.load_state_dict(tensors, strict=True, assign=True)
+    return q
+
+
+def library_from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None) -> LibraryLinear:
+    """Rebuild a library layer from its checkpoint tensors and manifest entry (no pickle)."""
+    library = meta.get("library")
+    if library not in LIBRARIES:
+        raise ValueError(f"unknown library {library!r}")
+    module, pin = LIBRARIES[library]
+    if importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ValueError(f"the checkpoint needs the {library} package ({pin})")
+    cd = meta["compute_dtype"]
+    if library == "torchao":
+        inner, cls = _torchao_rebuild(meta, tensors), TorchaoLinear
+    elif library == "bitsandbytes":
+        inner, cls = _bnb_rebuild(meta, tensors, _DTYPES[cd]), BnbLinear
+    else:
+        inner, cls = _quanto_rebuild(meta, tensors, _DTYPES[cd]), QuantoLinear
+    return cls(inner, meta["in_features"], meta["out_features"], bias, meta["orig_class"], cd)
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def _targets(model, config) -> tuple[str, ...]:
+    if config.targets is not None:
+        return config.targets
+    variant = getattr(model, "variant", None)
+    if variant not in T3_TARGETS:
+        raise CbxError(f"targets: no default for model variant {variant!r}; give targets explicitly")
+    return T3_TARGETS[variant]
+
+
+def _linears(model, config, what: str) -> list[tuple[str, nn.Module]]:
+    targets = _targets(model, config)
+    mods = select_modules(model, targets, config.ignore)
+    linears = [(n, m) for n, m in mods if is_linear(m)]
+    skipped = [n for n, m in mods if type(m) is nn.Embedding]
+    if skipped:
+        log.info("%s: embeddings %s left in floating point (library transforms quantize linear layers)",
+                 what, ", ".join(skipped))
+    if not linears:
+        raise CbxError(f"{what}: targets {list(targets)} (ignore {list(config.ignore)}) match no linear layer "
+                       f"of the model")
+    return linears
+
+
+def _quantize(model, name: str, config, cls: type, quantize_one, **extra):
+    """Replace every targeted linear layer by ``cls(quantize_one(plain nn.Linear in compute dtype))``."""
+    mods = _linears(model, config, name)
+    cfg = _record(model, name, config)
+    dtype = _DTYPES[config.compute_dtype]
+    for mname, mod in _progress(mods, name):
+        w = linear_weight(mod)
+        inner = quantize_one(_plain_linear(w, dtype))
+        new = cls(inner, w.shape[1], w.shape[0], mod.bias, type(mod).__name__, config.compute_dtype)
+        _swap(model, mname, new, name, cfg, **extra)
+    return model
+
+
+def _torchao(ao_config):
+    def one(lin: nn.Linear) -> nn.Module:
+        from torchao.quantization import quantize_
+
+        quantize_(lin, ao_config)
+        return lin
+    return one
+
+
+@register_transform("torchao_int8_weight_only", TorchaoInt8WeightOnlyConfig)
+def torchao_int8_weight_only(model, config: TorchaoInt8WeightOnlyConfig):
+    """torchao ``Int8WeightOnlyConfig`` (per-channel symmetric int8 weights) on linear layers."""
+    _require(model, "torchao_int8_weight_only", "torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return _quantize(model, "torchao_int8_weight_only", config, TorchaoLinear, _torchao(Int8WeightOnlyConfig()))
+
+
+@register_transform("torchao_int8_dynamic", TorchaoInt8DynamicConfig)
+def torchao_int8_dynamic(model, config: TorchaoInt8DynamicConfig):
+    """torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8: per-token dynamic int8 activations)."""
+    _require(model, "torchao_int8_dynamic", "torchao")
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+
+    return _quantize(model, "torchao_int8_dynamic", config, TorchaoLinear,
+                     _torchao(Int8DynamicActivationInt8WeightConfig()))
+
+
+@register_transform("torchao_int4_weight_only", TorchaoInt4WeightOnlyConfig)
+def torchao_int4_weight_only(model, config: TorchaoInt4WeightOnlyConfig):
+    """torchao int4 weight-only, group-wise: ``Int4WeightOnlyConfig`` (tinygemm layout) on CUDA,
+    ``IntxWeightOnlyConfig(int4)`` on CPU (torchao 0.18's only CPU int4 layout: values unpacked
+    in int8, dequantized per call)."""
+    device = _require(model, "torchao_int4_weight_only", "torchao")
+    from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
+
+    if device.type == "cuda":
+        if config.compute_dtype != "bfloat16":
+            raise CbxError("torchao_int4_weight_only: the CUDA tinygemm layout needs compute_dtype bfloat16")
+        ao, layout = Int4WeightOnlyConfig(group_size=config.group_size,
+                                          int4_packing_format="tile_packed_to_4d"), "tile_packed_to_4d"
+    else:
+        ao, layout = IntxWeightOnlyConfig(weight_dtype=torch.int4,
+                                          granularity=PerGroup(config.group_size)), "intx_unpacked_to_int8"
+    return _quantize(model, "torchao_int4_weight_only", config, TorchaoLinear, _torchao(ao), layout=layout)
+
+
+@register_transform("torchao_float8_weight_only", TorchaoFloat8WeightOnlyConfig)
+def torchao_float8_weight_only(model, config: TorchaoFloat8WeightOnlyConfig):
+    """torchao ``Float8WeightOnlyConfig`` (per-channel e4m3 weights, dequantized per call)."""
+    _require(model, "torchao_float8_weight_only", "torchao")
+    from torchao.quantization import Float8WeightOnlyConfig
+
+    return _quantize(model, "torchao_float8_weight_only", config, TorchaoLinear, _torchao(Float8WeightOnlyConfig()))
+
+
+@register_transform("torchao_float8_dynamic", TorchaoFloat8DynamicConfig)
+def torchao_float8_dynamic(model, config: TorchaoFloat8DynamicConfig):
+    """torchao ``Float8DynamicActivationFloat8WeightConfig`` (row-wise e4m3 weights and dynamic
+    activations, ``torch._scaled_mm``); needs compute capability 8.9+."""
+    _require(model, "torchao_float8_dynamic", "torchao", cuda=True, capability=(8, 9))
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return _quantize(model, "torchao_float8_dynamic", config, TorchaoLinear,
+                     _torchao(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())))
+
+
+@register_transform("bnb_int8", BnbInt8Config)
+def bnb_int8(model, config: BnbInt8Config):
+    """bitsandbytes LLM.int8() (``Linear8bitLt``: int8 weights, int8 activations with 16-bit
+    outlier columns above ``threshold``)."""
+    device = _require(model, "bnb_int8", "bitsandbytes")
+
+    def one(lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        n, k = lin.weight.shape
+        inner = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=config.threshold,
+                                    device="meta")
+        inner.weight = bnb.nn.Int8Params(lin.weight.data, requires_grad=False, has_fp16_weights=False)
+        return inner.to(device)  # bitsandbytes quantizes on the move to a device
+
+    return _quantize(model, "bnb_int8", config, BnbLinear, one)
+
+
+def _portable_cpu_path(inner: nn.Module) -> None:
+    """Keep bitsandbytes 0.50 off its AVX512-BF16 CPU repacking: on the first forward it
+    repacks the weight in place and rounds ``absmax`` to bf16 (re-quantizing the double-quant
+    statistics), and its inverse does not restore them, so a layer that has run would save
+    different statistics than it computes with (and rows not a multiple of 32 assert). The
+    portable path (bitsandbytes' ``dequantize_4bit`` + matmul) computes from the stored state."""
+    inner.support_avx512bf16_for_cpu = False
+
+
+def _bnb_4bit(model, name: str, quant_type: str, config: Bnb4bitConfig):
+    device = _require(model, name, "bitsandbytes")
+
+    def one(lin: nn.Linear) -> nn.Module:
+        import bitsandbytes as bnb
+
+        n, k = lin.weight.shape
+        inner = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=_DTYPES[config.compute_dtype],
+                                  compress_statistics=config.double_quant, quant_type=quant_type, device="meta")
+        inner.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=config.blocksize,
+                                         compress_statistics=config.double_quant, quant_type=quant_type,
+                                         module=inner)
+        _portable_cpu_path(inner)
+        return inner.to(device)
+
+    return _quantize(model, name, config, BnbLinear, one)
+
+
+@register_transform("bnb_nf4", Bnb4bitConfig)
+def bnb_nf4(model, config: Bnb4bitConfig):
+    """bitsandbytes NF4 (``Linear4bit``, 4-bit NormalFloat, absmax per ``blocksize`` weights)."""
+    return _bnb_4bit(model, "bnb_nf4", "nf4", config)
+
+
+@register_transform("bnb_fp4", Bnb4bitConfig)
+def bnb_fp4(model, config: Bnb4bitConfig):
+    """bitsandbytes FP4 (``Linear4bit``, 4-bit float e2m1, absmax per ``blocksize`` weights)."""
+    return _bnb_4bit(model, "bnb_fp4", "fp4", config)
+
+
+def _quanto(model, name: str, config, weights: str):
+    _require(model, name, "optimum-quanto")
+
+    def one(lin: nn.Linear) -> nn.Module:
+        from optimum.quanto import quantize_module
+
+        q = quantize_module(lin, weights=weights, activations=None)
+        q.freeze()
+        return q
+
+    return _quantize(model, name, config, QuantoLinear, one)
+
+
+@register_transform("quanto_qint8", QuantoConfig)
+def quanto_qint8(model, config: QuantoConfig):
+    """optimum-quanto ``qint8`` weights (per-channel symmetric)."""
+    return _quanto(model, "quanto_qint8", config, "qint8")
+
+
+@register_transform("quanto_qint4", QuantoConfig)
+def quanto_qint4(model, config: QuantoConfig):
+    """optimum-quanto ``qint4`` weights (group-wise: 128, or the largest multiple of 32 dividing
+    the input size; bf16 with groups of 128 runs the tinygemm kernel)."""
+    return _quanto(model, "quanto_qint4", config, "qint4")
+
+
+@register_transform("quanto_qfloat8", QuantoConfig)
+def quanto_qfloat8(model, config: QuantoConfig):
+    """optimum-quanto ``qfloat8`` (e4m3) weights (per-channel)."""
+    return _quanto(model, "quanto_qfloat8", config, "qfloat8")

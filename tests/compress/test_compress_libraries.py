@@ -1,0 +1,245 @@
+"""torchao / bitsandbytes / optimum-quanto as registered transforms: they quantize what the
+globs name with the library's own tensors, survive the workbench's checkpoint bit-exactly,
+keep their accuracy on T3-shaped layers with outliers, and refuse what the device cannot run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbx.compress.accuracy import SWEEP_METHODS, outlier_layer, run_sweep
+from cbx.compress.checkpoint import MANIFEST, load_compressed, save_compressed
+from cbx.compress.libraries import BnbLinear, QuantoLinear, TorchaoLinear
+from cbx.compress.modules import LibraryLinear, dequantize_model
+from cbx.compress.registry import apply_transforms, build_config, registered
+from cbx.errors import CbxError
+
+# every library transform that runs on this CPU, with the class it must produce
+CPU_TRANSFORMS = {
+    "torchao_int8_weight_only": TorchaoLinear,
+    "torchao_int8_dynamic": TorchaoLinear,
+    "torchao_int4_weight_only": TorchaoLinear,
+    "torchao_float8_weight_only": TorchaoLinear,
+    "bnb_int8": BnbLinear,
+    "bnb_nf4": BnbLinear,
+    "bnb_fp4": BnbLinear,
+    "quanto_qint8": QuantoLinear,
+    "quanto_qint4": QuantoLinear,
+    "quanto_qfloat8": QuantoLinear,
+}
+
+# Output SQNR (dB) floors on a 1024x4096 layer (T3's MLP down projection) with planted outlier
+# channels. Measured on this CPU (torchao 0.18.0, bitsandbytes 0.50.2, optimum-quanto 0.2.7,
+# torch 2.13): 43.4 / 43.0 / 38.8 / 43.0 / 42.6 (int8), 32.9 / 23.0 / 30.4 / 30.2 / 28.2 / 32.9
+# (4-bit), 29.3 / 32.2 / 32.2 (fp8); each floor is about 2 dB under its measurement.
+SQNR_FLOOR = {
+    "int8_weight_only": 41.0,
+    "torchao_int8_weight_only": 41.0,
+    "torchao_int8_dynamic": 36.5,
+    "bnb_int8": 41.0,
+    "quanto_qint8": 40.5,
+    "int4_weight_only g128": 31.0,
+    "torchao_int4_weight_only g128": 21.0,
+    "bnb_nf4": 28.5,
+    "bnb_nf4 double_quant": 28.0,
+    "bnb_fp4": 26.0,
+    "quanto_qint4": 31.0,
+    "fp8_cfm": 27.5,
+    "torchao_float8_weight_only": 30.0,
+    "quanto_qfloat8": 30.0,
+}
+
+
+# On the tiny model's 64-wide layers, torch 2.13's CPU `_weight_int8pack_mm` (the kernel quanto's
+# bf16 qint8 layers call, as does the workbench's Int8Linear) crashed this machine's test process
+# now and then (segfault, heap-layout dependent, not reproduced standalone): the tiny-model tests
+# run quanto qint8 in fp32 (its dequantize path). The real-shape sweep below runs it in bf16.
+TINY_SAFE = {"quanto_qint8": {"compute_dtype": "float32"}}
+
+
+def _apply(model, name, **params):
+    params = {**TINY_SAFE.get(name, {}), **params}
+    return apply_transforms(model, [(name, build_config(name, params))])
+
+
+class _Net(nn.Module):
+    """A linear, a GPT-2 Conv1D and an untargeted linear, shaped like the libraries need."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        g = torch.Generator().manual_seed(0)
+        self.a = nn.Linear(256, 128)
+        self.b = Conv1D(64, 128)  # 128 -> 64
+        self.c = nn.Linear(64, 32)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        self.variant, self.meta = "original", {}
+
+    def forward(self, x):
+        return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+
+def test_every_library_transform_is_registered():
+    names = set(registered())
+    assert set(CPU_TRANSFORMS) | {"torchao_float8_dynamic"} <= names
+
+
+@pytest.mark.parametrize("name", sorted(CPU_TRANSFORMS))
+def test_transform_replaces_targets_with_library_layers(name):
+    net = _Net().eval()
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        ref = net(x)
+    _apply(net, name, targets=["a", "b"], ignore=["c"])
+    assert isinstance(net.a, CPU_TRANSFORMS[name]) and isinstance(net.b, CPU_TRANSFORMS[name])
+    assert net.b.orig_class == "Conv1D" and (net.b.in_features, net.b.out_features) == (128, 64)
+    assert type(net.c) is nn.Linear
+    assert net.a.cbx_method == name and net.meta["compress"][-1]["transform"] == name
+    with torch.inference_mode():
+        y = net(x)
+    from cbx.compress.primitives import sqnr_db
+
+    assert y.dtype == torch.float32 and sqnr_db(ref, y) > 10  # 4-bit on random 128-wide layers
+    # the library's own dequantization reproduces the weight (Conv1D transposed to [out, in])
+    w = net.b.dequantize()
+    assert w.shape == (64, 128)
+
+
+@pytest.mark.parametrize("name", sorted(CPU_TRANSFORMS))
+def test_library_layers_ignore_casts_and_survive_deepcopy(name):
+    net = _apply(_Net().eval(), name, targets=["a"])
+    x = torch.randn(3, 256)
+    with torch.inference_mode():
+        y = net.a(x)
+    twin = copy.deepcopy(net).to(torch.bfloat16)
+    assert twin.a.bias.dtype == torch.bfloat16 and twin.a.compute_dtype == net.a.compute_dtype
+    net.train()  # the library layer stays in eval mode (bitsandbytes switches kernels in training)
+    assert not net.a.inner.training
+    with torch.inference_mode():
+        assert torch.equal(net.a(x), y)
+        assert twin.a(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", sorted(CPU_TRANSFORMS))
+def test_checkpoint_round_trip_is_bit_identical(name, tiny_copy, tmp_path):
+    params = {"group_size": 32} if name == "torchao_int4_weight_only" else {}
+    model = _apply(tiny_copy("original").eval(), name, **params)
+    assert isinstance(model.t3.tfmr.layers[0].mlp.down_proj, CPU_TRANSFORMS[name])
+    assert type(model.t3.speech_emb) is nn.Embedding  # library transforms leave embeddings alone
+    tokens = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        before = model.t3.tfmr(inputs_embeds=model.t3.text_emb(tokens)).last_hidden_state
+        head = model.t3.speech_head(before)
+    folder = save_compressed(model, tmp_path / "ckpt")
+    loaded = load_compressed(folder)
+    assert type(loaded.t3.tfmr.layers[0].mlp.down_proj) is CPU_TRANSFORMS[name]
+    with torch.inference_mode():
+        after = loaded.t3.tfmr(inputs_embeds=loaded.t3.text_emb(tokens)).last_hidden_state
+        assert torch.equal(before, after) and torch.equal(head, loaded.t3.speech_head(after))
+    assert loaded.meta["compress"] == model.meta["compress"]
+
+
+def test_checkpoint_holds_each_librarys_own_serialization(tiny_copy, tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    model = _apply(tiny_copy("original"), "quanto_qint8", targets=["t3.tfmr.layers.0.mlp.*"])
+    model = _apply(model, "bnb_nf4", targets=["t3.tfmr.layers.1.mlp.*"], double_quant=True)
+    model = _apply(model, "torchao_int8_weight_only", targets=["t3.speech_head"])
+    folder = save_compressed(model, tmp_path / "ckpt")
+    modules = json.loads((folder / MANIFEST).read_text())["modules"]
+    q = modules["t3.tfmr.layers.0.mlp.up_proj"]
+    assert q["library"] == "optimum-quanto" and q["quanto_map"] == {"weights": "qint8", "activations": "none"}
+    b = modules["t3.tfmr.layers.1.mlp.up_proj"]
+    assert b["library"] == "bitsandbytes" and b["quant_type"] == "nf4"
+    t = modules["t3.speech_head"]
+    assert t["library"] == "torchao" and "Int8Tensor" in t["torchao_metadata"]["w.weight"]
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "t3.tfmr.layers.1.mlp.up_proj.weight:quant_state:bitsandbytes__nf4" in keys
+    assert "t3.tfmr.layers.1.mlp.up_proj.weight:nested_absmax" in keys
+    assert "t3.tfmr.layers.0.mlp.up_proj.weight:_data" in keys
+    assert "t3.speech_head.w:_weight_qdata" in keys
+    loaded = load_compressed(folder)
+    x = torch.randn(4, loaded.t3.speech_head.in_features)
+    with torch.inference_mode():
+        assert torch.equal(model.t3.speech_head(x), loaded.t3.speech_head(x))
+
+
+def test_turbo_conv1d_layers_convert(tiny_copy, tmp_path):
+    model = _apply(tiny_copy("turbo").eval(), "quanto_qint8")
+    layer = model.t3.tfmr.h[0].attn.c_attn
+    assert isinstance(layer, QuantoLinear) and layer.orig_class == "Conv1D"
+    loaded = load_compressed(save_compressed(model, tmp_path / "t"))
+    x = torch.randn(2, layer.in_features)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), loaded.t3.tfmr.h[0].attn.c_attn(x))
+    # a dequantized export gets the original GPT-2 Conv1D back
+    dequantize_model(loaded)
+    assert type(loaded.t3.tfmr.h[0].attn.c_attn).__name__ == "Conv1D"
+    assert not any(isinstance(m, LibraryLinear) for m in loaded.modules())
+
+
+def test_device_requirements_refuse_before_any_work(tiny_copy):
+    model = tiny_copy("original")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CbxError, match=r"torchao_float8_dynamic: needs a CUDA GPU with compute capability >= 8\.9"):
+        _apply(model, "torchao_float8_dynamic")
+    assert "compress" not in model.meta
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_missing_library_is_named(tiny_copy, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.startswith("bitsandbytes") else real(name, *a))
+    with pytest.raises(CbxError, match=r"bnb_nf4: needs the bitsandbytes package \(bitsandbytes==0\.50\.2"):
+        _apply(tiny_copy("original"), "bnb_nf4")
+
+
+@pytest.mark.parametrize("name, params, match", [
+    ("quanto_qint4", {"compute_dtype": "float16"}, "compute_dtype"),
+    ("bnb_nf4", {"blocksize": 48}, "blocksize"),
+    ("torchao_int4_weight_only", {"group_size": 16}, "group_size"),
+    ("bnb_int8", {"threshold": -1}, "threshold"),
+    ("torchao_int8_weight_only", {"bits": 8}, "unknown key"),
+])
+def test_bad_parameters_are_refused(name, params, match):
+    with pytest.raises(CbxError, match=match):
+        build_config(name, params)
+
+
+def test_targets_matching_no_linear_are_refused(tiny_copy):
+    with pytest.raises(CbxError, match="match no linear layer"):
+        _apply(tiny_copy("original"), "bnb_int8", targets=["t3.speech_emb"])
+
+
+def test_sqnr_sweep_on_t3_shapes_with_outliers():
+    """Every CPU-runnable method (ours and the libraries') on T3's 1024x4096 MLP down
+    projection with planted outlier channels, held to measured floors."""
+    methods = [m for m in SWEEP_METHODS if not m.gptq]
+    rows = {r.method.label: r for r in run_sweep(shapes=((1024, 4096),), methods=methods)}
+    assert rows["torchao_float8_dynamic"].skipped.startswith("torchao_float8_dynamic: needs a CUDA GPU")
+    measured = {label: r.sqnr_db["1024x4096"] for label, r in rows.items() if not r.skipped}
+    assert set(measured) == set(SQNR_FLOOR)
+    low = {k: round(v, 2) for k, v in measured.items() if v < SQNR_FLOOR[k]}
+    assert not low, f"below their floors: {low}"
+    # a planted-outlier layer is hard: more bits must still buy accuracy in every library
+    assert measured["bnb_int8"] > measured["bnb_nf4"] + 8
+    assert measured["quanto_qint8"] > measured["quanto_qint4"] + 6
+
+
+def test_outlier_layer_plants_outliers():
+    layer, x, calib = outlier_layer(64, 400, seed=3)
+    col_norm = layer.weight.abs().mean(0)
+    assert (col_norm > 4 * col_norm.median()).sum() == 4  # 1% of 400 input channels
+    assert x.abs().amax(0).topk(4).values.min() > 5 * x.abs().amax(0).median()
+    assert calib(10).shape == (10, 400)
