@@ -189,6 +189,19 @@ class TorchaoLinear(LibraryLinear):
     def dequantize(self) -> Tensor:
         return self.inner.weight.dequantize().float()
 
+    def kernel_path(self, x2: Tensor) -> str:
+        w = self.inner.weight
+        kind = type(w).__name__
+        if kind == "Int8Tensor":
+            # weight-only: mm with the int8 weight cast to the activation dtype, then the scale;
+            # with activation quantization: int8 x int8 (torch._int_mm, or its CPU decomposition)
+            return "torchao:int8-int-mm" if w.act_quant_kwargs is not None else "torchao:int8-weight-mm"
+        if kind == "Float8Tensor":
+            return "torchao:fp8-scaled-mm" if getattr(w, "act_quant_kwargs", None) is not None else "torchao:fp8-dequant"
+        if kind == "Int4TilePackedTo4dTensor":
+            return "torchao:tinygemm"
+        return "torchao:intx-dequant"
+
 
 def _torchao_flatten(weight: Tensor) -> tuple[dict[str, Tensor], dict]:
     from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict
@@ -236,6 +249,15 @@ class BnbLinear(LibraryLinear):
         w = self.inner.weight
         return F.dequantize_4bit(st["weight"], w.quant_state).float().reshape(self.out_features, self.in_features)
 
+    def kernel_path(self, x2: Tensor) -> str:
+        if _is_bnb_int8(self.inner):
+            # LLM.int8(): int8 x int8 (torch._int_mm on AVX512 CPUs, cuBLASLt on CUDA) plus the
+            # outlier columns in 16-bit
+            return "bnb:llm-int8"
+        if x2.device.type == "cuda" and x2.shape[0] == 1:
+            return "bnb:gemv-4bit"
+        return "bnb:dequant-4bit"  # bitsandbytes' dequantize_4bit kernel, then a matmul
+
 
 def _is_bnb_int8(inner: nn.Module) -> bool:
     return type(inner).__name__ == "Linear8bitLt"
@@ -277,6 +299,18 @@ class QuantoLinear(LibraryLinear):
 
     def dequantize(self) -> Tensor:
         return self.inner.weight.dequantize().float()
+
+    def kernel_path(self, x2: Tensor) -> str:
+        kind = type(self.inner.weight).__name__
+        if "TinyGemm" in kind:
+            return "quanto:tinygemm"
+        if "Marlin" in kind or "AWQ" in kind:
+            return "quanto:marlin" if "Marlin" in kind else "quanto:awq"
+        w = self.inner.weight
+        if (kind == "WeightQBytesTensor" and w._data.dtype == torch.int8 and x2.dtype == torch.bfloat16
+                and x2.device.type == "cpu" and self.in_features % 4 == 0):
+            return "quanto:int8pack-cpu"  # aten._weight_int8pack_mm
+        return "quanto:dequant-mm"
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.is_inference_mode_enabled() and type(self.inner.weight).__name__ == "WeightQBitsTensor":

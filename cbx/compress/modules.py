@@ -509,10 +509,15 @@ class LibraryLinear(_Quantized):
         return self.inner.weight
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])
+        x2 = _own(x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype]))
+        K.used(self, self.kernel_path(x2))
         with torch.autocast(x.device.type, enabled=False):
             y = self.inner(x2)
         return self._finish(y, x)
+
+    def kernel_path(self, x2: Tensor) -> str:
+        """``<library>:<kernel>``: the path the library takes for this input (kernel recording)."""
+        raise NotImplementedError
 
     def _apply(self, fn, recurse=True):
         here = self.weight.device
@@ -548,6 +553,9 @@ class LibraryLinear(_Quantized):
         new = from_qstate(self.meta(), state, bias, torch.float32, {})
         new.cbx_method, new.cbx_config = self.cbx_method, copy.deepcopy(self.cbx_config, memo)
         new.train(self.training)
+        for attr in ("cbx_name", "cbx_kernel", "cbx_kernel_fallback"):
+            if attr in self.__dict__:
+                setattr(new, attr, copy.deepcopy(self.__dict__[attr], memo))
         if self.weight.device.type != "cpu":
             new = new.to(self.weight.device)
         memo[id(self)] = new
@@ -653,7 +661,7 @@ def from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | None, dty
     if kind == LibraryLinear.kind:
         from cbx.compress.libraries import library_from_qstate
 
-        return library_from_qstate(meta, {k.replace(":", "."): v for k, v in tensors.items()}, bias)
+        return library_from_qstate(meta, {k.replace(":", "."): _own(v) for k, v in tensors.items()}, bias)
     if orig == "Embedding":
         if kind == "int8":
             return Int8Embedding(tensors["qweight"], tensors["scale"], meta.get("padding_idx"), dtype)

@@ -243,3 +243,20 @@ def test_outlier_layer_plants_outliers():
     assert (col_norm > 4 * col_norm.median()).sum() == 4  # 1% of 400 input channels
     assert x.abs().amax(0).topk(4).values.min() > 5 * x.abs().amax(0).median()
     assert calib(10).shape == (10, 400)
+
+
+@pytest.mark.parametrize("name, path", [
+    ("torchao_int8_weight_only", "torchao:int8-weight-mm"), ("torchao_int8_dynamic", "torchao:int8-int-mm"),
+    ("torchao_int4_weight_only", "torchao:intx-dequant"), ("torchao_float8_weight_only", "torchao:fp8-dequant"),
+    ("bnb_int8", "bnb:llm-int8"), ("bnb_nf4", "bnb:dequant-4bit"), ("quanto_qint4", "quanto:tinygemm"),
+    ("quanto_qfloat8", "quanto:dequant-mm"),
+])
+def test_library_layers_record_their_kernel(name, path):
+    from cbx.compress import kernels
+
+    net = _apply(_Net().eval(), name, targets=["a"])
+    assert kernels.kernel_summary(net)["paths"] == {kernels.NOT_RUN: 1}
+    with torch.inference_mode():
+        net(torch.randn(2, 256))
+    assert kernels.kernel_summary(net) == {"paths": {path: 1}, "fallbacks": []}
+    assert net.a.cbx_name == "a" and copy.deepcopy(net).a.cbx_kernel == path

@@ -144,8 +144,12 @@ def test_shipped_experiment_files_load():
     from cbx.compress.registry import registered
 
     used = {s.transform for e in demo for s in e.steps}
-    # every registered compression is in the demo (the student's checkpoint: make demo trains it)
-    assert used == {n for n in registered() if not n.startswith("lab_test_")}
+    # every registered compression of the workbench is in the demo (the student's checkpoint:
+    # make demo trains it), and one row per field library (cbx.compress.libraries)
+    reg = {n: spec for n, spec in registered().items() if not n.startswith("lab_test_")}
+    library = {n for n, spec in reg.items() if spec.fn.__module__ == "cbx.compress.libraries"}
+    assert used - library == set(reg) - library
+    assert {n.split("_")[0] for n in used & library} == {"torchao", "bnb", "quanto"}
 
 
 def test_a_checkpoint_named_by_a_step_is_part_of_the_experiment_identity(tmp_path):
