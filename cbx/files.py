@@ -123,3 +123,23 @@ def atomic_dir(out_dir: str | os.PathLike, replace: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def verify_hash_index(folder: str | os.PathLike, index_name: str, listed: dict[str, str]) -> None:
+    """Check that ``folder`` holds exactly the files ``listed`` (relative path -> SHA-256; the
+    index file ``index_name`` itself excepted) with those hashes. The one check behind every
+    "this folder is what was written" promise (exports, compressed checkpoints); the
+    :class:`CbxError` names the file."""
+    from cbx.errors import CbxError
+
+    folder = Path(folder)
+    for rel, digest in listed.items():
+        p = folder / rel
+        if not p.is_file():
+            raise CbxError(f"{p}: listed in {index_name} but missing")
+        if sha256_file(p) != digest:
+            raise CbxError(f"{p}: content does not match its hash in {index_name} (corrupt or edited)")
+    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != index_name}
+    extra = sorted(present - set(listed))
+    if extra:
+        raise CbxError(f"{folder / extra[0]}: not listed in {index_name} (added after it was written)")

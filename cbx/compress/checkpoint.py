@@ -96,6 +96,9 @@ def save_compressed(model, out_dir: str | Path) -> Path:
             "torch": torch.__version__,
             "modules": modules,
             "buffer_dtypes": _nonpersistent_dtypes(model),
+            # A distilled student makes an original model's S3Gen a MeanFlow one: the skeleton
+            # must be built so (its estimator has the time mixer a CFG estimator lacks).
+            "s3gen_meanflow": bool(getattr(model.s3gen, "meanflow", False)),
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -127,7 +130,9 @@ def _skeleton(manifest: dict, folder: Path):
     t3 = build_t3(variant, arch)
     if variant == "turbo" and hasattr(t3.tfmr, "wte"):
         del t3.tfmr.wte
-    s3gen = build_s3gen(variant, arch["s3gen"] if arch else None)
+    meta = manifest.get("meta") or {}
+    meanflow = manifest.get("s3gen_meanflow", variant == "turbo" or bool(meta.get("cfm_student")))
+    s3gen = build_s3gen(variant, arch["s3gen"] if arch else None, meanflow=bool(meanflow))
     ve = upstream.VoiceEncoder()
     tokenizer = load_tokenizer(variant, folder)
     conds = None

@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--voice", default=None,
                         help="reference audio (wav/flac/mp3, any rate); default: the model's built-in voice")
     parser.add_argument("--out", required=True, help="output wav path (24 kHz)")
-    parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | tiny-multilingual | random:original | random:turbo | random:multilingual | HUB_ID | DIR (default: tiny)")
+    parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | tiny-multilingual | random:original | random:turbo | random:multilingual | HUB_ID | DIR (upstream layout, or a compressed checkpoint/export) (default: tiny)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
     add_settings_arguments(parser)
 
@@ -133,10 +133,12 @@ def run(args: argparse.Namespace) -> int:
         raise CbxError("--text: empty")
 
     from cbx.engine.audio import write_wav
-    from cbx.engine.model import load_model
+    # The one resolver of model sources (also compressed checkpoints and exports); it lives in
+    # cbx.compress because loading those needs the quantized module classes.
+    from cbx.compress.source import load_source
     from cbx.engine.synth import SynthRequest, Synthesizer
 
-    model = load_model(args.model, device=str(device))
+    model = load_source(args.model, device=str(device))
     batch = Synthesizer(model, device=device).synthesize(
         [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
     res = batch.results[0]

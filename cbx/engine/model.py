@@ -149,10 +149,13 @@ def _perceiver_cls() -> type:
     return cond_enc_mod.Perceiver
 
 
-def build_s3gen(variant: str, arch: dict | None = None) -> nn.Module:
+def build_s3gen(variant: str, arch: dict | None = None, meanflow: bool | None = None) -> nn.Module:
+    """Upstream's ``S3Gen`` of ``variant`` (tiny when ``arch`` is given). ``meanflow`` (default:
+    Turbo's) builds the MeanFlow estimator, as a distilled student needs it."""
     from cbx.engine import upstream
 
-    meanflow = variant == "turbo"
+    if meanflow is None:
+        meanflow = variant == "turbo"
     if arch is not None:
         from cbx.engine.tiny_s3gen import build_tiny_s3gen
 

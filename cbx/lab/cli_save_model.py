@@ -16,7 +16,8 @@ import argparse
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="SOURCE",
                    help="model source: tiny | tiny-turbo | tiny-multilingual | random:original | random:turbo | "
-                        "random:multilingual | HUB_ID | DIR")
+                        "random:multilingual | HUB_ID | DIR (upstream layout, or a compressed checkpoint/export: "
+                        "saved dequantized)")
     p.add_argument("--out", required=True, help="folder to write (must be absent or empty)")
     p.add_argument("--variant", default=None, choices=["original", "turbo", "multilingual"],
                    help="which model of a folder holding several models' files")
@@ -26,15 +27,20 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from cbx.engine.model import load_model, save_upstream_layout
+    from cbx.compress.modules import dequantize_model
+    from cbx.compress.source import load_source
+    from cbx.engine.model import save_upstream_layout
     from cbx.errors import CbxError
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CbxError(f"--out {out}: exists and is not an empty folder")  # before a 3 GB model is built
     t0 = time.perf_counter()
-    model = load_model(args.source, variant=args.variant)
-    save_upstream_layout(model, out)
+    model = load_source(args.source, variant=args.variant)
+    if getattr(model.s3gen, "meanflow", False) and model.variant != "turbo":
+        raise CbxError(f"{args.source}: its S3Gen runs a distilled MeanFlow student, which the "
+                       f"{model.variant} model's upstream file layout cannot hold; use the compressed format")
+    save_upstream_layout(dequantize_model(model), out)  # a compressed source: float weights again
     files = sorted(p.name for p in out.iterdir())
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     print(f"saved {args.source} ({model.variant}) -> {out}: {len(files)} files, {size / 1e9:.2f} GB, "

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from cbx.errors import CbxError
-from cbx.files import read_json_file, sha256_file
+from cbx.files import read_json_file, sha256_file, verify_hash_index
 from cbx.lab import store
 
 EXPORT_FILE = "export.json"
@@ -102,9 +102,9 @@ def _run_model(run_dir: Path, record: dict):
         return load_compressed(ckpt)
     if record.get("config", {}).get("steps"):
         raise CbxError(f"{run_dir}: compressed run without a checkpoint folder (was it deleted?)")
-    from cbx.engine.model import load_model
+    from cbx.compress.source import load_source
 
-    return load_model(record["config"]["model"])
+    return load_source(record["config"]["model"])
 
 
 def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool = False) -> Path:
@@ -172,26 +172,13 @@ def verify_export(folder: Path) -> dict:
     info = read_json_file(path, f"{path}: missing (not an export folder)")
     if info.get("format") != EXPORT_FORMAT or info.get("kind") not in KINDS:
         raise CbxError(f"{path}: not a {EXPORT_FORMAT} file (format {info.get('format')!r}, kind {info.get('kind')!r})")
-    listed = info.get("files") or {}
-    for rel, digest in listed.items():
-        p = folder / rel
-        if not p.is_file():
-            raise CbxError(f"{p}: listed in {EXPORT_FILE} but missing")
-        if sha256_file(p) != digest:
-            raise CbxError(f"{p}: content does not match its hash in {EXPORT_FILE} (corrupt or edited)")
-    extra = sorted(set(_file_hashes(folder)) - set(listed))
-    if extra:
-        raise CbxError(f"{folder / extra[0]}: not listed in {EXPORT_FILE} (added after export)")
+    verify_hash_index(folder, EXPORT_FILE, info.get("files") or {})
     return info
 
 
 def load_export(folder: Path):
     """The model of an export folder, after verifying it (bit-exact for compressed exports)."""
-    info = verify_export(folder)
-    if info["kind"] == "compressed":
-        from cbx.compress.checkpoint import load_compressed
+    from cbx.compress.source import load_source
 
-        return load_compressed(folder)
-    from cbx.engine.model import load_model
-
-    return load_model(str(folder))
+    verify_export(folder)
+    return load_source(str(folder))

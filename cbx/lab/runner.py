@@ -107,7 +107,8 @@ class Backend:
     def model_source_kind(self, source: str) -> str:
         """``builtin`` | ``folder`` | ``hub`` (cached) | ``hub-download``, checked without
         loading; :class:`CbxError` for a source that cannot load (offline and not cached too)."""
-        from cbx.engine.identity import hub_cached, source_kind
+        from cbx.compress.source import source_kind
+        from cbx.engine.identity import hub_cached
 
         kind = source_kind(source)
         if kind == "hub" and not hub_cached(source):
@@ -122,9 +123,9 @@ class Backend:
         return dict(machine_description(device))
 
     def load_model(self, source: str, device: str):
-        from cbx.engine.model import load_model
+        from cbx.compress.source import load_source
 
-        return load_model(source, device=device)
+        return load_source(source, device=device)
 
     def apply_transforms(self, model, steps: list[tuple[str, Any]]):
         from cbx.compress.registry import apply_transforms
