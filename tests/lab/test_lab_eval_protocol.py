@@ -79,3 +79,15 @@ def test_own_eval_set_with_a_silent_prompt_runs_to_the_end(tmp_path, monkeypatch
     assert agg["n_scored"] == 5 and agg["metrics"]["wer"]["n"] == 5
     assert "seed-tts" in agg["metrics"]["wer"]["variant"] and "seed-tts" in rec["metric_versions"]["wer"]
     assert rec["config"]["eval"]["asr"]["normalizer"] == "seed-tts"
+
+
+def test_turbo_refuses_a_prompt_under_five_seconds_as_a_per_utterance_reason(tiny_turbo, tmp_path):
+    from cbx.engine.bench import synthetic_voice
+    from cbx.lab.runner import Backend
+
+    short, long_ = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(short, synthetic_voice(3.0, sr=16000, seed=1), 16000)
+    sf.write(long_, synthetic_voice(6.0, sr=16000, seed=1), 16000)
+    why = Backend().check_prompt(tiny_turbo, str(short))
+    assert why is not None and "too short" in why and "5 s" in why and "short.wav" in why
+    assert Backend().check_prompt(tiny_turbo, str(long_)) is None
