@@ -809,9 +809,11 @@ def _speedup(base_speed: dict, speed: dict) -> dict[str, Any] | None:
     b, r = base_speed.get("rtf"), speed.get("rtf")
     if not b or not r:
         return None
-    ci = stats.ratio_of_means_ci(base_speed.get("rtf_repeats") or [], speed.get("rtf_repeats") or [])
-    return {"value": b / r, "ci95": list(ci) if ci else None, "within_noise": (not stats.excludes(ci, 1.0)) if ci else None,
-            "repeats": [len(base_speed.get("rtf_repeats") or []), len(speed.get("rtf_repeats") or [])]}
+    b_rep, r_rep = base_speed.get("rtf_repeats") or [b], speed.get("rtf_repeats") or [r]
+    ci = stats.ratio_of_means_ci(b_rep, r_rep)
+    # The value is the ratio of the mean RTFs over every timed pass, the statistic the interval is of.
+    return {"value": float(np.mean(b_rep) / np.mean(r_rep)), "ci95": list(ci) if ci else None,
+            "within_noise": (not stats.excludes(ci, 1.0)) if ci else None, "repeats": [len(b_rep), len(r_rep)]}
 
 
 def _read_rows(score_dir: Path) -> list[dict]:

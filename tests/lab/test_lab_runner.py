@@ -225,6 +225,7 @@ def test_timing_repeats_give_the_speedup_an_interval(tmp_path):
     sp = rec["speed"]["speedup"]
     assert sp["value"] == pytest.approx(0.5) and sp["repeats"] == [3, 3]  # the fake gain 0.5 run is 2x slower
     assert sp["ci95"] == pytest.approx([0.5, 0.5]) and sp["within_noise"] is False
+    assert sp["ci95"][0] <= sp["value"] <= sp["ci95"][1]  # the value is the statistic of its interval
     # each item synthesized once for the audio and twice more for timing, in both runs
     assert sorted(be.synthesized) == sorted(["utt0", "utt1"] * 6)
     one = Runner(tmp_path / "one", backend=FakeBackend(n_items=2), progress=False).run(_exp_f()).record
