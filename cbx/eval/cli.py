@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=a.device, help="cpu or cuda for the ASR and speaker models")
     parser.add_argument("--speaker-backend", choices=_speaker.BACKENDS, default=s.backend)
     parser.add_argument("--wavlm-model", default=s.wavlm_model, help="Hub id of a WavLM x-vector model (with --speaker-backend wavlm)")
+    parser.add_argument("--ecapa-checkpoint", default=s.ecapa_checkpoint,
+                        help="Seed-TTS-eval's SIM checkpoint wavlm_large_finetune.pth (with --speaker-backend wavlm-ecapa; default $CBX_WAVLM_ECAPA_CKPT)")
     parser.add_argument("--mos-backend", choices=_mos.BACKENDS, default=m.backend)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -45,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             AsrConfig(), model=args.asr_model, beam_size=args.asr_beam, compute_type=args.asr_compute_type, device=args.device,
             normalizer=args.normalizer,
         ),
-        speaker=SpeakerConfig(backend=args.speaker_backend, wavlm_model=args.wavlm_model, device=args.device),
+        speaker=SpeakerConfig(backend=args.speaker_backend, wavlm_model=args.wavlm_model, device=args.device,
+                              ecapa_checkpoint=args.ecapa_checkpoint),
         mos=MosConfig(backend=args.mos_backend),
     )
     metrics = args.metrics.split(",") if args.metrics else None

@@ -4,9 +4,10 @@ Offline default: Resemblyzer's GE2E encoder (256-d, weights shipped in the wheel
 one torch thread, set only around its own calls: with two threads it was about 20x slower on the
 2-core machine (1.0 s vs 0.04 s per 5 s clip), and restoring the count afterwards leaves the rest
 of the process (the engine, in a runner) untouched. Users with a network can choose a WavLM
-speaker-verification model from the Hub (``backend="wavlm"``), closer to what Seed-TTS-eval
-uses. The backend and model are the group's ``variant``: similarities of different encoders have
-different scales and are never compared as equals.
+speaker-verification model from the Hub (``backend="wavlm"``), or Seed-TTS-eval's own SIM model
+(``backend="wavlm-ecapa"``: WavLM-Large + ECAPA-TDNN from its checkpoint file, see
+:mod:`cbx.eval.metrics.wavlm_ecapa`). The backend and model are the group's ``variant``:
+similarities of different encoders have different scales and are never compared as equals.
 
 Prompt embeddings are cached by the prompt's samples (many utterances share a prompt); the cache
 only saves time, it cannot change a score.
@@ -37,13 +38,15 @@ SPECS = [
 ]
 
 
-BACKENDS = ("resemblyzer", "wavlm")
+BACKENDS = ("resemblyzer", "wavlm", "wavlm-ecapa")
 
 
 @dataclass(frozen=True)
 class SpeakerConfig:
     backend: str = "resemblyzer"  # one of BACKENDS; resemblyzer is the only offline one
     wavlm_model: str = "microsoft/wavlm-base-plus-sv"  # backend "wavlm": a Hub x-vector model
+    # backend "wavlm-ecapa" (Seed-TTS-eval's SIM): its wavlm_large_finetune.pth; None: $CBX_WAVLM_ECAPA_CKPT
+    ecapa_checkpoint: str | None = None
     device: str = "cpu"
 
     def __post_init__(self):
@@ -52,7 +55,11 @@ class SpeakerConfig:
 
     @property
     def variant(self) -> str:
-        return "resemblyzer-ge2e" if self.backend == "resemblyzer" else f"wavlm:{self.wavlm_model}"
+        if self.backend == "resemblyzer":
+            return "resemblyzer-ge2e"
+        if self.backend == "wavlm-ecapa":
+            return "wavlm-large-ecapa-tdnn"  # Seed-TTS-eval's SIM model
+        return f"wavlm:{self.wavlm_model}"
 
 
 @contextlib.contextmanager
@@ -96,6 +103,10 @@ class SpeakerGroup:
                 raise CbxError(f"speaker similarity needs resemblyzer (pip install --no-deps resemblyzer==0.1.4 webrtcvad): {e}") from None
             with torch_threads(1):
                 self._enc = resemblyzer.VoiceEncoder(self.config.device, verbose=False)
+        elif self.config.backend == "wavlm-ecapa":
+            from cbx.eval.metrics import wavlm_ecapa
+
+            self._enc = wavlm_ecapa.load(self.config.ecapa_checkpoint, self.config.device)
         else:
             try:
                 from transformers import AutoFeatureExtractor, WavLMForXVector
@@ -119,9 +130,11 @@ class SpeakerGroup:
                 return np.asarray(self._enc.embed_utterance(x), dtype=np.float64)
         import torch
 
-        fe, model = self._enc
         if len(wav16k) < MIN_SPEECH_S * SPK_SR:
             return None
+        if self.config.backend == "wavlm-ecapa":
+            return self._enc.embed(wav16k)
+        fe, model = self._enc
         inputs = fe(np.asarray(wav16k, dtype=np.float32), sampling_rate=SPK_SR, return_tensors="pt")
         with torch.inference_mode():
             emb = model(**{k: v.to(self.config.device) for k, v in inputs.items()}).embeddings
