@@ -58,10 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfm-frames", type=int, default=600,
                         help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
     parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (default cpu)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="also time the int4 step with T3's decode step torch.compile'd by BACKEND "
                              "(inductor; compiled before timing, the compile time printed apart)")
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
@@ -72,8 +78,10 @@ def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, fl
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for key, fn in fns.items():
+            _sync()
             t0 = time.perf_counter()
             fn()
+            _sync()
             times[key].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
@@ -95,8 +103,8 @@ def step_bytes(t3, rows: int, kv_len: int) -> int:
     at ``kv_len`` positions (bf16). Divided by the memory bandwidth this is the step's floor."""
     from cbx.engine.t3_decode import _backbone_dims
 
-    n_layers, kv_heads, head_dim = _backbone_dims(t3)
-    kv = 2 * n_layers * rows * kv_heads * kv_len * head_dim * 2
+    _, kv_heads, head_dim = _backbone_dims(t3)  # KV heads per layer (a pruned T3 differs per layer)
+    kv = 2 * rows * sum(kv_heads) * kv_len * head_dim * 2
     return weight_bytes(t3.tfmr) + weight_bytes(t3.speech_head) + kv
 
 
@@ -173,9 +181,15 @@ def _t3_rows(model, args) -> tuple[list[tuple[str, float, int]], dict[str, int]]
     for label, t3 in t3s.items():
         step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
         rows.append((label, step, weight_bytes(t3)))
+    _last_t3s.clear()
+    _last_t3s.update(t3s)
     n_prompt = len(prompt) + _cond_positions(model)
     per_step = {label: step_bytes(t3, rows=2, kv_len=n_prompt + (n1 + n2) // 2) for label, t3 in t3s.items()}
     return rows, per_step
+
+
+# the T3 variants of the last _t3_rows call (their kernel paths are printed under the table)
+_last_t3s: dict = {}
 
 
 def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
@@ -191,6 +205,11 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
                        cond=torch.cat([torch.randn(1, 80, prompt, generator=g), torch.zeros(1, 80, T - prompt)], -1),
                        prompt_lens=[prompt], out_lens=[T - prompt], token_lens=[(T - prompt) // 2])
     noise = torch.randn(1, 80, T, generator=g)
+    dev = next(est32.parameters()).device
+    inputs = CFMInputs(mu=inputs.mu.to(dev), mask=inputs.mask.to(dev), spks=inputs.spks.to(dev),
+                       cond=inputs.cond.to(dev), prompt_lens=inputs.prompt_lens, out_lens=inputs.out_lens,
+                       token_lens=inputs.token_lens)
+    noise = noise.to(dev)
     ests = {"fp32": est32, "bf16": copy.deepcopy(est32).to(torch.bfloat16)}
     holder = _Holder(model.variant, s3gen=_Holder(model.variant, flow=_Holder(
         model.variant, decoder=_Holder(model.variant, estimator=copy.deepcopy(est32)))))
@@ -223,13 +242,15 @@ def run(args: argparse.Namespace) -> int:
         raise CbxError(f"--tokens: need 1 <= N1 < N2, got {args.tokens[0]} {args.tokens[1]}")
     if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
         raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
+    from cbx.engine.cli_synth import resolve_device
     from cbx.engine.model import BENCH_ALIASES, load_model
 
+    device = resolve_device(args.device)
     torch.manual_seed(0)
-    print(f"machine: {machine_description()}", flush=True)
+    print(f"machine: {machine_description(device)}", flush=True)
     source = BENCH_ALIASES.get(args.model, args.model)
-    print(f"loading {source} ...", flush=True)
-    model = load_model(source)
+    print(f"loading {source} on {device} ...", flush=True)
+    model = load_model(source, device=device)
     print(f"model: {model.source} ({model.variant})", flush=True)
     model.eval()
     t3_rows = cfm_rows = None
@@ -243,6 +264,11 @@ def run(args: argparse.Namespace) -> int:
     if t3_rows:
         _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}",
                "ms/step", t3_rows, 1e3)
+        from cbx.compress.kernels import kernel_summary
+
+        print("kernel paths: " + "; ".join(f"{label} {kernel_summary(t3)['paths']}" for label, t3 in _last_t3s.items()
+                                            if kernel_summary(t3)["paths"]))
+    if t3_rows and device.type == "cpu":
         from cbx.engine.timing import read_bandwidth
 
         bw = read_bandwidth()
@@ -255,5 +281,7 @@ def run(args: argparse.Namespace) -> int:
         int4 = dict((r[0], r) for r in t3_rows)["int4"]
         floor = per_step["int4"] / bw
         print(f"t3 int4 step {int4[1] * 1e3:.2f} ms, memory floor {floor * 1e3:.2f} ms ({int4[1] / floor:.2f}x floor)")
+    if t3_rows:
+        int4 = dict((r[0], r) for r in t3_rows)["int4"]
         print(f"t3 int4 decode speed-up vs fp32: {t3_rows[0][1] / int4[1]:.2f}x, weights {int4[2] / 1e9:.2f} GB")
     return 0
