@@ -48,6 +48,13 @@ Deliberate differences from upstream (documented, tested where it matters):
   twice. Same weights, same arithmetic per output; only the float summation order of a wider
   GEMM may differ. Why: a decode step is 2 rows, where each kernel call is mostly fixed cost
   (int4 step: 211 -> 121 kernel calls).
+* ``compile_backend="cudagraphs"`` on a CUDA device captures the decode step (backbone and
+  speech head) in a ``torch.cuda.CUDAGraph`` ourselves (:class:`CUDAGraphStep`) instead of
+  handing it to ``torch.compile``: dynamo's cudagraphs backend skips graphs whose inputs are
+  mutated, and the KV cache is written in place on every step, so it silently ran eager. The
+  static cache is allocated before capture and never reallocated (static shapes), so the graph
+  owns fixed addresses; each step copies its four small inputs into the graph's buffers and
+  replays. Same kernels, same order: the same tokens as eager (CUDA test).
 * Decode steps (<= :data:`DECODE_ATTENTION_MAX_Q` queries) attend with three plain ops
   (:func:`_decode_attention`: Hugging Face's eager arithmetic, which upstream's inference runs);
   prefill keeps SDPA. CPU SDPA's flash kernel was 2-5x slower for one query.
@@ -574,8 +581,10 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     # Device-side slot indices, made once: a per-step torch.tensor(...) would be a host copy.
     slots = torch.arange(p_max, p_max + max_new, device=device)
     speech_positions = torch.arange(max_new + 1, device=device)
-    step_fn = _step_function(s.compile_backend)
+    graphed = s.compile_backend == "cudagraphs" and device.type == "cuda"
+    step_fn = _step_function(None if graphed else s.compile_backend)
     plan = fusion_plan(t3)
+    graph_step = CUDAGraphStep(t3, cache, plan) if graphed else None
 
     gens = [torch.Generator(device=device).manual_seed(int(r.seed)) for r in rows]
     warpers = _warpers(t3.is_gpt, s)
@@ -610,6 +619,9 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
             kv_mask[:, slot] = True
             feed = _speech_input(t3, nxt.repeat_interleave(group), step + 1, speech_positions).to(cdtype)
             pos = (lens + step)[:, None]
+            if graph_step is not None:
+                logits = graph_step(feed, pos, slots[step: step + 1], kv_mask[:, None, :])
+                continue
             if static:
                 hidden = step_fn(t3, feed, pos, slots[step: step + 1], kv_mask[:, None, :], cache, None, plan)
             else:
@@ -635,6 +647,48 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
 
 
 _COMPILED: dict[str, Any] = {}
+
+
+class CUDAGraphStep:
+    """One decode step (static-shape backbone + speech head) captured in a ``torch.cuda.CUDAGraph``.
+
+    Built per :func:`generate` call around its static KV cache (allocated before capture, never
+    grown: the graph's writes go to fixed addresses). The first call copies the step's inputs
+    into buffers the graph owns, runs the step twice eagerly on a side stream (lazy
+    initialisation, cached scale tensors of the quantized modules; the cache writes are
+    idempotent, the same values into the same slot), captures it, then replays; later calls copy
+    their inputs in and replay. The returned logits live in the graph's output buffer: read them
+    before the next call (the decode loop samples from them at once).
+    """
+
+    def __init__(self, t3: Any, cache: StaticKVCache, plan: Any):
+        self.t3, self.cache, self.plan = t3, cache, plan
+        self.graph: Any = None
+        self.inputs: list[Tensor] = []
+        self.out: Tensor | None = None
+
+    def _run(self) -> Tensor:
+        feed, pos, slot, mask = self.inputs
+        hidden = _backbone(self.t3, feed, pos, slot, mask, self.cache, None, self.plan)
+        return self.t3.speech_head(hidden[:, -1])
+
+    def __call__(self, feed: Tensor, pos: Tensor, slot: Tensor, mask: Tensor) -> Tensor:
+        if self.graph is None:
+            self.inputs = [t.clone() for t in (feed, pos, slot, mask)]
+            side = torch.cuda.Stream(device=feed.device)
+            side.wait_stream(torch.cuda.current_stream(feed.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._run()
+            torch.cuda.current_stream(feed.device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self._run()
+        else:
+            for dst, src in zip(self.inputs, (feed, pos, slot, mask)):
+                dst.copy_(src)
+        self.graph.replay()
+        return self.out
 
 
 def _step_function(backend: str | None) -> Any:

@@ -246,6 +246,41 @@ def test_t3_cuda_greedy_equals_cpu(tiny_copy):
     assert all(len(t) > 0 for t in bf16.tokens)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
+@pytest.mark.parametrize("quantize", [None, "int4_weight_only", "int8_weight_only"])
+def test_t3_cuda_graph_decode_gives_the_eager_tokens(tiny_copy, monkeypatch, quantize):
+    """compile_backend="cudagraphs" on CUDA captures the step in a torch.cuda.CUDAGraph (the KV
+    cache is written in place, which dynamo's cudagraphs backend skips): same tokens as eager."""
+    model = tiny_copy("original")
+    if quantize:
+        from cbx.compress.registry import apply_transforms, build_config
+
+        params = {"group_size": 32} if quantize.startswith("int4") else {}
+        model = apply_transforms(model, [(quantize, build_config(quantize, params))])
+    model.to("cuda")
+    rows = _rows(model, _voices(model))
+    captured = []
+    real = td.CUDAGraphStep
+
+    class Counting(real):
+        def __init__(self, *a, **k):
+            captured.append(1)
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(td, "CUDAGraphStep", Counting)
+    s = engine_settings(ORIGINAL, temperature=0.0, max_new_tokens=60, static_shapes=True)
+    eager = td.generate(model, rows, s)
+    graphed = td.generate(model, rows, dataclasses.replace(s, compile_backend="cudagraphs"))
+    assert captured == [1]
+    for a, b in zip(eager.tokens, graphed.tokens):
+        assert torch.equal(a, b)
+    sampled = engine_settings(ORIGINAL, temperature=0.8, max_new_tokens=40, static_shapes=True)
+    a = td.generate(model, rows, sampled)
+    b = td.generate(model, rows, dataclasses.replace(sampled, compile_backend="cudagraphs"))
+    assert all(torch.equal(x, y) for x, y in zip(a.tokens, b.tokens))
+
+
 def test_t3_static_shapes_and_compiled_step_give_the_same_tokens(tiny_turbo, tiny_model, monkeypatch):
     """The fixed-shape step (whole cache, tensor positions) is what torch.compile / CUDA graphs
     need; dynamo's "eager" backend checks it traces as ONE graph (fullgraph=True) without codegen.
