@@ -63,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output wav path (24 kHz)")
     parser.add_argument("--model", default="tiny", help="tiny | tiny-turbo | tiny-multilingual | random:original | random:turbo | random:multilingual | HUB_ID | DIR (upstream layout, or a compressed checkpoint/export) (default: tiny)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    parser.add_argument("--stream", action="store_true",
+                        help="stream: write the audio piece by piece while T3 decodes (to OUT.partial.wav, renamed "
+                             "to OUT at the end) and print the time to first audio")
+    parser.add_argument("--first-chunk-tokens", type=int, default=None,
+                        help="with --stream: speech tokens decoded before the first piece is rendered (default 10)")
+    parser.add_argument("--chunk-tokens", type=int, default=None,
+                        help="with --stream: speech tokens per later piece (default 25)")
     add_settings_arguments(parser)
 
 
@@ -138,11 +145,60 @@ def run(args: argparse.Namespace) -> int:
     from cbx.compress.source import load_source
     from cbx.engine.synth import SynthRequest, Synthesizer
 
+    if args.stream:
+        from cbx.engine.stream import chunk_boundaries
+
+        chunk_boundaries(10 if args.first_chunk_tokens is None else args.first_chunk_tokens,
+                         25 if args.chunk_tokens is None else args.chunk_tokens, 1)
+    elif args.first_chunk_tokens is not None or args.chunk_tokens is not None:
+        raise CbxError("--first-chunk-tokens/--chunk-tokens: only with --stream")
     model = load_source(args.model, device=str(device))
+    if args.stream:
+        return _run_stream(args, model, device, settings, out)
     batch = Synthesizer(model, device=device).synthesize(
         [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
     res = batch.results[0]
     write_wav(out, res.wav, res.sample_rate)
     print(f"wrote {out} ({res.audio_s:.2f} s, {res.sample_rate} Hz, {len(res.chunks)} chunk(s))")
     print(format_timings(batch))
+    return 0
+
+
+def _run_stream(args: argparse.Namespace, model: Any, device: Any, settings: Any, out: Path) -> int:
+    """Write the pieces as they come to ``OUT.partial.wav`` (playable while it grows), rename it
+    to ``OUT`` when the last piece is in; an interrupted run leaves no ``OUT`` and removes the
+    partial file."""
+    import time
+
+    import soundfile as sf
+
+    from cbx.engine.synth import SAMPLE_RATE, SynthRequest, Synthesizer
+
+    partial = out.with_name(out.stem + ".partial" + out.suffix)
+    syn = Synthesizer(model, device=device)
+    t0 = time.perf_counter()
+    first = None
+    samples = pieces = 0
+    try:
+        with sf.SoundFile(str(partial), "w", samplerate=SAMPLE_RATE, channels=1, subtype="PCM_16") as f:
+            for piece in syn.stream([SynthRequest(text=args.text, voice=args.voice, id="cli")], settings,
+                                    args.first_chunk_tokens, args.chunk_tokens):
+                if piece.wav.size:
+                    if first is None:
+                        first = time.perf_counter() - t0
+                        print(f"first audio after {first:.2f} s", flush=True)
+                    f.write(piece.wav.clip(-1.0, 1.0))
+                    f.flush()
+                    samples += piece.wav.size
+                    pieces += 1
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    total = time.perf_counter() - t0
+    audio_s = samples / SAMPLE_RATE
+    print(f"wrote {out} ({audio_s:.2f} s, {SAMPLE_RATE} Hz, {pieces} piece(s), streamed)")
+    rtf = total / audio_s if audio_s else float("inf")
+    print(f"time to first audio {first if first is not None else float('nan'):.2f} s   total {total:.2f} s   "
+          f"real-time factor {rtf:.3f}")
     return 0

@@ -547,6 +547,18 @@ class Synthesizer:
                                "mem_start_bytes": float(mem.start_bytes)})
         return SynthBatch(results=results, run=run, settings=s)
 
+    def stream(self, requests: Sequence[SynthRequest], settings: SynthSettings | None = None,
+               first_tokens: int | None = None, chunk_tokens: int | None = None):
+        """Yield :class:`cbx.engine.stream.StreamPiece` s: each request's audio in pieces while T3
+        is still decoding (a first chunk of ``first_tokens`` speech tokens, then ``chunk_tokens``
+        at a time; defaults in :mod:`cbx.engine.stream`, which documents how pieces join)."""
+        from cbx.engine import stream as st
+
+        first = st.FIRST_CHUNK_TOKENS if first_tokens is None else first_tokens
+        every = st.CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+        st.chunk_boundaries(first, every, 1)  # bad sizes fail here, before any work
+        return st.stream(self, requests, settings, first, every)
+
     def _join(self, requests: Sequence[SynthRequest], rows: list[_Row], s: SynthSettings, timer: StageTimer,
               voice_seconds: dict[Any, float]) -> list[SynthResult]:
         overlap = int(round(s.crossfade_ms * SAMPLE_RATE / 1000.0))

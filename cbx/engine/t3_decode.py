@@ -67,7 +67,7 @@ import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,7 @@ class DecodeOutput:
     tokens: list[Tensor]
     finished: list[bool]
     steps: int
+    final: bool = True  # False on the partial yields of generate_stream
 
 
 def speech_only(tokens: Tensor) -> Tensor:
@@ -530,13 +531,25 @@ def _t3_of(model: Any) -> Any:
     return model.t3 if hasattr(model, "t3") else model
 
 
-@torch.inference_mode()
 def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None) -> DecodeOutput:
     """Decode speech tokens for every row in one loop (see the module docstring)."""
+    out = DecodeOutput([], [], 0)
+    for out in generate_stream(model, rows, settings):
+        pass
+    return out
+
+
+@torch.inference_mode()
+def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None,
+                    chunk_steps: Sequence[int] = ()) -> Iterator[DecodeOutput]:
+    """:func:`generate` that also yields what is decoded so far after each step count in
+    ``chunk_steps`` (streaming: S3Gen renders those tokens while T3 waits). Every yield is a
+    :class:`DecodeOutput` (``finished[i]``: row i has met EOS); the last one has ``final=True``
+    and equals what :func:`generate` returns. A partial yield costs one host sync."""
     s = settings or DecodeSettings()
     t3 = _t3_of(model)
     if not rows:
-        return DecodeOutput([], [], 0)
+        return
     hp = t3.hp
     device = t3.speech_emb.weight.device
     param_dtype = t3.speech_emb.weight.dtype
@@ -593,11 +606,15 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
     done = torch.zeros(n_utt, dtype=torch.bool, device=device)
     out = torch.full((n_utt, max_new), eos, dtype=torch.long, device=device)
 
+    chunk_at = {int(c) for c in chunk_steps if 0 < int(c) < max_new}
     with autocast(device, s.compute_dtype):
         hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max, plan)
         logits = t3.speech_head(hidden[:, -1])
-        steps = 0
-        for step in range(max_new):
+    steps = 0
+    for step in range(max_new):
+        if step in chunk_at:  # outside autocast: the consumer runs its own work meanwhile
+            yield _collect(out[:, :step], eos, s.force_tokens is not None, final=False)
+        with autocast(device, s.compute_dtype):
             nxt = _pick(t3, logits, seen, s, warpers, gens, cfg, group)
             nxt = torch.where(done, torch.full_like(nxt, eos), nxt)
             out[:, step] = nxt
@@ -631,19 +648,24 @@ def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None 
 
     for layer in plan or ():
         layer.report_kernels()
-    out_cpu = out[:, :steps].cpu()
+    yield _collect(out[:, :steps], eos, s.force_tokens is not None, final=True)
+
+
+def _collect(out: Tensor, eos: int, forced: bool, final: bool) -> DecodeOutput:
+    """Per row: the tokens before its first EOS (all of them when forced), and whether it met one."""
+    out_cpu = out.cpu()
     tokens, finished = [], []
-    for r in range(n_utt):
+    for r in range(out_cpu.shape[0]):
         seq = out_cpu[r]
         hits = (seq == eos).nonzero()
-        if s.force_tokens is None and len(hits):
+        if not forced and len(hits):
             end = int(hits[0, 0])
             tokens.append(seq[:end].clone())
             finished.append(True)
         else:
             tokens.append(seq.clone())
             finished.append(False)
-    return DecodeOutput(tokens, finished, steps)
+    return DecodeOutput(tokens, finished, out_cpu.shape[1], final)
 
 
 _COMPILED: dict[str, Any] = {}

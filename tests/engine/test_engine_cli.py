@@ -52,7 +52,26 @@ def test_synth_writes_a_24k_wav_and_prints_timings(voice, tmp_path, capsys):
     assert not [p for p in tmp_path.iterdir() if p.name != "o.wav"], "temporary files left behind"
 
 
+def test_synth_stream_writes_the_file_and_prints_the_time_to_first_audio(voice, tmp_path, capsys):
+    out = tmp_path / "s.wav"
+    rc = main(["synth", "--text", "Hello from the command line. Two sentences.", "--voice", voice, "--out", str(out),
+               "--model", "tiny", "--seed", "3", "--stream", "--first-chunk-tokens", "4", "--chunk-tokens", "6",
+               *FAST])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    first = float(re.search(r"first audio after ([0-9.]+) s", printed).group(1))
+    total = float(re.search(r"total ([0-9.]+) s", printed).group(1))
+    assert 0 < first < total
+    assert int(re.search(r"(\d+) piece\(s\)", printed).group(1)) >= 3  # pieces written as they came
+    wav, sr = sf.read(out)
+    # two sentences of 20 tokens each (FAST; 2 mel frames of 480 samples per token, less the
+    # frame the prompt's mel may hold beyond its tokens), played one after the other
+    assert sr == 24_000 and 2 * 19 * 960 <= len(wav) <= 2 * 20 * 960 and np.all(np.isfinite(wav))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.wav"]  # the partial file was renamed
+
+
 @pytest.mark.parametrize("args, reason", [
+    (["--first-chunk-tokens", "5"], r"only with --stream"),
     (["--voice", "{tmp}/nope.wav"], r"--voice .*nope\.wav.*no such file"),
     (["--out", "{tmp}/missing_dir/o.wav"], r"--out .*does not exist"),
     (["--out", "{tmp}/o.mp4"], r"--out .*\.wav or \.flac"),
