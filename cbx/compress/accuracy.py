@@ -131,11 +131,17 @@ def _gptq(method: SweepMethod, layer: nn.Linear, x_calib) -> nn.Module:
 
 
 def run_sweep(shapes=T3_SHAPES, methods=SWEEP_METHODS, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> list[SweepRow]:
-    """SQNR of every method on every shape; a method that refuses here is a skipped row."""
+              progress: Callable[[str], None] | None = None, device: str | torch.device = "cpu") -> list[SweepRow]:
+    """SQNR of every method on every shape (layers and activations on ``device``); a method
+    that refuses here is a skipped row."""
     rows = {m.label: SweepRow(m, {}) for m in methods}
     for k, (n, kk) in enumerate(shapes):
-        layer, x, x_calib = outlier_layer(n, kk, seed=seed + k)
+        layer, x, calib = outlier_layer(n, kk, seed=seed + k)
+        layer, x = layer.to(device), x.to(device)
+
+        def x_calib(rows_, calib=calib):
+            return calib(rows_).to(device)
+
         with torch.inference_mode():
             ref = layer(x)
         for m in methods:

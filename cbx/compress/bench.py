@@ -25,6 +25,14 @@ for the full-size model).
   (:func:`cbx.engine.timing.read_bandwidth`). A memory-bound decode cannot beat it; the ratio
   says how much is left to win. ``--compile BACKEND`` adds the int4 step compiled.
 
+* The field's libraries (``--no-libraries`` leaves them out; :mod:`cbx.compress.bench_libraries`):
+  T3's linear layers of one decode step for bf16, ours and every torchao / bitsandbytes /
+  optimum-quanto transform (one layer per shape, weighted by count: a full decode per library
+  would take minutes, their CPU paths dequantize per call), with T3's resident weight bytes and
+  the output SQNR of :mod:`cbx.compress.accuracy`'s sweep (printed whole, beside RTN/GPTQ); the
+  library fp8 / W8A8 transforms on the CFM estimator join the CFM table. What cannot run here
+  is listed as skipped with its reason.
+
 The last line is exactly
 ``t3 int4 decode speed-up vs fp32: N.NNx, weights N.NN GB``.
 """
@@ -60,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (default cpu)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
+    parser.add_argument("--no-libraries", dest="libraries", action="store_false",
+                        help="leave out the torchao / bitsandbytes / optimum-quanto rows and the SQNR sweep")
+    parser.add_argument("--quick", action="store_true",
+                        help="SQNR sweep on one shape (1024x4096) without GPTQ (GPTQ's Hessians take a minute)")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="also time the int4 step with T3's decode step torch.compile'd by BACKEND "
                              "(inductor; compiled before timing, the compile time printed apart)")
@@ -215,6 +227,12 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
         model.variant, decoder=_Holder(model.variant, estimator=copy.deepcopy(est32)))))
     apply_transforms(holder, [("fp8_cfm", build_config("fp8_cfm", {}))])
     ests["fp8"] = holder.s3gen.flow.decoder.estimator
+    args.cfm_skipped = []
+    if args.libraries:
+        from cbx.compress.bench_libraries import cfm_library_estimators
+
+        lib, args.cfm_skipped = cfm_library_estimators(est32, model.variant)
+        ests.update(lib)
 
     def fn(e):
         def run():
@@ -230,9 +248,9 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
 def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:
     base_t, base_b = rows[0][1], rows[0][2]
     print(f"\n{title}")
-    print(f"{'variant':<14} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
+    print(f"{'variant':<26} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
     for label, t, b in rows:
-        print(f"{label:<14} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
+        print(f"{label:<26} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -258,9 +276,26 @@ def run(args: argparse.Namespace) -> int:
         cfm_rows = _cfm_rows(model, args)
     if "t3" not in args.skip:
         t3_rows, per_step = _t3_rows(model, args)
+    if "t3" not in args.skip and args.libraries:
+        from cbx.compress import bench_libraries as BL
+
+        lin_rows, lin_skipped = BL.t3_linear_rows(model, args.repeats, log=lambda m: print(m, flush=True))
+        from cbx.compress.accuracy import SWEEP_METHODS, render, run_sweep
+
+        shapes = ((1024, 4096),) if args.quick else ((1024, 1024), (4096, 1024), (1024, 4096))
+        methods = [m for m in SWEEP_METHODS if not (args.quick and m.gptq)]
+        print(f"  SQNR sweep: {len(methods)} methods x {len(shapes)} T3 shapes with planted outliers ...", flush=True)
+        sweep = run_sweep(shapes=shapes, methods=methods, device=device)
+        print("\nOutput SQNR (dB; higher is better) on T3-shaped layers with 1% outlier input channels "
+              "(x8 weights, x20 activations), 64 rows")
+        print(render(sweep))
+        BL.print_linear_table(lin_rows, lin_skipped, {r.method.label: r.sqnr_db.get("1024x4096")
+                                                      for r in sweep if not r.skipped})
     if cfm_rows:
         _table(f"CFM estimator, {args.cfm_steps} Euler steps with CFG (batch 2), {args.cfm_frames} frames",
                "seconds", cfm_rows, 1.0)
+        for label, why in getattr(args, "cfm_skipped", []):
+            print(f"{label:<14} skipped: {why}")
     if t3_rows:
         _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}",
                "ms/step", t3_rows, 1e3)

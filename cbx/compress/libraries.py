@@ -385,6 +385,10 @@ def _quantize(model, name: str, config, cls: type, quantize_one, **extra):
     for mname, mod in _progress(mods, name):
         w = linear_weight(mod)
         inner = quantize_one(_plain_linear(w, dtype))
+        if inner is None:
+            log.warning("%s: %s (%d -> %d) has a shape the library cannot quantize; left as is",
+                        name, mname, w.shape[1], w.shape[0])
+            continue
         new = cls(inner, w.shape[1], w.shape[0], mod.bias, type(mod).__name__, config.compute_dtype)
         _swap(model, mname, new, name, cfg, **extra)
     return model
@@ -426,15 +430,24 @@ def torchao_int4_weight_only(model, config: TorchaoInt4WeightOnlyConfig):
     device = _require(model, "torchao_int4_weight_only", "torchao")
     from torchao.quantization import Int4WeightOnlyConfig, IntxWeightOnlyConfig, PerGroup
 
-    if device.type == "cuda":
-        if config.compute_dtype != "bfloat16":
-            raise CbxError("torchao_int4_weight_only: the CUDA tinygemm layout needs compute_dtype bfloat16")
-        ao, layout = Int4WeightOnlyConfig(group_size=config.group_size,
-                                          int4_packing_format="tile_packed_to_4d"), "tile_packed_to_4d"
-    else:
-        ao, layout = IntxWeightOnlyConfig(weight_dtype=torch.int4,
-                                          granularity=PerGroup(config.group_size)), "intx_unpacked_to_int8"
-    return _quantize(model, "torchao_int4_weight_only", config, TorchaoLinear, _torchao(ao), layout=layout)
+    if device.type == "cuda" and config.compute_dtype != "bfloat16":
+        raise CbxError("torchao_int4_weight_only: the CUDA tinygemm layout needs compute_dtype bfloat16")
+    layout = "tile_packed_to_4d" if device.type == "cuda" else "intx_unpacked_to_int8"
+
+    def one(lin: nn.Linear):
+        # the largest supported group size up to the configured one that divides the input size
+        # (tiny models), as the workbench's int4_weight_only does; none: the layer stays as is
+        k = lin.in_features
+        g = next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if g <= config.group_size and k % g == 0), None)
+        if g is None:
+            return None
+        if device.type == "cuda":
+            ao = Int4WeightOnlyConfig(group_size=g, int4_packing_format="tile_packed_to_4d")
+        else:
+            ao = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(g))
+        return _torchao(ao)(lin)
+
+    return _quantize(model, "torchao_int4_weight_only", config, TorchaoLinear, one, layout=layout)
 
 
 @register_transform("torchao_float8_weight_only", TorchaoFloat8WeightOnlyConfig)

@@ -260,3 +260,17 @@ def test_library_layers_record_their_kernel(name, path):
         net(torch.randn(2, 256))
     assert kernels.kernel_summary(net) == {"paths": {path: 1}, "fallbacks": []}
     assert net.a.cbx_name == "a" and copy.deepcopy(net).a.cbx_kernel == path
+
+
+@pytest.mark.parametrize("name, bytes_per_weight", [
+    ("torchao_int8_weight_only", 1.0), ("bnb_int8", 1.0), ("quanto_qint8", 1.0), ("bnb_nf4", 0.5),
+    ("quanto_qint4", 0.5), ("torchao_float8_weight_only", 1.0),
+])
+def test_weight_bytes_counts_library_storage(name, bytes_per_weight):
+    from cbx.compress.size import weight_bytes
+
+    net = _apply(_Net().eval(), name, targets=["a"])
+    n = weight_bytes(net.a)
+    packed = 256 * 128 * bytes_per_weight
+    assert packed <= n <= packed * 1.2 + 128 * 4 + 64  # scales/statistics and the fp32 bias on top
+    assert weight_bytes(net) == n + weight_bytes(net.b) + weight_bytes(net.c)
