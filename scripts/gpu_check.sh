@@ -66,7 +66,7 @@ STEPS=(
     "pytest -m cuda|100|$PY -m pytest -q -m cuda tests -p no:cacheprovider"
     "bench engine, batch 1, graphed vs eager|60|$CBX bench engine --model full --device cuda --tokens 100 --batch 1 --repeats 2 --compile cudagraphs"
     "bench engine, batch 8|40|$CBX bench engine --model full --device cuda --tokens 100 --batch 8 --repeats 1"
-    "bench quant (int8/int4/fp8 vs bf16)|60|$CBX bench quant --model full --device cuda --repeats 3"
+    "bench quant (int8/int4/fp8 vs bf16; libraries: pytest -m cuda)|60|$CBX bench quant --model full --device cuda --repeats 3 --no-libraries"
     "bench student|30|$CBX bench student --model full --device cuda --dtype bf16 --repeats 2"
     "bench scorer|25|$CBX bench scorer --n 4"
     "distill a short student (random:original)|40|$CBX distill $WORK/distill.yaml"
