@@ -29,8 +29,11 @@ def _umask() -> int:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # name the file the caller asked for, not a temporary name
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -38,6 +41,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -99,12 +105,21 @@ def atomic_write_audio(path: str | os.PathLike, wav: np.ndarray, sr: int, subtyp
 
 
 @contextmanager
-def atomic_dir(out_dir: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, replace: bool = False, is_ours=None) -> Iterator[Path]:
     """A temporary folder beside ``out_dir`` to write into; when the block succeeds it is renamed
     to ``out_dir``, when it fails it is removed. ``out_dir`` must be absent or an empty folder,
     unless ``replace``: then a previous folder is moved aside, the new one renamed in, and the
-    old one deleted (a reader sees the old folder or the new one, never a mix)."""
+    old one deleted (a reader sees the old folder or the new one, never a mix). ``is_ours(path)``
+    must say True for a non-empty previous folder before it is replaced: nothing that the
+    writer did not make is ever deleted (CbxError before any work)."""
     out_dir = Path(out_dir)
+    if replace and out_dir.exists():
+        from cbx.errors import CbxError
+
+        if out_dir.is_symlink() or not out_dir.is_dir():
+            raise CbxError(f"{out_dir}: exists and is not a folder; not replacing it")
+        if any(out_dir.iterdir()) and (is_ours is None or not is_ours(out_dir)):
+            raise CbxError(f"{out_dir}: exists and holds files this command did not write; not replacing it")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is owner-only; give a plain mkdir's mode
@@ -125,21 +140,13 @@ def atomic_dir(out_dir: str | os.PathLike, replace: bool = False) -> Iterator[Pa
         raise
 
 
-def verify_hash_index(folder: str | os.PathLike, index_name: str, listed: dict[str, str]) -> None:
+def verify_hash_index(folder: str | os.PathLike, index_name: str, listed: dict[str, str],
+                      allow_extra: bool = False) -> None:
     """Check that ``folder`` holds exactly the files ``listed`` (relative path -> SHA-256; the
-    index file ``index_name`` itself excepted) with those hashes. The one check behind every
-    "this folder is what was written" promise (exports, compressed checkpoints); the
-    :class:`CbxError` names the file."""
-    from cbx.errors import CbxError
+    index file ``index_name`` itself excepted) with those hashes, no symbolic links and no
+    listed path outside the folder. The one check behind every "this folder is what was
+    written" promise (exports, compressed checkpoints); the :class:`CbxError` names the file.
+    Implemented in :func:`cbx.integrity.verify_listed_files`."""
+    from cbx.integrity import verify_listed_files
 
-    folder = Path(folder)
-    for rel, digest in listed.items():
-        p = folder / rel
-        if not p.is_file():
-            raise CbxError(f"{p}: listed in {index_name} but missing")
-        if sha256_file(p) != digest:
-            raise CbxError(f"{p}: content does not match its hash in {index_name} (corrupt or edited)")
-    present = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != index_name}
-    extra = sorted(present - set(listed))
-    if extra:
-        raise CbxError(f"{folder / extra[0]}: not listed in {index_name} (added after it was written)")
+    verify_listed_files(Path(folder), listed, index_name, allow_extra=allow_extra)

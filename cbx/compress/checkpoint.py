@@ -188,12 +188,10 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
     folder = Path(folder)
     manifest = read_manifest(folder)
     if verify:
-        for fname, digest in manifest["files"].items():
-            path = folder / fname
-            if not path.is_file():
-                raise CbxError(f"{path}: listed in the manifest but missing")
-            if sha256_file(path) != digest:
-                raise CbxError(f"{path}: content does not match its hash in {MANIFEST} (corrupt or edited)")
+        from cbx.integrity import verify_listed_files
+
+        # no links, no paths outside the folder, every hash (other files: an export's own list)
+        verify_listed_files(folder, manifest["files"], MANIFEST, allow_extra=True)
     if base is not None and getattr(base, "variant", manifest["variant"]) != manifest["variant"]:
         raise CbxError(f"{folder / MANIFEST}: checkpoint of a {manifest['variant']} model, "
                        f"given a {base.variant} model to load into")
@@ -202,6 +200,9 @@ def load_compressed(folder: str | Path, base=None, verify: bool = True):
     model = base if base is not None else _skeleton(manifest, folder)
     with safe_open(str(folder / WEIGHTS), framework="pt") as f:
         tensors = {k: _aligned(f.get_tensor(k)) for k in f.keys()}
+    from cbx.engine.model import check_finite
+
+    check_finite(tensors, folder / WEIGHTS)
     named = dict(model.named_modules())
     for name, entry in manifest["modules"].items():
         mod = named.get(name)

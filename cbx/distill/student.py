@@ -88,10 +88,21 @@ def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
         "dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
         "meta": meta or {},
     }
-    with atomic_dir(out_dir, replace=True) as tmp:
+    with atomic_dir(out_dir, replace=True, is_ours=_is_student_folder) as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
+
+
+def _is_student_folder(folder: Path) -> bool:
+    """A previous student checkpoint and nothing else (the only folder save_student replaces)."""
+    names = {p.name for p in folder.iterdir()}
+    if not names <= {WEIGHTS, MANIFEST} or any(p.is_symlink() or p.is_dir() for p in folder.iterdir()):
+        return False
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
@@ -118,7 +129,15 @@ def load_student(ckpt_dir: str | Path, teacher_estimator: torch.nn.Module) -> tu
         )
     student = make_student(teacher_estimator) if not getattr(teacher_estimator, "meanflow", False) \
         else copy.deepcopy(teacher_estimator)
-    sd = load_file(str(Path(ckpt_dir) / WEIGHTS))
+    from cbx.engine.model import check_finite
+    from cbx.integrity import refuse_symlinks
+
+    refuse_symlinks(Path(ckpt_dir), "student checkpoint")
+    try:
+        sd = load_file(str(Path(ckpt_dir) / WEIGHTS))
+    except Exception as exc:  # safetensors raises several types for truncated or corrupt files
+        raise CbxError(f"{Path(ckpt_dir) / WEIGHTS}: cannot read weights (truncated or corrupt file?): {exc}") from None
+    check_finite(sd, Path(ckpt_dir) / WEIGHTS)
     want = student.state_dict()
     missing = sorted(set(want) - set(sd))
     extra = sorted(set(sd) - set(want))

@@ -87,6 +87,8 @@ def load_audio(path: str | os.PathLike, sr: int | None = None, *, min_seconds: f
 def load_audio_native(path: str | os.PathLike, *, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     """Read ``path`` as mono float32 at its own rate: ``(wav, sr)``; validated as :func:`load_audio`."""
     path = Path(path)
+    if path.is_dir():
+        raise CbxError(f"{path}: is a folder, not an audio file")
     if not path.is_file():
         raise CbxError(f"{path}: audio file not found")
     if path.stat().st_size == 0:

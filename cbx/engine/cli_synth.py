@@ -93,6 +93,8 @@ def check_voice(path: str | None) -> None:
     if path is None:
         return
     p = Path(path)
+    if p.is_dir():
+        raise CbxError(f"--voice '{path}': is a folder; give one audio file (wav, flac, mp3, ...)")
     if not p.is_file():
         raise CbxError(f"--voice '{path}': no such file")
     if not os.access(p, os.R_OK):
@@ -158,6 +160,11 @@ def run(args: argparse.Namespace) -> int:
     batch = Synthesizer(model, device=device).synthesize(
         [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
     res = batch.results[0]
+    if res.degenerate is not None:
+        # Nothing worth writing (a voice of pure noise can make T3 stop at once: 0 speech tokens).
+        raise CbxError(f"the model produced no usable audio for this text and voice ({res.degenerate} output, "
+                       f"{int(res.speech_tokens.size)} speech token(s)); check the voice prompt "
+                       f"({args.voice or 'built-in voice'}); nothing written to {out}")
     write_wav(out, res.wav, res.sample_rate)
     print(f"wrote {out} ({res.audio_s:.2f} s, {res.sample_rate} Hz, {len(res.chunks)} chunk(s))")
     print(format_timings(batch))

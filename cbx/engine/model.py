@@ -192,6 +192,7 @@ def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], path: P
     """
     expected = module.state_dict()
     check_state(expected, state, path, optional)
+    check_finite(state, path)
     full = {k: state.get(k, expected[k]) for k in expected}
     module.load_state_dict(full, strict=True)
 
@@ -213,6 +214,20 @@ def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CbxError(f"{path}: tensor '{key}' has shape {list(tensor.shape)}, "
                            f"the model expects {list(expected[key].shape)}")
+
+
+def check_finite(state: dict[str, torch.Tensor], path: Path) -> None:
+    """:class:`CbxError` naming ``path`` and the tensor when floating-point weights hold NaN or
+    inf (a corrupt file or a diverged training): such a model would only make NaN audio."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point() or not tensor.numel():
+            continue
+        if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            tensor = tensor.float()  # fp8: isfinite has no kernel for it
+        if not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CbxError(f"{path}: tensor '{key}' holds {bad} non-finite value(s) (NaN/inf); "
+                           "the weights are corrupt or from a diverged training")
 
 
 def _few(keys: list[str], n: int = 5) -> str:
@@ -305,6 +320,9 @@ def load_folder(folder: Path, variant: str | None = None, source: str | None = N
     from cbx.engine import upstream
     from cbx.engine.text import load_tokenizer
 
+    from cbx.integrity import verify_export_if_present
+
+    verify_export_if_present(folder)  # a (dequantized) export: every file's hash, before any byte is used
     variant = detect_variant(folder, variant)
     meta = read_meta(folder) or {}
     arch = meta.get("tiny")

@@ -29,6 +29,7 @@ Why it is built this way:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -41,6 +42,7 @@ from cbx.engine.timing import STAGES, PeakMemory, RunTiming, StageTimer, apporti
 from cbx.errors import CbxError
 
 SAMPLE_RATE = 24_000
+log = logging.getLogger("cbx.engine.synth")
 
 # Values upstream's generate() uses per variant (tts.py, tts_turbo.py, mtl_tts.py, 0.1.7).
 # top_k 0 means "no top-k filter"; Turbo has no CFG, no min_p and no exaggeration.
@@ -216,6 +218,10 @@ class SynthResult:
     audio_s: float
     timings: dict[str, float]
     sample_rate: int = SAMPLE_RATE
+    # Why the output is unusable, per utterance ("empty", "non-finite", "too short (...)"), as
+    # data for the caller to record; None for a normal output. Degenerate outputs are not
+    # watermarked (perth cannot mark them) and the rest of the batch is unaffected.
+    degenerate: str | None = None
 
 
 @dataclass
@@ -359,10 +365,10 @@ class Synthesizer:
         self._conds[key] = conds
         return conds
 
-    def _watermark(self, wav: np.ndarray) -> np.ndarray:
-        from cbx.engine.watermark import apply_watermark
+    def _watermark(self, wav: np.ndarray) -> tuple[np.ndarray, str | None]:
+        from cbx.engine.watermark import watermark_each
 
-        return apply_watermark([wav], SAMPLE_RATE, device=self.device)[0]
+        return watermark_each([wav], SAMPLE_RATE, device=self.device)[0]
 
     def _rows(self, requests: Sequence[SynthRequest], s: SynthSettings) -> list[_Row]:
         from cbx.engine.text import split_text, t3_text_tokens
@@ -571,10 +577,16 @@ class Synthesizer:
             mine = [r for r in rows if r.request == i]
             wav = crossfade_join([r.wav for r in mine], overlap)
             wm = 0.0
-            if s.watermark and wav.size:
+            from cbx.engine.watermark import degenerate
+
+            why = degenerate(wav, SAMPLE_RATE)
+            if s.watermark and why is None:
                 with timer.stage("watermark") as lap:
-                    wav = self._watermark(wav)
+                    wav, why = self._watermark(wav)
                 wm = lap.seconds
+            if why is not None:
+                log.warning("utterance %s: output %s (not watermarked; recorded as degenerate)",
+                            req.id if req.id is not None else f"utt{i}", why)
             key = self._voice_key(req.voice, float(s.exaggeration))
             t = {st: 0.0 for st in STAGES}
             t["conditioning"] = voice_seconds.get(key, 0.0) / users[key]
@@ -588,7 +600,7 @@ class Synthesizer:
                 id=req.id if req.id is not None else f"utt{i}", text=req.text, wav=wav.astype(np.float32),
                 speech_tokens=tokens.numpy().astype(np.int64), chunks=[r.text for r in mine],
                 chunk_tokens=[int(r.tokens.numel()) for r in mine],
-                audio_s=len(wav) / SAMPLE_RATE, timings=t))
+                audio_s=len(wav) / SAMPLE_RATE, timings=t, degenerate=why))
         return results
 
 

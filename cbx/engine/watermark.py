@@ -9,6 +9,11 @@ becomes a CbxError naming the cause.
 Utterances are marked one at a time: perth's encoder is convolutional over the whole
 spectrogram, so padding a batch would change the tails, and a watermark that depends on what
 else was synthesized with it would break "same seed, same audio".
+
+Degenerate outputs are data, not a crash: perth fails on clips shorter than about 0.03 s and
+on NaN/inf samples, and marking an empty clip means nothing. Such an output is returned
+unmarked with the reason (:func:`degenerate`, :func:`watermark_each`), so the caller records it
+per utterance and the others of the batch are marked as usual.
 """
 
 from __future__ import annotations
@@ -32,28 +37,51 @@ def get_watermarker(device: str | torch.device = "cpu"):
     return _WATERMARKERS[key]
 
 
+# Shortest clip perth's encoder takes (its STFT frames): measured to fail below about 0.03 s.
+MIN_WATERMARK_S = 0.03
+
+
+def degenerate(wav, sr: int) -> str | None:
+    """Why ``wav`` cannot be watermarked (``empty``, ``non-finite``, ``too short``), or None."""
+    wav = np.asarray(wav)
+    if wav.size == 0:
+        return "empty"
+    if not np.all(np.isfinite(wav)):
+        return "non-finite"
+    if wav.shape[-1] < MIN_WATERMARK_S * sr:
+        return f"too short ({wav.shape[-1] / sr:.3f} s < {MIN_WATERMARK_S} s)"
+    return None
+
+
 def apply_watermark(wavs, sr: int, enabled: bool = True, device: str | torch.device = "cpu") -> list[np.ndarray]:
     """Watermarked float32 copies of ``wavs`` (a list of 1-D arrays at ``sr`` Hz); with
-    ``enabled=False`` the inputs are returned unchanged (same objects), so callers need one path."""
+    ``enabled=False`` the inputs are returned unchanged (same objects), so callers need one path.
+    Degenerate clips come back unmarked (:func:`watermark_each` also says why)."""
     wavs = list(wavs)
     if not enabled:
         return wavs
+    return [w for w, _ in watermark_each(wavs, sr, device)]
+
+
+def watermark_each(wavs, sr: int, device: str | torch.device = "cpu") -> list[tuple[np.ndarray, str | None]]:
+    """``(watermarked copy, None)`` per clip, or ``(unmarked copy, reason)`` for a degenerate one."""
+    wavs = [np.asarray(w, dtype=np.float32) for w in wavs]
+    if all(degenerate(w, sr) for w in wavs):
+        return [(w.copy(), degenerate(w, sr)) for w in wavs]  # no need to load perth at all
     wm = get_watermarker(device)
-    out = []
     with torch.inference_mode():
-        out = _mark_each(wm, wavs, sr)
-    return out
+        return _mark_each(wm, wavs, sr)
 
 
-def _mark_each(wm, wavs, sr: int) -> list[np.ndarray]:
+def _mark_each(wm, wavs, sr: int) -> list[tuple[np.ndarray, str | None]]:
     out = []
     for wav in wavs:
-        wav = np.asarray(wav, dtype=np.float32)
-        if wav.size == 0:
-            out.append(wav)
+        why = degenerate(wav, sr)
+        if why is not None:
+            out.append((wav.copy(), why))
             continue
         marked = wm.apply_watermark(wav, sample_rate=int(sr))
-        out.append(np.asarray(marked, dtype=np.float32)[: wav.shape[0]])
+        out.append((np.asarray(marked, dtype=np.float32)[: wav.shape[0]], None))
     return out
 
 

@@ -23,6 +23,8 @@ def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     import soundfile as sf
 
     p = Path(path)
+    if p.is_dir():
+        raise CbxError(f"{p}: is a folder, not an audio file")
     if not p.is_file():
         raise CbxError(f"{p}: audio file not found")
     if p.stat().st_size == 0:

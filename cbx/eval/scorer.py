@@ -164,15 +164,36 @@ class _AudioCache:
         return self._cache[p]
 
 
+# Shorter outputs than this carry nothing to score (and crash some metric models' framing).
+MIN_SCORE_S = 0.03
+
+
+def unusable_audio(wav: np.ndarray, sr: int) -> str | None:
+    """Why audio cannot be scored (non-finite samples, too short), or None. Such a line is
+    reported as failed with this reason and the other lines are scored."""
+    bad = int(np.count_nonzero(~np.isfinite(wav)))
+    if bad:
+        return f"{bad} non-finite sample(s) (NaN/inf)"
+    if wav.size < MIN_SCORE_S * sr:
+        return f"too short to score ({wav.size / sr:.3f} s < {MIN_SCORE_S} s)"
+    return None
+
+
 def _utterance(entry: ManifestEntry, base: Path, cache: _AudioCache) -> Utterance:
     d = entry.data
     wav, sr = read_audio(base / d["audio"])
+    why = unusable_audio(wav, sr)
+    if why is not None:
+        raise CbxError(f"{d['audio']}: {why}; scored as failed")
     uid = str(d.get("id", f"line{entry.line}"))
     utt = Utterance(uid, wav, sr, d["text"], prompt_text=d.get("prompt_text"))
     if d.get("prompt"):
         utt.prompt_audio, utt.prompt_sr = cache.get(base / d["prompt"])
     if d.get("reference_audio"):
         utt.reference_audio, utt.reference_sr = cache.get(base / d["reference_audio"])
+        why = unusable_audio(utt.reference_audio, utt.reference_sr)
+        if why is not None:
+            raise CbxError(f"reference_audio {d['reference_audio']}: {why}")
     if d.get("fidelity_audio"):
         utt.fidelity_audio, utt.fidelity_sr = read_audio(base / d["fidelity_audio"])
     timings = d.get("timings") or {}

@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault(*OMP_POLICY)
     from cbx.errors import CbxError
     from cbx.lab.plan import plan_runs
-    from cbx.lab.runner import Runner
+    from cbx.lab.runner import BaselineFailed, Runner
     from cbx.lab.schema import load_experiments
     from cbx.lab.shard import from_environment
 
@@ -63,7 +63,30 @@ def run(args: argparse.Namespace) -> int:
     failed = 0
     try:
         for exp in exps:
-            out = runner.run(exp, force=args.force)
+            try:
+                out = runner.run(exp, force=args.force)
+            except BaselineFailed as e:
+                # its baseline failed (that run's line said why): this one cannot be compared
+                failed += 1
+                if shard.is_main:
+                    print(f"{exp.name}: not run: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001
+                from cbx.errors import resource_fault
+
+                if resource_fault(e) is not None or shard.world > 1:
+                    raise  # disk full / read-only: the next run would fail the same way
+                # A bug or a broken model in one run: its record says failed (resumable); go on.
+                from cbx.lab.runner import failure_reason
+
+                failed += 1
+                if shard.is_main:
+                    if os.environ.get("CBX_DEBUG", "") not in ("", "0"):
+                        import traceback
+
+                        traceback.print_exc()
+                    print(f"{exp.name}: failed: {failure_reason(e)}")
+                continue
             rec = out.record
             if shard.is_main:
                 status = rec.get("status")

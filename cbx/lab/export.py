@@ -12,8 +12,14 @@ Two forms:
 
 Either way the folder gets ``export.json``: where it came from (run id, resolved config,
 aggregate scores, commit) and the SHA-256 of every other file, checked by :func:`load_export`
-so a corrupted or edited export is refused with the file named. An existing ``--out`` is
-never overwritten without ``force``; the new folder is built beside it and renamed into place.
+so a corrupted or edited export is refused with the file named (:mod:`cbx.integrity`, which
+every loader of exports goes through: links and paths outside the folder are refused too).
+
+Nothing but a previous export is ever replaced: ``--out`` must not be the run folder, inside it,
+or hold it (a results folder); an existing ``--out`` is replaced only with ``force`` and only
+when it is an export this command made (its ``export.json`` lists every file it holds), so
+``--force`` can never delete runs or anyone's files. The new folder is built beside it and
+renamed into place; the old one is removed only after that.
 """
 
 from __future__ import annotations
@@ -27,21 +33,45 @@ import torch
 from torch import nn
 
 from cbx.errors import CbxError
-from cbx.files import read_json_file, sha256_file, verify_hash_index
+from cbx.files import sha256_file
+from cbx.integrity import EXPORT_FILE, EXPORT_FORMAT, folder_files, read_export_info, refuse_symlinks, verify_export_folder
 from cbx.lab import store
 
-EXPORT_FILE = "export.json"
-EXPORT_FORMAT = "cbx-export"
 EXPORT_VERSION = 1
 KINDS = ("compressed", "upstream")
 
 
 def _file_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): sha256_file(p)
-        for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != EXPORT_FILE
-    }
+    refuse_symlinks(folder, "export")
+    return {rel: sha256_file(folder / rel) for rel in folder_files(folder, skip=(EXPORT_FILE,))}
+
+
+def check_out_folder(out: Path, run_dir: Path, force: bool) -> None:
+    """Refuse an ``--out`` whose replacement could delete anything but a previous export."""
+    o, r = out.resolve(), run_dir.resolve()
+    if o == r or r in o.parents:
+        raise CbxError(f"--out {out}: must not be inside the run folder")
+    if o in r.parents:
+        raise CbxError(f"--out {out}: holds the run folder {run_dir}; give a new folder for the export")
+    if out.is_symlink():
+        raise CbxError(f"--out {out}: is a symbolic link; give a real folder")
+    if not out.exists():
+        return
+    if not force:
+        raise CbxError(f"--out {out}: already exists; pass --force to replace it")
+    if not out.is_dir():
+        raise CbxError(f"--out {out}: is a file, not a previous export; --force replaces only an export folder")
+    try:
+        info = read_export_info(out)
+    except CbxError:
+        raise CbxError(f"--out {out}: is not a previous export (no valid {EXPORT_FILE}); --force replaces "
+                       "only a folder made by cbx export, nothing else") from None
+    refuse_symlinks(out, "previous export")
+    unlisted = sorted(set(folder_files(out, skip=(EXPORT_FILE,))) - set(info.get("files") or {}))
+    if unlisted or any(p.is_dir() and not any(p.iterdir()) for p in out.rglob("*")):
+        what = unlisted[0] if unlisted else "an empty folder"
+        raise CbxError(f"--out {out}: holds {what}, which its {EXPORT_FILE} does not list; not replacing it "
+                       "(move your files out, or choose another --out)")
 
 
 # ---------------------------------------------------------------- dequantization
@@ -113,10 +143,7 @@ def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool =
     record = store.ResultsDir(run_dir.parent).record(run_dir.name) or {}
     if record.get("status") != store.STATUS_DONE:
         raise CbxError(f"{run_dir}: run status is {record.get('status')!r}; only finished (done) runs can be exported")
-    if out.exists() and not force:
-        raise CbxError(f"--out {out}: already exists; pass --force to replace it")
-    if out.resolve() == run_dir.resolve() or run_dir.resolve() in out.resolve().parents:
-        raise CbxError(f"--out {out}: must not be inside the run folder")
+    check_out_folder(out, run_dir, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -132,7 +159,8 @@ def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool =
             from cbx.compress.checkpoint import load_compressed
 
             load_compressed(ckpt)  # refuses a damaged checkpoint before it is copied
-            shutil.copytree(ckpt, target)
+            refuse_symlinks(ckpt, "checkpoint")
+            shutil.copytree(ckpt, target, symlinks=True)
             kind = "compressed"
         else:
             from cbx.compress.checkpoint import save_compressed
@@ -167,13 +195,7 @@ def export_run(run_dir: Path, out: Path, dequantize: bool = False, force: bool =
 
 def verify_export(folder: Path) -> dict:
     """``export.json`` of ``folder`` after checking every file's hash (CbxError names the file)."""
-    folder = Path(folder)
-    path = folder / EXPORT_FILE
-    info = read_json_file(path, f"{path}: missing (not an export folder)")
-    if info.get("format") != EXPORT_FORMAT or info.get("kind") not in KINDS:
-        raise CbxError(f"{path}: not a {EXPORT_FORMAT} file (format {info.get('format')!r}, kind {info.get('kind')!r})")
-    verify_hash_index(folder, EXPORT_FILE, info.get("files") or {})
-    return info
+    return verify_export_folder(Path(folder))
 
 
 def load_export(folder: Path):

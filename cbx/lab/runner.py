@@ -28,6 +28,8 @@ import datetime as _dt
 import gc
 import importlib.metadata as md
 import json
+import os
+import platform
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -265,6 +267,10 @@ class Backend:
         }
 
 
+class BaselineFailed(CbxError):
+    """A compressed experiment whose baseline run failed: nothing to compare it against."""
+
+
 @dataclass
 class RunOutcome:
     run_id: str
@@ -310,6 +316,23 @@ def hardware_label(hw: dict[str, Any]) -> str:
     if hw.get("gpu"):
         return f"{hw['gpu']} ({hw.get('device')})"
     return f"{hw.get('cpu')}, {hw.get('torch_threads')} threads"
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line for a run record: what stopped the run."""
+    import signal as _signal
+
+    if isinstance(exc, KeyboardInterrupt):
+        sig = getattr(exc, "signal", None)
+        return f"interrupted ({_signal.Signals(sig).name})" if sig else "interrupted (Ctrl-C)"
+    if isinstance(exc, SystemExit):
+        return f"exited ({exc.code})"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        from cbx.errors import os_error_message
+
+        return os_error_message(exc)
+    msg = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {msg}" if not isinstance(exc, CbxError) else msg
 
 
 def check_output(wav: np.ndarray) -> str | None:
@@ -373,7 +396,7 @@ class Runner:
         if not exp.is_baseline and exp.baseline:
             baseline = self.run(exp.baseline_experiment())
             if baseline.record.get("status") != store.STATUS_DONE:
-                raise CbxError(
+                raise BaselineFailed(
                     f"experiment {exp.name!r}: its baseline run {baseline.run_id} failed "
                     f"({baseline.record.get('failure')}); nothing to compare against"
                 )
@@ -388,15 +411,51 @@ class Runner:
                 d, prev = Path(found[0]), found[1]
                 self._log(f"reusing {d.name} for {exp.name} ({prev['status']})")
                 return RunOutcome(d.name, d, prev, True)
-            record = self._execute(exp, run_id, run_dir, key, resolved, hw, device, baseline, force)
+            prev = self.results.record(run_id) if self.shard.is_main else None
+            if prev is not None and prev.get("status") in (store.STATUS_RUNNING, store.STATUS_FAILED):
+                # Under the lock nobody else works on this run: "running" means its process
+                # died without a word (SIGKILL, power); "failed" here means it can be resumed.
+                what = ("left running by a process that is gone (stale)" if prev["status"] == store.STATUS_RUNNING
+                        else f"failed: {prev.get('failure')}")
+                self._log(f"resuming {run_id}: previous attempt {what}")
+            try:
+                record = self._execute(exp, run_id, run_dir, key, resolved, hw, device, baseline, force,
+                                       previous=prev)
+            except BaseException as e:
+                self._mark_failed(run_dir, e)
+                raise
         self._track(exp, run_dir, record)
         return RunOutcome(run_id, run_dir, record, False)
 
+    def _mark_failed(self, run_dir: Path, exc: BaseException) -> None:
+        """The record of a run that raised says so (status failed, the reason, resumable): on
+        exceptions, Ctrl-C and SIGTERM. Best effort: on a full disk even this may not write;
+        the next start then finds the record "running" and treats it as stale."""
+        if not self.shard.is_main:
+            return
+        try:
+            rec = self.results.record(run_dir.name)
+        except CbxError:
+            rec = None
+        if rec is None or rec.get("status") != store.STATUS_RUNNING:
+            return
+        interrupted = isinstance(exc, (KeyboardInterrupt, SystemExit))
+        rec.update(status=store.STATUS_FAILED, resumable=True, finished_at=_now(),
+                   failure_kind="interrupted" if interrupted else "error",
+                   failure=failure_reason(exc))
+        try:
+            atomic_write_json(run_dir / store.RUN_RECORD, rec)
+        except OSError:
+            pass
+
     def _finished(self, run_id: str, key: str) -> tuple[str, dict] | None:
         """A finished run of this experiment: its own folder, or one measuring the same thing
-        under another name (a sweep's explicit baseline and the baseline a compressed run asks for)."""
+        under another name (a sweep's explicit baseline and the baseline a compressed run asks for).
+        A run that failed by an exception or an interruption (``resumable``) is not finished: the
+        next start resumes it; one whose outputs failed their checks is (rerunning repeats it)."""
         prev = self.results.record(run_id)
-        if prev is not None and prev.get("status") in (store.STATUS_DONE, store.STATUS_FAILED):
+        if prev is not None and (prev.get("status") == store.STATUS_DONE
+                                 or (prev.get("status") == store.STATUS_FAILED and not prev.get("resumable"))):
             return str(self.results.run_dir(run_id)), prev
         other = self.results.find_finished(key)
         return (str(other[0]), other[1]) if other else None
@@ -408,7 +467,8 @@ class Runner:
 
     # ------------------------------------------------------------------ work
 
-    def _execute(self, exp, run_id, run_dir: Path, key, resolved, hw, device, baseline: RunOutcome | None, force) -> dict:
+    def _execute(self, exp, run_id, run_dir: Path, key, resolved, hw, device, baseline: RunOutcome | None, force,
+                 previous: dict | None = None) -> dict:
         b = self.backend
         set_name, set_version, items = b.eval_set(exp.eval.set)
         if exp.eval.limit is not None:
@@ -437,6 +497,9 @@ class Runner:
             "eval_suite_version": b.suite_version(),
             "status": store.STATUS_RUNNING,
             "started_at": _now(),
+            "pid": os.getpid(),
+            "host": platform.node(),
+            "attempts": int((previous or {}).get("attempts", 1)) + 1 if previous else 1,
             "trained": _trained_provenance(exp, self.results.root),
             "command": " ".join(sys.argv),
         }

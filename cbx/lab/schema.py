@@ -18,6 +18,7 @@ run folder records.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -354,8 +355,8 @@ def load_experiments(path: str | Path) -> list[Experiment]:
             exps.append(validate(exp, vpath))
     except CbxError as e:
         raise CbxError(f"{path}: {e}") from None
-    names = [e.name for e in exps]
-    dup = sorted({n for n in names if names.count(n) > 1})
+    counts = collections.Counter(e.name for e in exps)  # (list.count per name was quadratic)
+    dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:
         raise CbxError(f"{path}: experiment name {dup[0]!r} appears more than once (names identify runs)")
     return exps

@@ -55,13 +55,17 @@ def test_interrupted_run_resumes_without_redoing_finished_utterances(tmp_path):
     with pytest.raises(RuntimeError, match="simulated crash"):
         Runner(tmp_path, backend=be, progress=False).run(exp)
     (run_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+    rec = json.loads((run_dir / "run.json").read_text())
+    # the record tells the truth: failed, why, and that the next start resumes it
+    assert rec["status"] == "failed" and rec["resumable"] and rec["failure"] == "RuntimeError: simulated crash"
+    assert rec["failure_kind"] == "error" and rec["attempts"] == 1
     assert len(list((run_dir / "synth").glob("*.json"))) == 2  # one full batch of 2 was written
     done_before = set(be.synthesized[:2])
     be.fail_after = None
     be.synthesized.clear()
     out = Runner(tmp_path, backend=be, progress=False).run(exp)
-    assert out.record["status"] == "done" and out.run_dir == run_dir
+    assert out.record["status"] == "done" and out.run_dir == run_dir and out.record["attempts"] == 2
+    assert "failure" not in out.record and "resumable" not in out.record
     assert set(be.synthesized) == {f"utt{i}" for i in range(5)} - done_before
 
 
