@@ -381,10 +381,23 @@ class Synthesizer:
                 raise CbxError(f"request {i} ({req.id or 'no id'}): text is empty")
             lang = req.language_id or s.language_id
             key = self._voice_key(req.voice, float(s.exaggeration))
-            for k, chunk in enumerate(split_text(req.text)):
-                rows.append(_Row(i, k, chunk, t3_text_tokens(self.model, chunk, language_id=lang), key,
-                                 row_seed(s.seed, k)))
+            chunks = [ct for chunk in split_text(req.text) for ct in self._fit(chunk, lang)]
+            for k, (chunk, tokens) in enumerate(chunks):
+                rows.append(_Row(i, k, chunk, tokens, key, row_seed(s.seed, k)))
         return rows
+
+    def _fit(self, chunk: str, lang: str | None) -> list[tuple[str, list[int]]]:
+        """``chunk`` with its text tokens, cut further where it has more tokens than T3's
+        text positions (the tiny model takes 258, fewer than 300 characters can need)."""
+        from cbx.engine.text import split_text, t3_text_tokens
+
+        tokens = t3_text_tokens(self.model, chunk, language_id=lang)
+        t3 = self.model.t3
+        limit = t3.text_pos_emb.emb.num_embeddings if getattr(t3.hp, "input_pos_emb", None) == "learned" else None
+        if limit is None or len(tokens) <= limit or len(chunk) <= 1:
+            return [(chunk, tokens)]
+        chars = max(1, min(len(chunk) - 1, len(chunk) * (limit - 2) // len(tokens)))
+        return [ct for part in split_text(chunk, chars) for ct in self._fit(part, lang)]
 
     def _decode_settings(self, s: SynthSettings):
         from cbx.engine.t3_decode import DecodeSettings

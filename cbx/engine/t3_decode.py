@@ -436,7 +436,8 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
     text = torch.as_tensor(row.text_tokens, dtype=torch.long, device=device).view(1, -1)
     if hp.input_pos_emb == "learned" and text.shape[1] > t3.text_pos_emb.emb.num_embeddings:
         raise CbxError(f"text of {text.shape[1]} tokens is longer than the model takes "
-                       f"({t3.text_pos_emb.emb.num_embeddings}); split it (cbx.engine.text.split_text)")
+                       f"({t3.text_pos_emb.emb.num_embeddings}); use shorter sentences (the synthesizer splits "
+                       "long text at sentence and clause ends)")
     if text.numel() and (int(text.min()) < 0 or int(text.max()) >= hp.text_tokens_dict_size):
         raise CbxError(f"text token ids must lie in [0, {hp.text_tokens_dict_size})")
     cond_emb = t3.prepare_conditioning(_row_cond(t3, row.cond, exaggeration))[:1]
