@@ -8,7 +8,7 @@ manifest), and every user of a model source (``cbx run``'s ``model:``, ``cbx syn
 engine stays ignorant of compression; the lab and the CLI commands call this module. A folder is
 compressed when its ``manifest.json`` says ``format: cbx-compressed`` (never from its name). An
 export's ``export.json`` is verified first (every file's SHA-256, no file added:
-:func:`cbx.files.verify_hash_index`, the same check ``cbx export`` verifies with), then the
+:func:`cbx.integrity.verify_export_if_present`, the same check ``cbx export`` verifies with), then the
 manifest's own hashes when the checkpoint loads.
 """
 
@@ -54,11 +54,9 @@ def load_source(source: str | Path, device: Any = "cpu", dtype: Any = None, vari
         return load_model(source, device=device, dtype=dtype, variant=variant)
     from cbx.compress.checkpoint import load_compressed
     from cbx.errors import CbxError
-    from cbx.files import read_json_file, verify_hash_index
+    from cbx.integrity import verify_export_if_present
 
-    if (folder / EXPORT_INDEX).is_file():
-        info = read_json_file(folder / EXPORT_INDEX, f"{folder / EXPORT_INDEX}: missing")
-        verify_hash_index(folder, EXPORT_INDEX, info.get("files") or {})
+    verify_export_if_present(folder)  # format, every hash, no links, no path outside the folder
     model = load_compressed(folder)
     if variant is not None and variant != model.variant:
         raise CbxError(f"{folder}: holds a {model.variant} model, not {variant}")
