@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from cbx.errors import CbxError
 from cbx.files import atomic_dir, sha256_file
 
 
@@ -36,7 +37,7 @@ def test_a_failed_write_keeps_the_old_folder_and_leaves_nothing(tmp_path):
     with atomic_dir(out) as tmp:
         (tmp / "old.bin").write_bytes(b"old")
     with pytest.raises(RuntimeError, match="boom"):
-        with atomic_dir(out, replace=True) as tmp:
+        with atomic_dir(out, replace=True, is_ours=lambda d: True) as tmp:
             (tmp / "new.bin").write_bytes(b"new")
             raise RuntimeError("boom")
     assert _listing(out) == ["old.bin"]
@@ -51,7 +52,12 @@ def test_replace_only_when_asked(tmp_path):
         with atomic_dir(out) as tmp:
             (tmp / "new.bin").write_bytes(b"new")
     assert _listing(out) == ["old.bin"]
-    with atomic_dir(out, replace=True) as tmp:
+    # replacing needs the writer to recognise the old folder as its own: nothing else is deleted
+    with pytest.raises(CbxError, match="holds files this command did not write"):
+        with atomic_dir(out, replace=True, is_ours=lambda d: (d / "mine.bin").exists()) as tmp:
+            (tmp / "new.bin").write_bytes(b"new")
+    assert _listing(out) == ["old.bin"] and _listing(tmp_path) == ["ckpt"]
+    with atomic_dir(out, replace=True, is_ours=lambda d: (d / "old.bin").exists()) as tmp:
         (tmp / "new.bin").write_bytes(b"new")
     assert _listing(out) == ["new.bin"]
     assert _listing(tmp_path) == ["ckpt"]  # the moved-aside old folder is gone too
