@@ -198,6 +198,9 @@ def _run_stream(args: argparse.Namespace, model: Any, device: Any, settings: Any
                     f.flush()
                     samples += piece.wav.size
                     pieces += 1
+        if samples == 0:
+            raise CbxError(f"the model produced no audio for this text and voice; check the voice prompt "
+                           f"({args.voice or 'built-in voice'}); nothing written to {out}")
         partial.replace(out)
     except BaseException:
         partial.unlink(missing_ok=True)

@@ -51,7 +51,9 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def one_line(err: str) -> str:
     # progress bars (tqdm redraws with carriage returns) are not messages
-    lines = [ln for ln in err.replace("\r", "\n").strip().splitlines() if ln.strip() and "%|" not in ln]
+    # and third-party Python warnings (a "...Warning: ..." line and its indented source line)
+    lines = [ln for ln in err.replace("\r", "\n").strip().splitlines()
+             if ln.strip() and "%|" not in ln and "Warning: " not in ln and not ln.startswith((" ", "\t"))]
     assert len(lines) == 1, err
     return lines[0]
 
@@ -495,6 +497,19 @@ def test_cbx_run_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path, caps
 def test_a_folder_given_as_voice_is_named_as_such(tmp_path, capsys):
     rc = main(["synth", "--text", "Hi.", "--voice", str(tmp_path), "--out", str(tmp_path / "o.wav")])
     assert rc == 2 and "is a folder" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.slow
+def test_a_voice_that_yields_no_audio_is_reported_and_nothing_is_written(tmp_path, capsys, monkeypatch):
+    """(A voice of pure noise made T3 stop at once: a 0.00 s wav and exit 0.) The engine marks
+    the empty output as degenerate; cbx synth refuses it in one line and writes nothing."""
+    from cbx.engine import synth
+
+    monkeypatch.setattr(synth, "crossfade_join", lambda wavs, overlap: np.zeros(0, np.float32))
+    out = tmp_path / "o.wav"
+    rc = main(["synth", "--text", "Hi.", "--out", str(out), "--max-speech-tokens", "4", "--cfm-steps", "1"])
+    msg = one_line(capsys.readouterr().err)
+    assert rc == 2 and "produced no usable audio" in msg and "(empty output" in msg and not out.exists()
 
 
 def test_an_internal_error_is_one_line_with_a_log_and_debug_prints_the_traceback(tmp_path, capsys, monkeypatch):
