@@ -117,11 +117,19 @@ def t3_linear_rows(model, repeats: int, log=print):
     skipped = []
     for label, transform, params in T3_METHODS:
         log(f"  preparing T3 linears {label} ...")
-        try:
-            variants[label] = {s: _quantize_layer(m, transform, params) for s, m in layers.items()}
-        except CbxError as e:
-            skipped.append((label, str(e)))
+        mods, failed = {}, {}
+        for s, m in layers.items():
+            try:
+                mods[s] = _quantize_layer(m, transform, params)
+            except CbxError as e:
+                failed[s] = str(e)
+        if len(failed) == len(layers) or any("needs" in why for why in failed.values()):
+            skipped.append((label, next(iter(failed.values()))))
             continue
+        for s in failed:  # a shape the library cannot take stays bf16, as the transform leaves it
+            log(f"  {label}: {s[0]}x{s[1]} left in bf16 ({failed[s]})")
+            mods[s] = variants["bf16"][s]
+        variants[label] = mods
         # ours quantize the two token embeddings too (int8/int4 row storage)
         extra_bytes[label] = -emb_bf16 // (2 if "int8" in label else 4) if label.endswith("(cbx)") else 0
     gen = torch.Generator().manual_seed(0)

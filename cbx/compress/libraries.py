@@ -382,15 +382,31 @@ def _quantize(model, name: str, config, cls: type, quantize_one, **extra):
     mods = _linears(model, config, name)
     cfg = _record(model, name, config)
     dtype = _DTYPES[config.compute_dtype]
+    left: dict[str, str] = {}
     for mname, mod in _progress(mods, name):
         w = linear_weight(mod)
-        inner = quantize_one(_plain_linear(w, dtype))
+        try:
+            inner = quantize_one(_plain_linear(w, dtype))
+            why = None if inner is not None else "no supported group size divides the input size"
+        except (RuntimeError, AssertionError, ValueError) as e:
+            # e.g. quanto's CPU tinygemm packing needs out_features % 16 == 0 (T3's 8194-row head)
+            inner, why = None, f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if inner is None:
-            log.warning("%s: %s (%d -> %d) has a shape the library cannot quantize; left as is",
-                        name, mname, w.shape[1], w.shape[0])
+            log.warning("%s: %s (%d -> %d) left in floating point: %s", name, mname, w.shape[1], w.shape[0], why)
+            left[mname] = why
             continue
         new = cls(inner, w.shape[1], w.shape[0], mod.bias, type(mod).__name__, config.compute_dtype)
         _swap(model, mname, new, name, cfg, **extra)
+    if left:
+        # in the run's record (model.meta -> run.json, checkpoint manifest): what was not quantized
+        meta = getattr(model, "meta", None)
+        if not isinstance(meta, dict) or not meta.get("compress"):
+            meta = {"compress": [{}]}
+        meta["compress"][-1]["left_in_float"] = left
+        if len(left) == len(mods):
+            meta["compress"].pop()
+            raise CbxError(f"{name}: the library quantized none of the targeted layers "
+                           f"({next(iter(left.values()))})")
     return model
 
 

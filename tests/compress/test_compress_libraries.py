@@ -274,3 +274,20 @@ def test_weight_bytes_counts_library_storage(name, bytes_per_weight):
     packed = 256 * 128 * bytes_per_weight
     assert packed <= n <= packed * 1.2 + 128 * 4 + 64  # scales/statistics and the fp32 bias on top
     assert weight_bytes(net) == n + weight_bytes(net.b) + weight_bytes(net.c)
+
+
+def test_layers_a_library_cannot_take_stay_float_and_are_recorded(tiny_copy):
+    from transformers.pytorch_utils import Conv1D  # noqa: F401  (the head shape is what matters)
+
+    net = _Net().eval()
+    net.c = nn.Linear(256, 66)  # 66 rows: quanto's CPU tinygemm packing needs a multiple of 16
+    net.a = nn.Linear(256, 128)
+    _apply(net, "quanto_qint4", targets=["a", "c"])
+    assert isinstance(net.a, QuantoLinear) and type(net.c) is nn.Linear
+    (entry,) = net.meta["compress"]
+    assert list(entry["left_in_float"]) == ["c"] and "16" in entry["left_in_float"]["c"]
+    only = _Net().eval()
+    only.c = nn.Linear(256, 66)
+    with pytest.raises(CbxError, match="quantized none of the targeted layers"):
+        _apply(only, "quanto_qint4", targets=["c"])
+    assert "compress" not in only.meta or not only.meta["compress"]
