@@ -105,8 +105,19 @@ def t3_linear_rows(model, repeats: int, log=print):
     for name, mod in t3.named_modules():
         if is_linear(mod) and (name.startswith("tfmr.") or name == "speech_head"):
             lin_names.add(name)
-    lin_bytes_fp32 = sum(weight_bytes(t3.get_submodule(n)) for n in lin_names)
-    rest_bf16 = (weight_bytes(t3) - lin_bytes_fp32) // 2
+    # storages, not modules: after a decode the engine's fused q/k/v and gate/up projections hold
+    # the weights and the parts view them, so per-module counts would count them twice
+    lin_ptrs = {t.untyped_storage().data_ptr() for n in lin_names
+                for t in t3.get_submodule(n).state_dict(keep_vars=True).values() if torch.is_tensor(t) and t.numel()}
+    rest_bf16, seen = 0, set()  # the rest of T3 as the engine holds it: floats in bf16
+    for t in t3.state_dict(keep_vars=True).values():
+        if not torch.is_tensor(t) or not t.numel():
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in lin_ptrs and ptr not in seen:
+            seen.add(ptr)
+            nbytes = t.untyped_storage().nbytes()
+            rest_bf16 += nbytes * 2 // t.element_size() if t.is_floating_point() else nbytes
     emb_bf16 = (weight_bytes(t3.speech_emb) + weight_bytes(t3.text_emb)) // 2
 
     device = next(t3.parameters()).device
