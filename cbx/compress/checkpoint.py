@@ -127,7 +127,10 @@ def _skeleton(manifest: dict, folder: Path):
 
     variant = manifest["variant"]
     arch = (manifest.get("meta") or {}).get("tiny")
-    t3 = build_t3(variant, arch)
+    from cbx.engine.model import CHECKPOINTS, checkpoint_of
+
+    ck = CHECKPOINTS.get(checkpoint_of(manifest.get("meta") or {}, variant))
+    t3 = build_t3(variant, arch, backbone=None if arch or ck is None else ck.backbone)
     if variant == "turbo" and hasattr(t3.tfmr, "wte"):
         del t3.tfmr.wte
     meta = manifest.get("meta") or {}

@@ -22,7 +22,7 @@ from cbx.errors import CbxError
 @dataclass(frozen=True)
 class HubModel:
     repo_id: str
-    variant: str
+    variant: str  # a variant or a checkpoint name (cbx.engine.model.CHECKPOINTS)
     allow_patterns: tuple[str, ...]
 
 
@@ -33,6 +33,15 @@ HUB_MODELS: dict[str, HubModel] = {
     "ResembleAI/chatterbox-turbo": HubModel(
         "ResembleAI/chatterbox-turbo", "turbo",
         ("*.safetensors", "*.json", "*.txt", "*.pt", "*.model")),
+    # Nano: Turbo's code and file set with t3_nano_v1.safetensors (upstream main, tts_turbo.py nano=True).
+    "ResembleAI/chatterbox-nano": HubModel(
+        "ResembleAI/chatterbox-nano", "nano",
+        ("*.safetensors", "*.json", "*.txt", "*.pt", "*.model")),
+    # Multilingual V3: the multilingual files with t3_mtl23ls_v3.safetensors (upstream main, mtl_tts.py).
+    "ResembleAI/chatterbox:multilingual-v3": HubModel(
+        "ResembleAI/chatterbox", "multilingual-v3",
+        ("ve.pt", "t3_mtl23ls_v3.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json",
+         "conds.pt", "Cangjie5_TC.json")),
     "ResembleAI/chatterbox:multilingual": HubModel(
         "ResembleAI/chatterbox", "multilingual",
         ("ve.pt", "t3_mtl23ls_v2.safetensors", "s3gen.pt", "grapheme_mtl_merged_expanded_v1.json",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,10 +34,11 @@ META_FILE = "cbx_model.json"
 META_FORMAT = "cbx-chatterbox-model"
 META_VERSION = 1
 
-TINY_SOURCES = {"tiny": "original", "tiny-turbo": "turbo", "tiny-multilingual": "multilingual"}
+TINY_SOURCES = {"tiny": "original", "tiny-turbo": "turbo", "tiny-multilingual": "multilingual", "tiny-nano": "nano"}
 # Upstream's full-size architectures with seeded random weights (``tiny.build_random``): real sizes,
 # real key sets and real costs without a download; the audio is meaningless.
-RANDOM_SOURCES = {"random:original": "original", "random:turbo": "turbo", "random:multilingual": "multilingual"}
+RANDOM_SOURCES = {"random:original": "original", "random:turbo": "turbo", "random:multilingual": "multilingual",
+                  "random:nano": "nano"}
 # Short names the benchmarks accept for ``--model``.
 BENCH_ALIASES = {"full": "random:original"}
 
@@ -45,6 +47,51 @@ T3_FILES = {"original": "t3_cfg.safetensors", "turbo": "t3_turbo_v1.safetensors"
 S3GEN_FILES = {"original": "s3gen.safetensors", "turbo": "s3gen_meanflow.safetensors", "multilingual": "s3gen.pt"}
 VE_FILES = {"original": "ve.safetensors", "turbo": "ve.safetensors", "multilingual": "ve.pt"}
 CONDS_FILE = "conds.pt"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One upstream T3 checkpoint: which variant's code runs it, its weights file, the backbone
+    it needs when that is not the variant's default, and sampling defaults that differ from the
+    variant's (upstream main after 0.1.7)."""
+
+    variant: str
+    t3_file: str
+    backbone: str | None = None
+    sampling: tuple[tuple[str, float], ...] = ()
+
+
+# Nano: Turbo's code with a GPT-2-small backbone (tts_turbo.py, nano=True); Multilingual V3: the
+# multilingual code with another T3 file, no alignment analyzer (the engine has none) and
+# repetition penalty 1.2 (mtl_tts.py). v2 stays the multilingual default, as upstream's.
+CHECKPOINTS = {
+    "original": Checkpoint("original", "t3_cfg.safetensors"),
+    "turbo": Checkpoint("turbo", "t3_turbo_v1.safetensors"),
+    "nano": Checkpoint("turbo", "t3_nano_v1.safetensors", backbone="GPT2_small"),
+    "multilingual": Checkpoint("multilingual", "t3_mtl23ls_v2.safetensors"),
+    "multilingual-v3": Checkpoint("multilingual", "t3_mtl23ls_v3.safetensors", sampling=(("repetition_penalty", 1.2),)),
+}
+
+
+def checkpoint_of(model_or_meta: Any, variant: str | None = None) -> str:
+    """The checkpoint name of a model (``meta["checkpoint"]``, else its variant)."""
+    meta = model_or_meta if isinstance(model_or_meta, dict) else (getattr(model_or_meta, "meta", None) or {})
+    return meta.get("checkpoint") or variant or getattr(model_or_meta, "variant", None)
+
+
+def _ensure_backbone(name: str) -> None:
+    """Register a backbone upstream 0.1.7's ``LLAMA_CONFIGS`` lacks. ``GPT2_small`` (Nano, added
+    upstream after 0.1.7): GPT-2 medium's settings at GPT-2 small's size (12 layers, 12 heads,
+    768 wide), as upstream's main branch defines it."""
+    from cbx.engine import upstream
+
+    if name in upstream.LLAMA_CONFIGS:
+        return
+    if name != "GPT2_small":
+        raise CbxError(f"unknown T3 backbone '{name}'")
+    cfg = copy.deepcopy(upstream.LLAMA_CONFIGS["GPT2_medium"])
+    cfg.update(n_embd=768, hidden_size=768, n_head=12, n_layer=12)
+    upstream.LLAMA_CONFIGS[name] = cfg
 
 # Keys upstream itself tolerates as missing (S3Token2Wav.ignore_state_dict_missing): buffers
 # the S3 tokenizer computes in its constructor.
@@ -119,12 +166,16 @@ def t3_config(variant: str, overrides: dict | None = None) -> Any:
     return hp
 
 
-def build_t3(variant: str, arch: dict | None = None) -> nn.Module:
+def build_t3(variant: str, arch: dict | None = None, backbone: str | None = None) -> nn.Module:
     """An upstream ``T3`` for ``variant``; ``arch`` (tiny models) adds a registered small backbone,
-    config overrides and a perceiver width. Weights are random (upstream initialisation)."""
+    config overrides and a perceiver width; ``backbone`` names another full-size backbone (Nano's
+    ``GPT2_small``). Weights are random (upstream initialisation)."""
     from cbx.engine import upstream
 
     overrides = {}
+    if backbone and not arch:
+        _ensure_backbone(backbone)
+        overrides = {"llama_config_name": backbone}
     if arch:
         name = arch["backbone_name"]
         # Upstream picks the backbone by name from this module-level dict; registering is
@@ -251,10 +302,31 @@ def read_meta(folder: Path) -> dict | None:
     return meta
 
 
+def detect_checkpoint(folder: Path, name: str | None = None) -> str:
+    """Which checkpoint (:data:`CHECKPOINTS`) a folder holds, from its T3 file (and metadata).
+    ``name`` may be a checkpoint name or a variant; a variant with several checkpoints present
+    (multilingual v2 and v3) takes the variant's default (v2, as upstream)."""
+    meta = read_meta(folder) or {}
+    if name is None and meta.get("checkpoint"):
+        name = meta["checkpoint"]
+    if name in CHECKPOINTS and name != CHECKPOINTS[name].variant:
+        path = folder / CHECKPOINTS[name].t3_file
+        if not path.is_file():
+            raise CbxError(f"{path}: missing file (needed for the {name} model)")
+        return name
+    variant = detect_variant(folder, name)
+    if (folder / T3_FILES[variant]).is_file():
+        return variant
+    alt = [n for n, c in CHECKPOINTS.items() if c.variant == variant and (folder / c.t3_file).is_file()]
+    return alt[0]
+
+
 def detect_variant(folder: Path, variant: str | None = None) -> str:
     """Which model a checkpoint folder holds, from its files (and metadata), never its name."""
     meta = read_meta(folder)
-    present = [v for v, name in T3_FILES.items() if (folder / name).is_file()]
+    present = list(dict.fromkeys(c.variant for c in CHECKPOINTS.values() if (folder / c.t3_file).is_file()))
+    if variant in CHECKPOINTS:
+        variant = CHECKPOINTS[variant].variant
     if variant is None and meta is not None:
         variant = meta["variant"]
     if variant is not None:
@@ -266,9 +338,11 @@ def detect_variant(folder: Path, variant: str | None = None) -> str:
             raise CbxError(f"{folder / T3_FILES[variant]}: missing file (needed for the {variant} model)")
         return variant
     if not present:
-        raise CbxError(f"{folder}: no T3 weights found (expected one of {', '.join(T3_FILES.values())})")
+        raise CbxError(f"{folder}: no T3 weights found (expected one of "
+                       f"{', '.join(c.t3_file for c in CHECKPOINTS.values())})")
     if len(present) > 1:
-        raise CbxError(f"{folder}: holds T3 weights of several models ({', '.join(T3_FILES[v] for v in present)}); "
+        files = [c.t3_file for c in CHECKPOINTS.values() if (folder / c.t3_file).is_file()]
+        raise CbxError(f"{folder}: holds T3 weights of several models ({', '.join(files)}); "
                        "name the variant to load")
     return present[0]
 
@@ -323,15 +397,17 @@ def load_folder(folder: Path, variant: str | None = None, source: str | None = N
     from cbx.integrity import verify_export_if_present
 
     verify_export_if_present(folder)  # a (dequantized) export: every file's hash, before any byte is used
-    variant = detect_variant(folder, variant)
+    ck_name = detect_checkpoint(folder, variant)
+    ck = CHECKPOINTS[ck_name]
+    variant = ck.variant
     meta = read_meta(folder) or {}
     arch = meta.get("tiny")
     for name in (S3GEN_FILES[variant], VE_FILES[variant]):
         if not (folder / name).is_file():
             raise CbxError(f"{folder / name}: missing file (needed for the {variant} model)")
 
-    t3 = build_t3(variant, arch)
-    t3_path = folder / T3_FILES[variant]
+    t3 = build_t3(variant, arch, backbone=ck.backbone)
+    t3_path = folder / ck.t3_file
     t3_state = read_state(t3_path)
     load_state_strict(t3, t3_state, t3_path)
     if variant == "turbo":
@@ -353,8 +429,20 @@ def load_folder(folder: Path, variant: str | None = None, source: str | None = N
         except Exception as exc:
             raise CbxError(f"{folder / CONDS_FILE}: cannot read the built-in voice ({exc})") from None
     meta = {k: v for k, v in meta.items() if k not in ("format", "version", "variant")}
+    meta.update(checkpoint_meta(ck_name))
     return ChatterboxModel(t3, s3gen, ve, variant=variant, tokenizer=tokenizer, source=source or str(folder),
                            builtin_conds=conds, meta=meta).eval()
+
+
+def checkpoint_meta(name: str) -> dict:
+    """What ``model.meta`` records of a checkpoint that is not its variant's default."""
+    ck = CHECKPOINTS[name]
+    if name == ck.variant:
+        return {}
+    out: dict[str, Any] = {"checkpoint": name}
+    if ck.sampling:
+        out["sampling_defaults"] = dict(ck.sampling)
+    return out
 
 
 def _tensors_for_file(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -396,7 +484,7 @@ def save_upstream_layout(model: ChatterboxModel, out_dir: str | Path) -> Path:
             cfg = model.t3.cfg
             t3_state[TURBO_UNUSED_WTE] = torch.zeros(cfg.vocab_size, cfg.hidden_size,
                                                      dtype=model.t3.speech_emb.weight.dtype)
-        _write_state(t3_state, tmp / T3_FILES[variant], save_file)
+        _write_state(t3_state, tmp / CHECKPOINTS[checkpoint_of(model, variant)].t3_file, save_file)
         _write_state(_tensors_for_file(model.s3gen), tmp / S3GEN_FILES[variant], save_file)
         _write_state(_tensors_for_file(model.ve), tmp / VE_FILES[variant], save_file)
         model.tokenizer.save(tmp)

@@ -175,6 +175,8 @@ class SynthSettings:
         if variant not in VARIANT_DEFAULTS:
             raise CbxError(f"unknown model variant '{variant}' (expected one of {sorted(VARIANT_DEFAULTS)})")
         defaults = dict(VARIANT_DEFAULTS[variant])
+        # A checkpoint's own sampling defaults (Multilingual V3: repetition penalty 1.2)
+        defaults.update(meta.get("sampling_defaults") or {})
         if meta.get("cfm_steps") is not None:
             defaults["cfm_steps"] = int(meta["cfm_steps"])
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}

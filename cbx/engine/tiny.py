@@ -44,11 +44,11 @@ TINY_HEADS = 4
 SPEECH_VOCAB = 6561
 
 
-def tiny_arch(variant: str, seed: int = 0) -> dict:
+def tiny_arch(variant: str, seed: int = 0, layers: int = TINY_LAYERS) -> dict:
     """The tiny architecture of ``variant`` as a JSON-able dict (see module docstring)."""
     from cbx.engine import upstream
 
-    d, layers, heads = TINY_WIDTH, TINY_LAYERS, TINY_HEADS
+    d, heads = TINY_WIDTH, TINY_HEADS
     if variant == "turbo":
         backbone = copy.deepcopy(upstream.LLAMA_CONFIGS["GPT2_medium"])
         backbone.update(n_embd=d, hidden_size=d, n_head=heads, n_layer=layers, n_ctx=2048, n_positions=2048)
@@ -74,10 +74,22 @@ def tiny_arch(variant: str, seed: int = 0) -> dict:
 
 
 def build_tiny(variant: str = "original", seed: int = 0) -> ChatterboxModel:
-    """A small Chatterbox ``variant`` built from the upstream classes with seeded random weights."""
-    arch = tiny_arch(variant, seed)
-    return _build(variant, arch, seed, source={"original": "tiny", "turbo": "tiny-turbo",
-                                                 "multilingual": "tiny-multilingual"}[variant])
+    """A small Chatterbox ``variant`` built from the upstream classes with seeded random weights.
+    ``variant`` may also be a checkpoint name (:data:`cbx.engine.model.CHECKPOINTS`): ``nano`` is
+    Turbo's architecture with a smaller backbone (here 3 tiny layers) and Nano's file names."""
+    name, real = _checkpoint(variant)
+    arch = tiny_arch(real, seed, layers=3 if name == "nano" else TINY_LAYERS)
+    source = {"original": "tiny", "turbo": "tiny-turbo", "multilingual": "tiny-multilingual", "nano": "tiny-nano",
+              "multilingual-v3": "tiny-multilingual"}[name]
+    return _build(real, arch, seed, source=source, checkpoint=name)
+
+
+def _checkpoint(variant: str) -> tuple[str, str]:
+    from cbx.engine.model import CHECKPOINTS
+
+    if variant not in CHECKPOINTS:
+        raise CbxError(f"unknown model variant '{variant}' (expected one of {', '.join(CHECKPOINTS)})")
+    return variant, CHECKPOINTS[variant].variant
 
 
 def build_random(variant: str = "original", full_size: bool = True, seed: int = 0) -> ChatterboxModel:
@@ -91,16 +103,19 @@ def build_random(variant: str = "original", full_size: bool = True, seed: int = 
     """
     if not full_size:
         return build_tiny(variant, seed)
-    return _build(variant, None, seed, source=f"random:{variant}")
+    name, real = _checkpoint(variant)
+    return _build(real, None, seed, source=f"random:{name}", checkpoint=name)
 
 
-def _build(variant: str, arch: dict | None, seed: int, source: str) -> ChatterboxModel:
+def _build(variant: str, arch: dict | None, seed: int, source: str, checkpoint: str | None = None) -> ChatterboxModel:
     from cbx.engine import upstream
+    from cbx.engine.model import CHECKPOINTS, checkpoint_meta
     from cbx.engine.text import TextTokenizer, wrap_raw_tokenizer
 
+    checkpoint = checkpoint or variant
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        t3 = build_t3(variant, arch)
+        t3 = build_t3(variant, arch, backbone=None if arch else CHECKPOINTS[checkpoint].backbone)
         if variant == "turbo":
             del t3.tfmr.wte  # unused input embedding, as upstream's loader does
         _shape_speech_head(t3, seed)
@@ -112,7 +127,7 @@ def _build(variant: str, arch: dict | None, seed: int, source: str) -> Chatterbo
         tokenizer = TextTokenizer("turbo", _gpt2_tokenizer())
     else:
         tokenizer = TextTokenizer(variant, wrap_raw_tokenizer(variant, _char_tokenizer(variant)))
-    meta: dict[str, Any] = {"seed": seed}
+    meta: dict[str, Any] = {"seed": seed, **checkpoint_meta(checkpoint)}
     if arch is not None:
         meta["tiny"] = arch
     else:

@@ -270,3 +270,52 @@ def test_model_full_size_architecture_has_upstreams_sizes(variant, t3_params, sp
         t3 = M.build_t3(variant)
     assert sum(p.numel() for p in t3.parameters()) == t3_params
     assert t3.speech_head.weight.shape[0] == speech_rows and t3.text_head.weight.shape[0] == text_rows
+
+
+def test_nano_is_turbo_code_with_its_own_file_and_loads_back(tmp_path):
+    m = M.load_model("tiny-nano")
+    assert m.variant == "turbo" and m.meta["checkpoint"] == "nano" and len(m.t3.tfmr.h) == 3
+    out = M.save_upstream_layout(m, tmp_path / "n")
+    assert (out / "t3_nano_v1.safetensors").is_file() and not (out / "t3_turbo_v1.safetensors").exists()
+    back = M.load_model(out)
+    assert back.meta["checkpoint"] == "nano" and torch.equal(back.t3.speech_head.weight, m.t3.speech_head.weight)
+    assert M.detect_checkpoint(out) == "nano" and M.detect_variant(out) == "turbo"
+
+
+def test_multilingual_v3_file_is_found_and_brings_its_sampling_default(saved, tmp_path):
+    from cbx.engine.synth import SynthSettings
+
+    ckpt = _copy(saved["multilingual"], tmp_path)
+    (ckpt / "t3_mtl23ls_v2.safetensors").rename(ckpt / "t3_mtl23ls_v3.safetensors")
+    v3 = M.load_model(ckpt)
+    assert v3.variant == "multilingual" and v3.meta["checkpoint"] == "multilingual-v3"
+    assert SynthSettings().resolved(v3).repetition_penalty == 1.2  # upstream's V3 default (v2: 2.0)
+    shutil.copy(ckpt / "t3_mtl23ls_v3.safetensors", ckpt / "t3_mtl23ls_v2.safetensors")
+    assert "checkpoint" not in M.load_model(ckpt).meta  # both present: v2, upstream's default
+    assert M.load_model(ckpt, variant="multilingual-v3").meta["checkpoint"] == "multilingual-v3"
+    assert SynthSettings().resolved(M.load_model(ckpt)).repetition_penalty == 2.0
+
+
+def test_nano_and_v3_hub_ids_fetch_their_files(saved, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    nano_dir = M.save_upstream_layout(M.load_model("tiny-nano"), tmp_path / "nano")
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, sorted(allow_patterns)))
+        return str(nano_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    m = M.load_model("ResembleAI/chatterbox-nano")
+    assert m.meta["checkpoint"] == "nano" and calls[-1][0] == "ResembleAI/chatterbox-nano"
+    from cbx.engine.hub import HUB_MODELS
+
+    assert "t3_mtl23ls_v3.safetensors" in HUB_MODELS["ResembleAI/chatterbox:multilingual-v3"].allow_patterns
+
+
+def test_full_size_nano_architecture():
+    with torch.device("meta"):
+        t3 = M.build_t3("turbo", backbone="GPT2_small")
+    assert len(t3.tfmr.h) == 12 and t3.cfg.hidden_size == 768
+    assert t3.speech_head.weight.shape == (6563, 768) and t3.text_emb.weight.shape == (50276, 768)

@@ -94,3 +94,24 @@ def test_an_export_is_verified_before_it_loads(student_ckpt, tmp_path):
         f.write(" ")
     with pytest.raises(CbxError, match=r"manifest\.json: content does not match its hash in export\.json"):
         load_source(str(exp))
+
+
+def test_a_compressed_nano_reloads_as_nano(tmp_path):
+    from cbx.engine.model import load_model
+
+    model = apply_transforms(load_model("tiny-nano"), [("int8_weight_only", build_config("int8_weight_only", {}))])
+    back = load_source(str(save_compressed(model, tmp_path / "ck")))
+    assert back.meta["checkpoint"] == "nano" and len(back.t3.tfmr.h) == 3
+    x = torch.randn(2, back.t3.speech_head.in_features)
+    assert torch.equal(back.t3.speech_head(x), model.t3.speech_head(x))
+
+
+def test_shipped_nano_and_v3_baselines_load():
+    from pathlib import Path
+
+    from cbx.lab.schema import load_experiments
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    models = {e.model for f in ("baseline-nano.yaml", "baseline-multilingual-v3.yaml")
+              for e in load_experiments(root / f)}
+    assert models == {"ResembleAI/chatterbox-nano", "ResembleAI/chatterbox:multilingual-v3"}
