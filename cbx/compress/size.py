@@ -29,7 +29,9 @@ def _tensors(module: torch.nn.Module):
 
 def weight_bytes(module: torch.nn.Module) -> int:
     seen, total = set(), 0
-    for t in _tensors(module):
+    # held in a list: a library's serialization may build fresh tensors, and a freed one's
+    # address reused by the next would be taken for a shared storage
+    for t in list(_tensors(module)):
         if not torch.is_tensor(t) or t.numel() == 0:
             continue
         storage = t.untyped_storage()

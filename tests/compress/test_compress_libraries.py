@@ -291,3 +291,11 @@ def test_layers_a_library_cannot_take_stay_float_and_are_recorded(tiny_copy):
     with pytest.raises(CbxError, match="quantized none of the targeted layers"):
         _apply(only, "quanto_qint4", targets=["c"])
     assert "compress" not in only.meta or not only.meta["compress"]
+
+
+def test_weight_bytes_counts_every_torchao_layer():
+    """torchao's flattened tensors may be fresh objects: each layer must still be counted."""
+    from cbx.compress.size import weight_bytes
+
+    net = _apply(_Net().eval(), "torchao_float8_weight_only", targets=["a", "c"])
+    assert weight_bytes(net) >= 256 * 128 + 64 * 32 + weight_bytes(net.b)
