@@ -6,4 +6,10 @@ model -> model transforms, ``cbx.distill`` trains few-step students, ``cbx.eval`
 Nothing is imported or downloaded at import time.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# The torch profiler (cbx.engine.timing.WorkMemory measures CPU working memory with it) has
+# kineto print two lines per use unless told otherwise before it starts; a user's setting wins.
+_os.environ.setdefault("KINETO_LOG_LEVEL", "5")

@@ -28,8 +28,7 @@ from cbx.errors import CbxError, Terminated, os_error_message, resource_fault
 # name -> (module, one-line help). Bench modes are dispatched by cbx.bench.
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("cbx.engine.cli_synth", "synthesize text with a voice prompt to a 24 kHz wav"),
-    "bench": ("cbx.bench", "print speed/memory benchmarks (engine, quant, student, prune)"),
-    "demo": ("cbx.demo", "run the offline demo (built-in tiny model, real offline voices)"),
+    "bench": ("cbx.bench", "print speed/memory benchmarks (engine, quant, student, scorer, prune)"),
     "score": ("cbx.eval.cli", "score a manifest of wavs with the eval suite"),
     "run": ("cbx.lab.cli_run", "run experiment files and write run folders"),
     "leaderboard": ("cbx.lab.cli_leaderboard", "render the leaderboard of a results folder"),
@@ -37,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "save-model": ("cbx.lab.cli_save_model", "write a model source (e.g. random:original) in the upstream file layout"),
     "distill": ("cbx.distill.cli", "train a few-step CFM student from a config"),
     "prune-report": ("cbx.compress.cli_prune", "rank T3 layers/heads/FFN channels and CFM blocks by importance"),
+    "list": ("cbx.lab.cli_list", "list transforms, metrics, eval sets or models (with parameters and defaults)"),
 }
 
 
@@ -52,9 +52,13 @@ def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, object | None]:
-    parser = one_line_errors(argparse.ArgumentParser(prog="cbx", description=__doc__.splitlines()[0]))
+    from cbx import __version__
+
+    parser = one_line_errors(argparse.ArgumentParser(prog="cbx", description="Chatterbox compression workbench: "
+                                                     "compress, synthesize, score and rank (`make demo` shows it all)."))
     parser.add_argument("--debug", action="store_true",
                         help="print the full traceback of an internal error (accepted anywhere on the line)")
+    parser.add_argument("--version", action="version", version=f"cbx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     module = None
     wanted = next((a for a in argv if not a.startswith("-")), None)

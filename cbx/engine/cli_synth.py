@@ -127,6 +127,22 @@ def format_timings(batch) -> str:
     return "\n".join(lines)
 
 
+def is_random(model) -> bool:
+    meta = getattr(model, "meta", None) or {}
+    return bool(getattr(model, "is_tiny", False) or meta.get("random_full_size") or meta.get("random_weights"))
+
+
+def describe_model(model, source: str) -> str:
+    """``tiny (original, random weights, 71.0 MiB of weights, cpu)``: which model spoke."""
+    seen: dict[int, int] = {}
+    for t in model.state_dict(keep_vars=True).values():
+        if hasattr(t, "untyped_storage") and t.numel():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    kind = "random weights" if is_random(model) else "trained weights"
+    return (f"{source} ({getattr(model, 'variant', '?')}, {kind}, {sum(seen.values()) / 2**20:.1f} MiB of weights, "
+            f"{getattr(model, 'device', '?')})")
+
+
 def _stages():
     from cbx.engine.timing import STAGES
 
@@ -147,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
     from cbx.compress.source import load_source
     from cbx.engine.synth import SynthRequest, Synthesizer
 
+    import sys
+
     if args.stream:
         from cbx.engine.stream import chunk_boundaries
 
@@ -155,10 +173,14 @@ def run(args: argparse.Namespace) -> int:
     elif args.first_chunk_tokens is not None or args.chunk_tokens is not None:
         raise CbxError("--first-chunk-tokens/--chunk-tokens: only with --stream")
     model = load_source(args.model, device=str(device))
+    print(f"model: {describe_model(model, args.model)}", file=sys.stderr)
+    if is_random(model):
+        print(f"cbx synth: warning: '{args.model}' has random weights: the audio is noise, not speech "
+              "(give --model ResembleAI/chatterbox or a folder of real weights)", file=sys.stderr)
     if args.stream:
         return _run_stream(args, model, device, settings, out)
     batch = Synthesizer(model, device=device).synthesize(
-        [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings)
+        [SynthRequest(text=args.text, voice=args.voice, id="cli")], settings, progress=True)
     res = batch.results[0]
     if res.degenerate is not None:
         # Nothing worth writing (a voice of pure noise can make T3 stop at once: 0 speech tokens).

@@ -13,6 +13,13 @@ Why it is built this way:
   resident set size (psutil, every ``interval_s``) and keeps the maximum. Sampling can miss a
   spike shorter than the interval; it is a light, honest estimate of "how much RAM did this
   run need", not an exact figure, and it includes the weights already resident.
+* A run's own working memory is ``peak_bytes - start_bytes``. On CPU that difference is only
+  honest if memory freed by earlier work is not sitting in the C allocator's free lists at the
+  start: a later run would reuse it without the RSS growing, and a first run would pay for
+  one-time pools that later runs find ready (measured: the same tiny-model run showed 31 MiB
+  of working memory first in a process and 22 MiB second). So entering on CPU collects garbage
+  and asks glibc to return free memory to the kernel (``malloc_trim(0)``, via ctypes: no
+  library exposes it) before reading the starting RSS.
 * Results are plain dataclasses of floats/ints/strings with ``to_dict()`` so the eval scorer
   and the experiment runner write them to JSON unchanged.
 """
@@ -114,6 +121,8 @@ class PeakMemory:
         return self.device.type == "cuda" and torch.cuda.is_available()
 
     def __enter__(self) -> "PeakMemory":
+        if not self._cuda:
+            release_free_memory()
         if self._cuda:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -143,6 +152,99 @@ class PeakMemory:
             if self._thread is not None:
                 self._thread.join()
             self.peak_bytes = max(self.peak_bytes, psutil.Process().memory_info().rss)
+
+
+def release_free_memory() -> bool:
+    """Collect garbage and hand the C allocator's free memory back to the kernel, so that the
+    process's RSS is what is in use (glibc only; returns whether ``malloc_trim`` ran)."""
+    import gc
+
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+_TRIM: list = []
+
+
+def _malloc_trim():
+    if not _TRIM:
+        fn = None
+        try:
+            import ctypes
+            import platform
+
+            if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+                fn = ctypes.CDLL(None).malloc_trim
+                fn.argtypes = [ctypes.c_size_t]
+                fn.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            fn = None
+        _TRIM.append(fn)
+    return _TRIM[0]
+
+
+class WorkMemory:
+    """Peak bytes of tensors allocated inside ``with WorkMemory(device) as wm:`` above what was
+    allocated on entry (``wm.work_bytes``): the working memory of that code alone, whatever ran
+    in the process before it.
+
+    On CUDA it is ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus the bytes
+    allocated on entry. On CPU no allocator counter exists, and the process's RSS depends on
+    its history (measured: the same tiny-model synthesis grew the RSS by 26-33 MiB when it was
+    the first in a process and by 43-51 MiB when it came later, even after ``malloc_trim``: the
+    C heap's layout decides how much of it is re-faulted). So on CPU the torch profiler's
+    memory events (every allocation and free of the CPU allocator, with sizes) are replayed
+    in order and the highest running sum is taken: exact, history-free, and the same quantity
+    as on CUDA. The profiler slows the code it watches, so use it on an untimed pass (the
+    runner profiles one extra pass of its first batch after the warm-up, so lazy one-time loads
+    such as the watermark model are not charged to the first run of a process), never around
+    timed work.
+    """
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.work_bytes = 0
+        self.kind = "cuda_max_allocated" if self._cuda else "cpu_torch_alloc_peak"
+        self._prof = None
+        self._start = 0
+
+    @property
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda" and torch.cuda.is_available()
+
+    def __enter__(self) -> "WorkMemory":
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = int(torch.cuda.memory_allocated(self.device))
+        else:
+            import os
+
+            from torch.profiler import ProfilerActivity, profile
+
+            os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # kineto prints a line per start/stop otherwise
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            torch.cuda.synchronize(self.device)
+            self.work_bytes = max(0, int(torch.cuda.max_memory_allocated(self.device)) - self._start)
+            return
+        self._prof.__exit__(*exc)
+        events = [e for e in self._prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+        cur = peak = 0
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            cur += int(e.nbytes())
+            peak = max(peak, cur)
+        self.work_bytes = peak
+        self._prof = None
 
 
 @dataclass

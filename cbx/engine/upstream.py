@@ -9,6 +9,7 @@ imported by ``cbx`` or ``cbx.engine`` at package import time.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import torch
@@ -23,6 +24,24 @@ compat.install()
 # vocoder after a bf16 CFM 6.7 s instead of 0.2 s. Such values carry nothing audible. Both the
 # upstream path and the engine run under this setting, so comparisons between them stay fair.
 torch.set_flush_denormal(True)
+
+
+class _DropUpstreamNotice(logging.Filter):
+    """Drops upstream's per-call notice that the reference mel was trimmed to twice the token
+    count (``S3Gen.embed_ref``): the trim is expected (prompts are not padded to 40 ms) and the
+    engine relies on it; printed on every conditioning it buried real warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Reference mel length is not equal to 2 * reference token length")
+
+
+# Upstream logs that notice through the root logger (``logging.warning``): a filter on that
+# logger drops exactly it; every other record, warning or not, passes.
+if not any(isinstance(f, _DropUpstreamNotice) for f in logging.getLogger().filters):
+    logging.getLogger().addFilter(_DropUpstreamNotice())
+# The perceiver enters torch.backends.cuda.sdp_kernel() on every call; torch deprecated that
+# context manager in favour of sdpa_kernel. Only that message is ignored.
+warnings.filterwarnings("ignore", message=r".*sdp_kernel\(\) is deprecated", category=FutureWarning)
 
 with warnings.catch_warnings():
     # perth imports pkg_resources (deprecated), diffusers warns about LoRACompatibleLinear.

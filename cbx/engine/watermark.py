@@ -32,8 +32,18 @@ def get_watermarker(device: str | torch.device = "cpu"):
     if key not in _WATERMARKERS:
         # Shared across calls: built outside any caller's inference_mode, or its weights would
         # be inference tensors that a later call with autograd enabled cannot use.
-        with torch.inference_mode(False):
+        # perth prints "loaded PerthNet (Implicit) at step ..." on stdout, where a command's
+        # result goes (`cbx leaderboard --format csv > f`): its constructor's prints go to the
+        # debug log instead.
+        import contextlib
+        import io
+        import logging
+
+        buf = io.StringIO()
+        with torch.inference_mode(False), contextlib.redirect_stdout(buf):
             _WATERMARKERS[key] = perth_watermarker_class()(device=key)
+        if buf.getvalue().strip():
+            logging.getLogger("cbx.engine.watermark").debug("perth: %s", buf.getvalue().strip())
     return _WATERMARKERS[key]
 
 

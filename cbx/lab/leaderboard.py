@@ -100,8 +100,8 @@ class Column:
         return self.higher_is_better is not None or self.key in ("rank",)
 
 
-_MEM_LEGEND = ("weights + peak working memory of the run's own synthesis, MiB "
-               "(CUDA: max_memory_allocated reset per run; CPU: RSS growth over the run's start)")
+_MEM_LEGEND = ("weights + peak working memory of the run's own synthesis, MiB (tensor memory: CUDA max_memory_allocated "
+               "reset per run; CPU: the profiler's allocation events of the warm-up batch)")
 
 COLUMNS: list[Column] = [
     Column("rank", "#", "rank", "rank inside the group by the sort column (= : level with the baseline within noise)", "{}", kind="id"),
@@ -140,7 +140,7 @@ COLUMNS: list[Column] = [
     Column("size_mib", "MiB", "weights MiB", "bytes of weights the model holds in memory, MiB", "{:.1f}", False, terminal=False, kind="cost"),
     Column("size_ratio", "size×", "size ratio vs baseline", "weight bytes / the baseline's", "{:.3f}", False, 1.0, kind="cost"),
     Column("mem_mib", "memMiB", "memory MiB (weights + work)", _MEM_LEGEND, "{:.0f}", False, kind="cost"),
-    Column("work_mem_mib", "work", "working memory MiB", "peak memory of the run's own synthesis above what was in use at its start, MiB",
+    Column("work_mem_mib", "work", "working memory MiB", "peak tensor memory of the run's own synthesis above what was in use at its start, MiB",
            "{:.0f}", False, terminal=False, kind="cost"),
 ]
 COLS: dict[str, Column] = {c.key: c for c in COLUMNS}
@@ -300,8 +300,11 @@ def _metric_reason(rec: dict, names: Sequence[str], label: str) -> str:
     return f"{label} is not in this run's scores"
 
 
-def _memory(speed: dict, size: int | None) -> tuple[float | None, float | None]:
+def _memory(rec: dict, speed: dict, size: int | None) -> tuple[float | None, float | None]:
     """(weights + working memory, working memory) in MiB: the run's own figures only."""
+    mem = rec.get("memory") or {}
+    if mem.get("work_bytes") is not None:
+        return (int(mem.get("weights_bytes") or size or 0) + int(mem["work_bytes"])) / 2**20, int(mem["work_bytes"]) / 2**20
     work = speed.get("work_mem_bytes")
     if work is None:
         return None, None
@@ -339,7 +342,7 @@ def row_of(rec: dict, base: dict | None, run_dir: Path) -> dict[str, Any]:
     size = rec.get("model_bytes")
     bsize = (base or {}).get("model_bytes")
     rtf, brtf = speed.get("rtf"), bspeed.get("rtf")
-    mem, work = _memory(speed, size)
+    mem, work = _memory(rec, speed, size)
     is_base = bool(rec.get("is_baseline"))
     gk, gl = group_key(rec)
     row: dict[str, Any] = {

@@ -25,7 +25,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from cbx.config import (  # noqa: F401 (re-exported: the shared config pieces)
     TrackingConfig,
@@ -332,12 +332,36 @@ def expand_sweep(data: dict[str, Any], where: str = "sweep") -> list[tuple[str, 
     return out
 
 
-def load_experiments(path: str | Path) -> list[Experiment]:
-    """Experiments defined by one YAML file (one, or many for a sweep), all validated."""
+TRAINING_KEYS = ("teacher", "student", "train", "data")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` (``eval.limit=2``, ``synth.dtype=bf16``) -> (dotted key, YAML value)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+        raise CbxError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. eval.limit=2")
+    try:
+        return key.strip(), load_yaml(value) if value.strip() else None
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def load_experiments(path: str | Path, overrides: Sequence[tuple[str, Any]] = ()) -> list[Experiment]:
+    """Experiments defined by one YAML file (one, or many for a sweep), all validated.
+
+    ``overrides``: ``(dotted key, value)`` pairs set in every experiment before validation
+    (``cbx run --set``). Every experiment of a sweep is checked, and all their errors are
+    reported together (one line each) in the one :class:`CbxError`."""
     path = Path(path)
     data = read_yaml_file(path, "experiment file")
     if not isinstance(data, dict):
         raise CbxError(f"{path}: expected a mapping of experiment keys, got {_show(data)}")
+    if "sweep" not in data and "model" not in data and "steps" not in data and any(k in data for k in TRAINING_KEYS):
+        raise CbxError(f"{path}: a training config (keys {', '.join(k for k in TRAINING_KEYS if k in data)}), "
+                       f"not an experiment: train it with `cbx distill {path}`")
+    errors: list[str] = []
     try:
         if "sweep" in data:
             if len(data) != 1:
@@ -349,12 +373,20 @@ def load_experiments(path: str | Path) -> list[Experiment]:
             items = [("", data)]
         exps = []
         for vpath, d in items:
-            if isinstance(d.get("tracking"), str):  # `tracking: none` / `tracking: wandb`
-                d["tracking"] = {"backend": d["tracking"]}
-            exp = from_mapping(Experiment, d, vpath)
-            exps.append(validate(exp, vpath))
+            try:
+                for key, value in overrides:
+                    _set_dotted(d, key, value, f"--set {key}")
+                if isinstance(d.get("tracking"), str):  # `tracking: none` / `tracking: wandb`
+                    d["tracking"] = {"backend": d["tracking"]}
+                exp = from_mapping(Experiment, d, vpath)
+                exps.append(validate(exp, vpath))
+            except CbxError as e:
+                if str(e) not in errors:
+                    errors.append(str(e))
     except CbxError as e:
         raise CbxError(f"{path}: {e}") from None
+    if errors:
+        raise CbxError("\n".join(f"{path}: {e}" for e in errors))
     counts = collections.Counter(e.name for e in exps)  # (list.count per name was quadratic)
     dup = sorted(n for n, c in counts.items() if c > 1)
     if dup:

@@ -1,4 +1,4 @@
-"""``cbx synth``, ``cbx demo`` and ``cbx bench engine`` through ``cbx.cli.main``: outputs, exit
+"""``cbx synth``, ``cbx --version``, ``cbx list`` and ``cbx bench engine`` through ``cbx.cli.main``: outputs, exit
 codes and one-line reasons, and that a failed call writes nothing."""
 
 from __future__ import annotations
@@ -97,36 +97,27 @@ def test_synth_bad_arguments_exit_2_with_one_line_and_write_nothing(voice, tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
-def test_demo_writes_out_demo_wav_with_an_offline_voice(tmp_path, capsys):
-    from cbx.errors import CbxError
+def test_version_and_lists_come_from_the_registries(capsys):
+    import cbx
+    from cbx.compress.registry import registered
+    from cbx.eval.registry import metric_specs
 
-    try:
-        from cbx.demo import offline_voice
-
-        offline_voice()
-    except CbxError as e:
-        pytest.skip(f"offline voices not installed: {e}")
-    out = tmp_path / "out" / "demo.wav"
-    assert main(["demo", "--out", str(out), *FAST]) == 0
-    wav, sr = sf.read(out)
-    assert sr == 24_000 and len(wav) > 0
-    printed = capsys.readouterr().out
-    assert "voice /" in printed and "total" in printed
-
-
-def test_demo_without_offline_voices_says_how_to_install_them(monkeypatch, tmp_path, capsys):
-    import cbx.eval.sets as sets
-    from cbx.errors import CbxError
-
-    def missing(name):
-        raise CbxError("asset folder /usr/share/asterisk/sounds/en_US_f_Allison is missing")
-
-    monkeypatch.setattr(sets, "get_eval_set", missing)
-    assert main(["demo", "--out", str(tmp_path / "demo.wav"), *FAST]) == 2
-    line = _err_line(capsys)
-    assert "asterisk-core-sounds-en-wav" in line and "--voice" in line
-    assert list(tmp_path.iterdir()) == []
-
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"cbx {cbx.__version__}"
+    assert main(["list", "transforms"]) == 0
+    out = capsys.readouterr().out
+    for name in registered():
+        assert re.search(rf"^{name}: .+\n    params: ", out, re.M), name
+    assert "group_size=128" in out and "checkpoint (required)" in out
+    assert main(["list", "metrics"]) == 0
+    out = capsys.readouterr().out
+    assert len(out.splitlines()) == len(metric_specs()) and "wer: lower is better" in out
+    assert main(["list", "sets"]) == 0 and "offline: real recorded voices" in capsys.readouterr().out
+    assert main(["list", "models"]) == 0 and "ResembleAI/chatterbox-turbo" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["demo"])  # gone: `make demo` runs the demo experiment
+    assert e.value.code == 2
 
 def test_bench_engine_smoke_prints_both_paths_and_the_speedup_last(capsys):
     rc = main(["bench", "engine", "--model", "tiny", "--tokens", "3", "--ref-seconds", "1", "--cfm-steps", "1",

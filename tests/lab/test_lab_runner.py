@@ -120,12 +120,13 @@ def test_warmup_utterances_are_synthesized_first_and_discarded(tmp_path):
     be = FakeBackend(n_items=3)
     exp = Experiment(name="w", synth={"batch_size": 2}, eval=EvalConfig(set="fake", warmup=1))
     out = Runner(tmp_path, backend=be, progress=False).run(exp)
-    assert be.synthesized == ["utt0", "utt1", "utt0", "utt1", "utt2"]  # the first batch, twice
-    assert be.resets == 1
+    # the first batch as warm-up, again under the working-memory measurement, then every batch timed
+    assert be.synthesized == ["utt0", "utt1", "utt0", "utt1", "utt0", "utt1", "utt2"]
+    assert be.resets == 2 and out.record["memory"] == {"weights_bytes": 1024, "work_bytes": 2000, "total_bytes": 3024, "kind": "fake"}
     assert len(list((out.run_dir / "synth").glob("*.json"))) == 3
     # a resumed run with nothing left to do does not warm up
     again = Runner(tmp_path, backend=be, progress=False).run(exp, force=False)
-    assert again.reused and len(be.synthesized) == 5
+    assert again.reused and len(be.synthesized) == 7
 
 
 def test_backend_builds_one_synthesizer_per_model_with_its_casts_outside_timed_stages(tiny_copy, monkeypatch):
