@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
                 status = rec.get("status")
                 note = " (reused)" if out.reused else ""
                 extra = f": {rec.get('failure')}" if status == "failed" else ""
-                print(f"{exp.name}: {status}{note} -> {out.run_dir}{extra}", file=sys.stderr)
+                print(f"{exp.name}: {status}{note} -> {out.run_dir}{extra}")
                 made += [i for i in (rec.get("baseline_run"), out.run_id) if i and i not in made]
             failed += rec.get("status") != "done"
     finally:
