@@ -341,13 +341,18 @@ def failure_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}" if not isinstance(exc, CbxError) else msg
 
 
-def check_output(wav: np.ndarray) -> str | None:
-    """Why an output is unusable (``"output empty"`` / ``"output nan"`` / ``"output silent"``),
-    or None when it is fine."""
+def check_output(wav: np.ndarray, sr: int) -> str | None:
+    """Why an output is unusable (``"output empty"`` / ``"output nan"`` / ``"output too short"`` /
+    ``"output silent"``), or None when it is fine. Too short is the engine's own bound (the
+    shortest clip its watermark takes), so an output the engine left unmarked never counts."""
+    from cbx.engine.watermark import MIN_WATERMARK_S
+
     if wav.size == 0:
         return "output empty: no samples"
     if not np.all(np.isfinite(wav)):
         return f"output nan: {int(np.sum(~np.isfinite(wav)))} non-finite samples"
+    if wav.size < MIN_WATERMARK_S * sr:
+        return f"output too short: {wav.size / sr:.3f} s < {MIN_WATERMARK_S} s"
     if float(np.max(np.abs(wav))) < SILENCE_PEAK:
         return f"output silent: peak {float(np.max(np.abs(wav))):.1e}"
     return None
@@ -720,7 +725,7 @@ class Runner:
             for it, u in zip(chunk, out.utterances):
                 wav = np.asarray(u.wav, np.float32).reshape(-1)
                 rel = f"audio/{_safe(it.id)}.wav"
-                check = check_output(wav)
+                check = check_output(wav, u.sr)
                 # NaN cannot be stored faithfully as PCM; the wav is written with zeros there
                 # and the row says why it is unusable.
                 store.write_wav_atomic(run_dir / rel, np.nan_to_num(wav), u.sr)

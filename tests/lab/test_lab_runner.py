@@ -250,3 +250,23 @@ def test_the_leaderboard_shows_failure_counts_and_paired_intervals(tmp_path):
     assert p["n"] == 3 and p["significant"] is True and not (mine.get("noise") or {}).get("wer_delta")
     text = lb.render_terminal(lb.leaderboard(tmp_path))
     assert "fail" in text and "±" in text
+
+
+def test_check_output_names_each_kind_of_unusable_output():
+    """An output shorter than the engine's watermark bound (which the engine leaves unmarked) is
+    an unusable output like an empty, NaN or silent one, each with its own reason."""
+    import numpy as np
+
+    from cbx.engine.watermark import MIN_WATERMARK_S
+    from cbx.lab.runner import check_output
+
+    sr = 24000
+    rng = np.random.default_rng(0)
+    ok = 0.1 * rng.standard_normal(sr // 2).astype(np.float32)
+    assert check_output(ok, sr) is None
+    assert check_output(np.zeros(0, np.float32), sr).startswith("output empty")
+    assert check_output(np.array([0.1, np.nan], np.float32), sr).startswith("output nan")
+    short = ok[: int(MIN_WATERMARK_S * sr) - 1]
+    assert check_output(short, sr).startswith("output too short")
+    assert check_output(ok[: int(MIN_WATERMARK_S * sr)], sr) is None
+    assert check_output(np.zeros(sr, np.float32), sr).startswith("output silent")
