@@ -34,6 +34,7 @@ baseline's) and Pareto-front PNGs drawn with matplotlib's Agg backend.
 from __future__ import annotations
 
 import base64
+import collections
 import csv
 import html
 import io
@@ -54,7 +55,10 @@ SIM_KEYS = ("speaker_sim", "sim", "speaker_similarity")
 MOS_KEYS = ("mos", "distillmos", "dnsmos")
 ARTIFACT_KEYS = ("click_count", "clip_events", "pause_noise_count", "spillover_flag", "dc_flag", "nonfinite_count")
 DEFAULT_SORT = "wer_delta"
-FIDELITY_SORT = "mel_l1"  # groups of random-weight models (quality metrics mean nothing there)
+FIDELITY_SORT = "t3_top1_agreement"  # groups of random-weight models (quality metrics mean nothing there)
+# Ties on a sort column (equal, or both within noise of the baseline) are broken by these: T3
+# agreement says nothing about a decoder-only change, mel L1 nothing about a T3-only one.
+TIE_BREAK = {"t3_top1_agreement": ("mel_l1",), "mel_l1": ("t3_top1_agreement",)}
 TERMINAL_WIDTH = 120
 
 # Known causes of a metric with no value (the eval suite's own thresholds, said in words).
@@ -101,10 +105,10 @@ class Column:
 
 
 _MEM_LEGEND = ("weights + peak working memory of the run's own synthesis, MiB (tensor memory: CUDA max_memory_allocated "
-               "reset per run; CPU: the profiler's allocation events of the warm-up batch)")
+               "reset per run; CPU: the profiler's allocation events of an untimed pass after the warm-up)")
 
 COLUMNS: list[Column] = [
-    Column("rank", "#", "rank", "rank inside the group by the sort column (= : level with the baseline within noise)", "{}", kind="id"),
+    Column("rank", "#", "rank", "rank inside the group by the sort column (=: tied, equal or both within noise of the baseline)", "{}", kind="id"),
     Column("run_id", "run id", "run id", "run folder name under the results folder (experiment name + config hash)", "{}", kind="id"),
     Column("name", "run", "experiment", "experiment name", "{}", terminal=False, kind="id"),
     Column("method_short", "method", "method (short)", "compression steps, short form (full label: --wide, CSV, HTML)", "{}",
@@ -228,7 +232,9 @@ def method_label(rec: dict) -> str:
 
 # Short names for transforms and parameters in the terminal's method column.
 SHORT_TRANSFORMS = {"int8_weight_only": "int8", "int4_weight_only": "int4", "fp8_cfm": "fp8cfm", "cfm_student": "student"}
-SHORT_PARAMS = {"group_size": "g", "method": "", "steps": "s", "checkpoint": None, "targets": None, "ignore": None}
+SHORT_PARAMS = {"group_size": "g", "method": "", "steps": "s", "checkpoint": None, "targets": None, "ignore": None,
+                "calib_texts": None, "calib_max_speech_tokens": None, "calib_seed": None, "gptq_damp": None,
+                "gptq_block_size": None}
 
 
 def method_short(rec: dict) -> str:
@@ -518,23 +524,30 @@ def rank(rows: list[dict], sort: str | None = None) -> list[dict]:
         ok = [r for r in groups[g] if r["status"] == store.STATUS_DONE]
         bad = [r for r in groups[g] if r["status"] != store.STATUS_DONE]
 
-        def k(r):
-            v = r.get(key)
-            if v is None and r.get("is_baseline") and col.null is not None:
-                v = col.null  # the baseline is the reference of a relative/fidelity column
+        def one(r, kk):
+            c = COLS[kk]
+            v = r.get(kk)
+            if v is None and r.get("is_baseline") and c.null is not None:
+                v = c.null  # the baseline is the reference of a relative/fidelity column
             if v is None:
-                return (1, 0.0, r["name"] or "")
-            if col.null is not None and (r.get("noise") or {}).get(key):
-                v = col.null  # within noise: level with the baseline
-            return (0, -v if col.higher_is_better else v, r["name"] or "")
+                return (1, 0.0)
+            if c.null is not None and (r.get("noise") or {}).get(kk):
+                v = c.null  # within noise: level with the baseline
+            return (0, -v if c.higher_is_better else v)
+
+        def k(r):
+            return (*one(r, key), *(x for kk in TIE_BREAK.get(key, ()) for x in one(r, kk)), r["name"] or "")
 
         ok.sort(key=k)
         prev, prev_rank = None, 0
         for i, r in enumerate(ok, 1):
-            v = k(r)[:2]
+            v = k(r)[:-1]
             r["rank"] = prev_rank if v == prev and v[0] == 0 else i
             prev, prev_rank = v, r["rank"]
             r["sorted_by"] = key
+        counts = collections.Counter(r["rank"] for r in ok)
+        for r in ok:
+            r["tied"] = counts[r["rank"]] > 1
         for r in bad:
             r["rank"] = None
             r["sorted_by"] = key
@@ -632,7 +645,7 @@ class _Footnotes:
 def _cell(row: dict, key: str, notes: _Footnotes, wide: bool, interval: bool = True) -> str:
     s = fmt(row, key, interval)
     col = COLS[key]
-    if key == "rank" and row.get("rank") is not None and (row.get("noise") or {}).get(row.get("sorted_by")):
+    if key == "rank" and row.get("rank") is not None and row.get("tied"):
         s = f"={s}"
     if s == "-":
         reason = (row.get("why") or {}).get(key)

@@ -112,7 +112,7 @@ def test_terminal_table_fits_120_columns_with_run_ids_legend_banner_and_reasons(
     assert "baseline: fidelity is measured against it" in text
     assert re.search(r"^-[a-z]: [^:]*MOS[^:]*: not measured \(not in eval.metrics\)", text, re.M)
     # random-weight groups are sorted by fidelity unless asked otherwise
-    assert {r["sorted_by"] for r in rows} == {"mel_l1"}
+    assert {r["sorted_by"] for r in rows} == {"t3_top1_agreement"}
     wide = lb.render_terminal(rows, wide=True)
     assert "lab_test_gain(gain=0.25)" in wide and "T3 top-1 agreement" in wide
 
