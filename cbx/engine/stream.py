@@ -33,6 +33,7 @@ Deliberate differences from :meth:`Synthesizer.synthesize` (same model, settings
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -41,6 +42,8 @@ import numpy as np
 import torch
 
 from cbx.errors import CbxError
+
+log = logging.getLogger(__name__)
 
 SAMPLES_PER_FRAME = 480  # 24 kHz / 50 mel frames per second
 LOOKAHEAD_TOKENS = 3  # upstream flow.pre_lookahead_len
@@ -227,7 +230,9 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 final = last_row and st.done and not st.pieces
                 if piece.size or final:
                     if s.watermark and piece.size:
-                        piece = syn._watermark(piece)
+                        piece, why = syn._watermark(piece)
+                        if why:  # said, not hidden: the piece goes out unmarked
+                            log.warning("stream %s: piece not watermarked (%s)", ids(req), why)
                     yield StreamPiece(req, ids(req), piece, final, time.perf_counter() - t_start)
             if not st.done:
                 return

@@ -139,3 +139,12 @@ def test_bad_chunk_sizes_are_refused(tiny_model):
 
     with pytest.raises(CbxError, match="chunk"):
         Synthesizer(tiny_model).stream([SynthRequest(TEXT, None)], _settings(), first_tokens=0)
+
+
+def test_streamed_pieces_are_watermarked_when_asked(tiny_model):
+    s = _settings(force_tokens=30, max_speech_tokens=30, watermark=True)
+    marked = list(Synthesizer(tiny_model).stream([SynthRequest(TEXT, None)], s, first_tokens=6, chunk_tokens=12))
+    plain = list(Synthesizer(tiny_model).stream([SynthRequest(TEXT, None)], _settings(force_tokens=30, max_speech_tokens=30),
+                                                first_tokens=6, chunk_tokens=12))
+    a, b = np.concatenate([p.wav for p in marked]), np.concatenate([p.wav for p in plain])
+    assert a.shape == b.shape and a.dtype == np.float32 and not np.array_equal(a, b)
