@@ -132,11 +132,15 @@ def _upstream_logits(model, ids, toks, cfg_weight):
     return lg[0] + cfg_weight * (lg[0] - lg[1])
 
 
-@torch.inference_mode()
 def test_pruned_engine_logits_equal_upstream_modules(tiny4):
     m = copy.deepcopy(tiny4)
     run(m, ("prune_depth", {"drop": [1], **CAL}),
         ("prune_width", {"ffn_fraction": 0.25, "head_fraction": 0.5, "allocation": "global", **CAL}))
+    with torch.inference_mode():
+        _compare_with_upstream(m)
+
+
+def _compare_with_upstream(m):
     rec = m.meta["pruned"]["t3"]
     assert rec["layers"] == [0, 2, 3] and len(rec["kv_heads"]) == 3
     assert sum(rec["kv_heads"]) == 3  # half of 3 layers x 2 KV groups
