@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -51,9 +52,11 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 def one_line(err: str) -> str:
     # progress bars (tqdm redraws with carriage returns) are not messages
-    # and third-party Python warnings (a "...Warning: ..." line and its indented source line)
+    # and third-party Python warnings (a "...Warning: ..." line and its indented source line),
+    # nor are cbx synth's notices of which model speaks ("model: ...", "cbx synth: warning: ...")
     lines = [ln for ln in err.replace("\r", "\n").strip().splitlines()
-             if ln.strip() and "%|" not in ln and "Warning: " not in ln and not ln.startswith((" ", "\t"))]
+             if ln.strip() and "%|" not in ln and "Warning: " not in ln and not ln.startswith((" ", "\t"))
+             and not ln.startswith("model: ") and not re.match(r"cbx [a-z-]+: warning: ", ln)]
     assert len(lines) == 1, err
     return lines[0]
 
