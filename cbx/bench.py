@@ -15,6 +15,7 @@ MODES = {
     "quant": "cbx.compress.bench",
     "student": "cbx.distill.bench",
     "scorer": "cbx.eval.bench",
+    "stack": "cbx.lab.bench_stack",
 }
 
 

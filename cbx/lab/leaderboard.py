@@ -144,6 +144,8 @@ COLUMNS: list[Column] = [
     Column("size_mib", "MiB", "weights MiB", "bytes of weights the model holds in memory, MiB", "{:.1f}", False, terminal=False, kind="cost"),
     Column("size_ratio", "size×", "size ratio vs baseline", "weight bytes / the baseline's", "{:.3f}", False, 1.0, kind="cost"),
     Column("mem_mib", "memMiB", "memory MiB (weights + work)", _MEM_LEGEND, "{:.0f}", False, kind="cost"),
+    Column("first_audio_s", "1st", "first audio s", "seconds from a streamed synthesis call to its first audio "
+           "(first utterance, voice conditioned)", "{:.2f}", False, terminal=False, kind="cost"),
     Column("work_mem_mib", "work", "working memory MiB", "peak tensor memory of the run's own synthesis above what was in use at its start, MiB",
            "{:.0f}", False, terminal=False, kind="cost"),
 ]
@@ -375,6 +377,7 @@ def row_of(rec: dict, base: dict | None, run_dir: Path) -> dict[str, Any]:
         "peak_mem_mib": (speed.get("peak_mem_bytes") or 0) / 2**20 or None,
         "mem_mib": mem,
         "work_mem_mib": work,
+        "first_audio_s": speed.get("first_audio_s"),
         "size_mib": size / 2**20 if size else None,
         "size_ratio": _ratio(size, bsize) if base else (1.0 if size and is_base else None),
         "t3_top1_agreement": m.get("t3_top1_agreement"),

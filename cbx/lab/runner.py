@@ -201,6 +201,20 @@ class Backend:
         return BatchOutput(outs, int(batch.peak_mem_bytes), dict(batch.timings),
                            int(batch.run.extra.get("mem_start_bytes", 0)), str(batch.run.mem_kind))
 
+    def first_audio(self, model, item: EvalItemView, settings) -> float | None:
+        """Seconds from a streamed synthesis call (``Synthesizer.stream``) to its first audio,
+        for one item with its voice already conditioned (what a user waits for per sentence)."""
+        from cbx.engine.conditioning import prepare_voice
+        from cbx.engine.synth import SynthRequest
+
+        syn = self._synthesizer(model, settings)
+        if item.prompt is not None:
+            prepare_voice(model, item.prompt)
+        for piece in syn.stream([SynthRequest(text=item.text, voice=item.prompt, id=item.id)], settings):
+            if piece.wav.size:
+                return float(piece.t)
+        return None
+
     def _synthesizer(self, model, settings):
         from cbx.engine.synth import Synthesizer
 
@@ -583,6 +597,11 @@ class Runner:
 
         # Extra timed passes (eval.timing_repeats) give the speed-up an interval.
         rtfs = self._timing_repeats(exp, model, [it for it in mine if it.id not in failed], settings, run_dir, batch_size)
+        # Time to first audio of a streamed synthesis of the first good item (warm voice).
+        first_audio = None
+        streamable = [it for it in mine if it.id not in failed]
+        if getattr(b, "first_audio", None) is not None and streamable and self.shard.is_main:
+            first_audio = b.first_audio(model, streamable[0], settings)
 
         too_many = len(failed) > exp.eval.max_failed * len(items)
         # ---- fidelity needs this model now and the baseline model after it
@@ -626,6 +645,7 @@ class Runner:
             "work_mem_bytes": record["memory"]["work_bytes"],
             "work_mem_kind": record["memory"]["kind"],
             "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in ok_rows),
+            "first_audio_s": first_audio,
         }
         if baseline is not None:
             record["speed"]["speedup"] = sp = _speedup(baseline.record.get("speed") or {}, record["speed"])

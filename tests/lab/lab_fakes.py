@@ -105,6 +105,11 @@ class FakeBackend(Backend):
     def reset_caches(self, model):
         self.resets = getattr(self, "resets", 0) + 1
 
+    def first_audio(self, model, item, settings):
+        """A deterministic 'time to first audio': the first item's id and the model's gain set it."""
+        self.first_audio_items = getattr(self, "first_audio_items", []) + [item.id]
+        return 0.25 * getattr(model, "gain", 1.0)
+
     def eval_set(self, name):
         items = [EvalItemView(f"utt{i}", f"sentence number {i}", self.prompts.get(i)) for i in range(self.n_items)]
         return "fake", "1", items

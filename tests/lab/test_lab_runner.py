@@ -270,3 +270,18 @@ def test_check_output_names_each_kind_of_unusable_output():
     assert check_output(short, sr).startswith("output too short")
     assert check_output(ok[: int(MIN_WATERMARK_S * sr)], sr) is None
     assert check_output(np.zeros(sr, np.float32), sr).startswith("output silent")
+
+
+def test_the_run_records_time_to_first_audio_and_the_leaderboard_shows_it(tmp_path):
+    from pathlib import Path
+
+    from cbx.lab import leaderboard as lb
+
+    be = FakeBackend(n_items=3)
+    out = Runner(tmp_path, backend=be, progress=False).run(_exp_f())
+    rec = out.record
+    assert rec["speed"]["first_audio_s"] == pytest.approx(0.25 * 0.5)  # the fake: 0.25 s x gain
+    assert be.first_audio_items == ["utt0", "utt0"]  # the first item, once per run (baseline too)
+    row = lb.row_of(rec, None, Path(tmp_path))
+    assert row["first_audio_s"] == pytest.approx(0.125)
+    assert lb.COLS["first_audio_s"].kind == "cost" and lb.COLS["first_audio_s"].higher_is_better is False
