@@ -34,10 +34,24 @@ from cbx.errors import CbxError
 
 @dataclass(frozen=True)
 class TrackingConfig:
+    """Where runs are mirrored. ``project=None``: one W&B project per results folder, named
+    by :meth:`project_for` (so two studies never mix in one parallel-coordinates panel)."""
+
     backend: Literal["none", "wandb"] = "none"
-    project: str = "chatterbox-workbench"
+    project: str | None = None
     entity: str | None = None
     mode: Literal["online", "offline"] | None = None  # None: wandb's own setting (WANDB_MODE)
+
+    def project_for(self, folder: str | Path) -> str:
+        """The configured project, else ``cbx-<parent>-<folder>`` of the results folder
+        (``~/work/study/runs`` -> ``cbx-study-runs``), reduced to characters W&B accepts."""
+        if self.project:
+            return self.project
+        p = Path(folder).resolve()
+        parts = [x for x in (p.parent.name, p.name) if x]
+        name = "-".join(["cbx", *parts])
+        name = "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
+        return name[:128]
 
 
 def to_plain(obj: Any) -> Any:

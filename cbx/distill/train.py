@@ -195,7 +195,7 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
             init["entity"] = cfg.tracking.entity
         if cfg.tracking.mode:
             init["mode"] = cfg.tracking.mode
-        accelerator.init_trackers(cfg.tracking.project, config=cfg.resolved(),
+        accelerator.init_trackers(cfg.tracking.project_for(out_dir.parent), config=cfg.resolved(),
                                   init_kwargs={"wandb": {**init, "name": out_dir.name}})
 
     if model is None:

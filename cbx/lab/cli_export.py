@@ -37,5 +37,5 @@ def run(args: argparse.Namespace) -> int:
 
         record = read_json(run_dir / "run.json")
         cfg = from_mapping(TrackingConfig, {**(record.get("config", {}).get("tracking") or {}), "backend": "wandb"}, "tracking")
-        log_export(cfg, out, record)
+        log_export(cfg, out, record, results_root=run_dir.parent)
     return 0

@@ -49,35 +49,96 @@ def _exp(tracking, gain=0.5):
                       eval=EvalConfig(set="fake"), tracking=tracking)
 
 
-def test_offline_run_logs_config_summary_tables_audio_and_checkpoint(tmp_path, wandb_env):
-    out = Runner(tmp_path / "runs", backend=FakeBackend(3), progress=False).run(_exp(TrackingConfig(backend="wandb", project="cbx-test", mode="offline")))
-    assert out.record["status"] == "done"
-    info = json.loads((out.run_dir / "tracking.json").read_text())
-    run_dir = Path(info["dir"]).parent  # <wandb dir>/offline-run-<time>-<id>/files
-    assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(info["run"])
-    base_info = json.loads((out.run_dir.parent / out.record["baseline_run"] / "tracking.json").read_text())
-    assert base_info["run"] != info["run"]  # the baseline it ran is mirrored too
-    recs = _records(run_dir, n_artifacts=3)  # two tables and the checkpoint
-    kinds = [k for k, _ in recs]
-    run = next(v for k, v in recs if k == "run")
-    config = {u["key"]: json.loads(u["value_json"]) for u in run["config"]["update"]}
-    assert config["run_id"] == out.run_id and config["steps"][0]["transform"] == "lab_test_gain"
-    assert config["baseline_run"] == out.record["baseline_run"] and info["run"] == run["run_id"]
-    summary = {}
+def _summary(recs) -> dict:
+    out = {}
     for k, v in recs:
         if k == "summary":
             for u in v.get("update", []):
-                summary[u.get("key") or "/".join(u.get("nested_key", []))] = json.loads(u["value_json"])
-    assert summary["wer"] == pytest.approx(out.record["aggregate"]["metrics"]["wer"]["value"])
-    assert summary["speed/rtf"] == pytest.approx(out.record["speed"]["rtf"]) and summary["status"] == "done"
+                out[u.get("key") or "/".join(u.get("nested_key", []))] = json.loads(u["value_json"])
+    return out
+
+
+def _staged_table(recs, key: str) -> tuple[dict, dict[str, Path]]:
+    """A logged table as W&B stored it (its artifact's ``<key>.table.json``) and where each of
+    the artifact's files (the clips) was staged on disk."""
+    (art,) = [v for k, v in recs if k == "artifact" and v["type"] == "run_table" and v["name"].endswith(f"-{key}")]
+    files = {c["path"]: Path(c["local_path"]) for c in art["manifest"]["contents"]}
+    return json.loads(files[f"{key}.table.json"].read_text()), files
+
+
+def test_offline_run_logs_project_group_config_summary_and_side_by_side_audio(tmp_path, wandb_env):
+    import numpy as np
+    import soundfile as sf
+
+    prompt = tmp_path / "voice.wav"
+    sf.write(prompt, (0.1 * np.sin(np.arange(8000) / 5)).astype("float32"), 8000)
+    results = tmp_path / "study" / "runs"
+    out = Runner(results, backend=FakeBackend(3, prompts={0: str(prompt)}), progress=False).run(
+        _exp(TrackingConfig(backend="wandb", mode="offline")))
+    rec = out.record
+    assert rec["status"] == "done"
+    base_dir = results / rec["baseline_run"]
+    base = json.loads((base_dir / "run.json").read_text())
+    info = json.loads((out.run_dir / "tracking.json").read_text())
+    base_info = json.loads((base_dir / "tracking.json").read_text())
+    # One project per results folder (derived from its path), runs grouped by their baseline
+    assert info["project"] == base_info["project"] == "cbx-study-runs"
+    assert info["group"] == base_info["group"] == rec["baseline_run"] and base_info["run"] != info["run"]
+    run_dir = Path(info["dir"]).parent  # <wandb dir>/offline-run-<time>-<id>/files
+    assert run_dir.name.startswith("offline-run-") and run_dir.name.endswith(info["run"])
+    recs = _records(run_dir, n_artifacts=3)  # two tables and the checkpoint
+    run = next(v for k, v in recs if k == "run")
+    assert run["project"] == "cbx-study-runs" and run["run_group"] == rec["baseline_run"] and run["job_type"] == "compressed"
+    assert run["display_name"] == out.run_id and run["tags"] == ["lab_test_gain"]
+    (base_run,) = [v for k, v in _records(Path(base_info["dir"]).parent, n_artifacts=2) if k == "run"]
+    assert base_run["run_group"] == rec["baseline_run"] and base_run["job_type"] == "baseline"
+    # config = the resolved experiment (every default filled in), plus the pairing
+    config = {u["key"]: json.loads(u["value_json"]) for u in run["config"]["update"]}
+    for k in ("steps", "synth", "eval", "seed", "model"):
+        assert config[k] == rec["config"][k], k
+    assert config["steps"][0]["params"]["gain"] == 0.5 and config["run_id"] == out.run_id
+    assert config["baseline_run"] == rec["baseline_run"]
+    # summary: baseline-relative figures as flat numeric keys, computed here from the two records
+    summary = _summary(recs)
+    wer, bwer = (r["aggregate"]["metrics"]["wer"]["value"] for r in (rec, base))
+    sim, bsim = (r["aggregate"]["metrics"]["speaker_sim"]["value"] for r in (rec, base))
+    assert summary["wer_delta"] == pytest.approx(wer - bwer) and summary["wer_delta"] != 0
+    assert summary["sim_ratio"] == pytest.approx(sim / bsim)
+    assert summary["speedup"] == pytest.approx(base["speed"]["rtf"] / rec["speed"]["rtf"])
+    assert summary["size_ratio"] == pytest.approx(rec["model_bytes"] / base["model_bytes"])
+    assert summary["t3_top1_agreement"] == pytest.approx(rec["aggregate"]["metrics"]["t3_top1_agreement"]["value"])
+    assert summary["metric/wer"] == pytest.approx(wer) and summary["speed/rtf"] == pytest.approx(rec["speed"]["rtf"])
+    assert summary["status"] == "done" and summary["is_baseline"] == 0 and summary["rank"] >= 1
+    numeric = {k for k, v in summary.items() if isinstance(v, (int, float)) and not k.startswith("_")}
+    assert {"wer_delta", "sim_ratio", "speedup", "size_ratio", "t3_top1_agreement", "mem_mib"} <= numeric
+    assert not any(isinstance(v, dict) for k, v in summary.items() if not k.startswith("_") and k not in ("utterances", "leaderboard"))
+    # per-utterance table: text, prompt, this run's clip and the baseline's clip side by side
+    table, files = _staged_table(recs, "utterances")
+    cols = table["columns"]
+    assert cols[:5] == ["id", "text", "prompt", "audio", "baseline_audio"] and "baseline_wer" in cols
+    rows = {r[0]: dict(zip(cols, r)) for r in table["data"]}
+    assert sorted(rows) == ["utt0", "utt1", "utt2"]
+    scores = {json.loads(l)["id"]: json.loads(l)["metrics"] for l in (base_dir / "score" / "utterances.jsonl").read_text().splitlines() if l}
+    for uid, r in rows.items():
+        assert r["text"] == f"sentence number {uid[-1]}" and r["baseline_wer"] == pytest.approx(scores[uid]["wer"])
+        mine, theirs = (files[r[c]["path"]].read_bytes() for c in ("audio", "baseline_audio"))
+        assert mine == (out.run_dir / "audio" / f"{uid}.wav").read_bytes()
+        assert theirs == (base_dir / "audio" / f"{uid}.wav").read_bytes() and mine != theirs
+        assert r["audio"]["_type"] == r["baseline_audio"]["_type"] == "audio-file"
+        assert "(baseline)" in r["baseline_audio"]["caption"]
+    assert files[rows["utt0"]["prompt"]["path"]].read_bytes() == prompt.read_bytes()
+    assert rows["utt1"]["prompt"] is None
+    lb_table, _ = _staged_table(recs, "leaderboard")
+    assert {r[lb_table["columns"].index("run_id")] for r in lb_table["data"]} == {out.run_id, rec["baseline_run"]}
     arts = [v for k, v in recs if k == "artifact"]
-    tables = {a["name"].rsplit("-", 1)[-1]: a for a in arts if a["type"] == "run_table"}
-    assert set(tables) == {"utterances", "leaderboard"}
-    wavs = [c["path"] for c in tables["utterances"]["manifest"]["contents"] if c["path"].endswith(".wav")]
-    assert len(wavs) == 3  # one audio clip per utterance
     (model,) = [a for a in arts if a["type"] == "model"]
     assert model["name"] == f"ckpt-{out.run_id}" and any(c["path"] == "manifest.json" for c in model["manifest"]["contents"])
-    assert "exit" in kinds
+
+
+def test_the_project_is_named_after_the_results_folder_unless_configured(tmp_path):
+    assert TrackingConfig().project_for(tmp_path / "my study" / "runs") == "cbx-my-study-runs"
+    assert TrackingConfig(project="mine").project_for(tmp_path / "runs") == "mine"
+    assert TrackingConfig().project_for(tmp_path / "a" / "runs") != TrackingConfig().project_for(tmp_path / "b" / "runs")
 
 
 def test_tracking_none_logs_nothing(tmp_path, wandb_env):
@@ -89,7 +150,7 @@ def test_tracking_none_logs_nothing(tmp_path, wandb_env):
 class BrokenTracker(NullTracker):
     enabled = True
 
-    def start(self, name, config, group=None):
+    def start(self, name, config, **kw):
         raise ConnectionError("network is unreachable")
 
 
