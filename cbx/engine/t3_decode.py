@@ -614,6 +614,8 @@ def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings 
     steps = 0
     for step in range(max_new):
         if step in chunk_at:  # outside autocast: the consumer runs its own work meanwhile
+            for layer in plan or ():  # a consumer may stop here (first audio only)
+                layer.report_kernels()
             yield _collect(out[:, :step], eos, s.force_tokens is not None, final=False)
         with autocast(device, s.compute_dtype):
             nxt = _pick(t3, logits, seen, s, warpers, gens, cfg, group)

@@ -584,8 +584,6 @@ class Runner:
         self._synthesize(model, todo, settings, run_dir, batch_size, exp.name)
         self.shard.wait()
 
-        # What the quantized modules really ran (a fallback is also logged when it happens).
-        record["kernels"] = b.kernel_summary(model)
         rows = [self._read_row(run_dir, it.id) for it in items]
         failed = {r["id"]: r["check"] for r in rows if r.get("check")}
         # Utterances the baseline lost are left out here too, so both means cover the same ones.
@@ -602,6 +600,9 @@ class Runner:
         streamable = [it for it in mine if it.id not in failed]
         if getattr(b, "first_audio", None) is not None and streamable and self.shard.is_main:
             first_audio = b.first_audio(model, streamable[0], settings)
+        # What the quantized modules really ran (a fallback is also logged when it happens),
+        # after every pass of this attempt (synthesis, timing repeats, first audio).
+        record["kernels"] = _kernels_of_attempt(b.kernel_summary(model), previous)
 
         too_many = len(failed) > exp.eval.max_failed * len(items)
         # ---- fidelity needs this model now and the baseline model after it
@@ -904,6 +905,19 @@ def _memory_record(run_dir: Path, rows: list[dict], model_bytes: int) -> dict[st
         if not kind.startswith("cuda"):
             kind += "_delta (no warm-up batch: depends on what ran before in the process)"
     return {"weights_bytes": int(model_bytes), "work_bytes": work, "total_bytes": int(model_bytes) + work, "kind": kind}
+
+
+def _kernels_of_attempt(summary: dict[str, Any], previous: dict | None) -> dict[str, Any]:
+    """The kernel record of this attempt; when nothing quantized ran in it (a resumed run whose
+    utterances were all done, no timing repeats, no first-audio pass), the previous attempt's
+    record, marked as such, instead of counting every module ``not-run``."""
+    from cbx.compress.kernels import NOT_RUN
+
+    paths = summary.get("paths") or {}
+    before = (previous or {}).get("kernels") or {}
+    if paths and set(paths) == {NOT_RUN} and set(before.get("paths") or {}) - {NOT_RUN}:
+        return {**before, "recorded_in": "previous attempt (this attempt ran no quantized module)"}
+    return summary
 
 
 def _failure_record(failed: dict[str, str], n_items: int, max_failed: float, excluded: list[str]) -> dict[str, Any]:

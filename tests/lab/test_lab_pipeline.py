@@ -137,3 +137,31 @@ def test_export_refuses_unfinished_runs_and_unknown_ids(run, tmp_path, capsys):
     (broken / "run.json").write_text(json.dumps({**rec, "status": "failed", "run_id": "broken-run"}))
     assert main(["export", str(broken), "--out", str(tmp_path / "y")]) == 2
     assert "only finished (done) runs" in capsys.readouterr().err and not (tmp_path / "y").exists()
+
+
+def test_resumed_run_keeps_its_kernel_record(run, tmp_path):
+    """A run resumed after every utterance was done still says which kernels it ran (it used to
+    count every quantized module ``not-run``)."""
+    import shutil
+
+    from cbx.lab.runner import _kernels_of_attempt
+
+    root = tmp_path / "runs"
+    shutil.copytree(run.run_dir.parent, root)
+    rec_path = root / run.run_id / "run.json"
+    rec = json.loads(rec_path.read_text())
+    rec.update(status="failed", resumable=True, failure="planted interruption")
+    rec_path.write_text(json.dumps(rec))
+    exp = Experiment(name="int8-fp8", model="tiny", steps=STEPS,
+                     synth={"max_speech_tokens": 16, "cfm_steps": 2, "batch_size": 1},
+                     eval=EvalConfig(set="offline", limit=1, metrics=METRICS, samples=1))
+    out = Runner(root, progress=False).run(exp)
+    assert out.run_id == run.run_id and not out.reused and out.record["attempts"] == 2
+    assert out.record["status"] == "done"
+    assert out.record["kernels"]["paths"]["int8pack-cpu"] == run.record["kernels"]["paths"]["int8pack-cpu"]
+    # an attempt that ran no quantized module keeps the previous attempt's record, marked as such
+    idle = {"paths": {"not-run": 5}, "fallbacks": []}
+    kept = _kernels_of_attempt(idle, run.record)
+    assert kept["paths"] == run.record["kernels"]["paths"] and "previous attempt" in kept["recorded_in"]
+    assert _kernels_of_attempt(idle, None) == idle
+    assert _kernels_of_attempt(idle, {"kernels": idle}) == idle
