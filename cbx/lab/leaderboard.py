@@ -967,34 +967,104 @@ PLOTS: tuple[tuple[str, str, str, tuple[bool, bool]], ...] = (
 )
 
 
-def _place_labels(ax, pts: list[tuple[float, float]], names: list[str]) -> None:
-    """Annotate points without overlapping labels: each label takes the first of a few
-    offsets whose box collides with no earlier label (greedy; a handful of points per panel)."""
+# Label placement: candidate offsets (points) around a marker, nearest first, 12 directions.
+_LABEL_OFFSETS = tuple((round(r * math.cos(a * math.pi / 6), 1), round(r * math.sin(a * math.pi / 6), 1))
+                       for r in (5, 12, 20, 30, 42, 56) for a in (1, 11, 5, 7, 0, 6, 2, 10, 4, 8, 3, 9))
+
+
+@dataclass
+class LabelLayout:
+    """What :func:`place_labels` drew: the text artists on the axes (full names, or numbers
+    for points whose name found no free spot) and the key (``number -> name``) beside it."""
+
+    texts: list
+    numbered: dict[int, str]
+    key: Any = None
+
+
+def _box(t, renderer):
+    """The text's own box (an annotation's extent would include its leader line)."""
+    from matplotlib.text import Text
+
+    t.update_positions(renderer)
+    return Text.get_window_extent(t, renderer).expanded(1.02, 1.06)
+
+
+def place_labels(ax, pts: Sequence[tuple[float, float]], names: Sequence[str], fontsize: float = 8) -> LabelLayout:
+    """Label every point so that no two label boxes overlap, none covers a marker and all stay
+    inside the axes; a name with no free spot is replaced by a number and listed in a key
+    beside the axes (the figure is widened for it by the caller).
+
+    Hand-written because adjustText, the field's usual tool, only reduces overlaps iteratively
+    (labels in a dense cluster can still collide, and it gives no way to know); here each label
+    takes the nearest free candidate position (greedy, 72 candidates on rings up to 56 pt,
+    a leader line beyond the first ring), which is checkable. Call it after the axes' limits and
+    position are final: offsets are in points, so a later resize moves points, not offsets."""
+    from matplotlib.transforms import Bbox
+
     fig = ax.figure
+    ax.set_xlim(ax.get_xlim())  # freeze autoscaling: labels must not move the points
+    ax.set_ylim(ax.get_ylim())
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
-    placed = []
-    offsets = [(4, 4), (4, -10), (-4, 4), (-4, -10), (4, 14), (4, -20), (-4, 14), (-4, -20), (4, 24), (4, -30)]
-    order = sorted(range(len(pts)), key=lambda i: (pts[i][0], pts[i][1]))
-    for i in order:
-        best = None
-        for dx, dy in offsets:
-            t = ax.annotate(names[i], pts[i], fontsize=8, xytext=(dx, dy), textcoords="offset points",
-                            ha="left" if dx > 0 else "right", arrowprops=dict(arrowstyle="-", color="#aaa", lw=0.5) if abs(dy) > 10 else None)
-            bb = t.get_window_extent(renderer).expanded(1.05, 1.15)
-            if not any(bb.overlaps(p) for p in placed):
-                best = t
-                placed.append(bb)
-                break
+    frame = ax.get_window_extent(renderer)
+    taken = []
+    leg = ax.get_legend()
+    if leg is not None:
+        taken.append(leg.get_window_extent(renderer))
+    r = 3.5 * fig.dpi / 72  # marker half-size in pixels (scatter's default 6 pt marker)
+    disp = [ax.transData.transform(p) for p in pts]
+    markers = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in disp]
+    # Dense spots first: they have the fewest free positions.
+    crowd = [sum(1 for u, v in disp if abs(u - x) < 60 and abs(v - y) < 30) for x, y in disp]
+    order = sorted(range(len(pts)), key=lambda i: (-crowd[i], disp[i][0], disp[i][1]))
+
+    def put(i: int, text: str):
+        for dx, dy in _LABEL_OFFSETS:
+            far = math.hypot(dx, dy) > 8
+            t = ax.annotate(text, pts[i], fontsize=fontsize, xytext=(dx, dy), textcoords="offset points",
+                            ha="left" if dx > 0.5 else "right" if dx < -0.5 else "center",
+                            va="bottom" if dy > 0.5 else "top" if dy < -0.5 else "center",
+                            arrowprops=dict(arrowstyle="-", color="#999", lw=0.5, shrinkA=0, shrinkB=3) if far else None,
+                            annotation_clip=False)
+            bb = _box(t, renderer)
+            inside = frame.x0 <= bb.x0 and bb.x1 <= frame.x1 and frame.y0 <= bb.y0 and bb.y1 <= frame.y1
+            if inside and not any(bb.overlaps(o) for o in taken) and not any(
+                    bb.overlaps(m) for k, m in enumerate(markers) if k != i or far):
+                taken.append(bb)
+                return t
             t.remove()
-        if best is None:  # all taken: the first offset, overlapping
-            t = ax.annotate(names[i], pts[i], fontsize=8, xytext=offsets[0], textcoords="offset points")
-            placed.append(t.get_window_extent(renderer))
+        return None
+
+    texts, numbered = [], {}
+    for i in order:
+        t = put(i, names[i])
+        if t is None:
+            numbered[i] = names[i]
+        else:
+            texts.append(t)
+    layout = LabelLayout(texts, {})
+    for n, i in enumerate(sorted(numbered, key=lambda i: (disp[i][0], disp[i][1])), start=1):
+        t = put(i, str(n))
+        layout.numbered[n] = names[i] + ("" if t is not None else " (no room for its number)")
+        if t is not None:
+            texts.append(t)
+    if layout.numbered:
+        lines = [f"{n:>2}  {name}" for n, name in layout.numbered.items()]
+        layout.key = ax.annotate("\n".join(lines), (1, 1), xycoords="axes fraction", xytext=(10, 0), textcoords="offset points",
+                                 va="top", ha="left", fontsize=fontsize - 1, family="monospace", annotation_clip=False,
+                                 bbox=dict(boxstyle="round", fc="#f7f7f7", ec="#ccc"))
+    return layout
+
+
+# Panel geometry in inches (fixed, so that label offsets computed once stay valid).
+_AX_W, _AX_H, _PAD_L, _PAD_R, _PAD_B, _PAD_T, _KEY_W = 5.8, 3.7, 0.85, 0.3, 0.6, 0.7, 2.6
 
 
 def plot_pareto(rows: list[dict], out_dir: Path, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """One PNG per plot, one panel per comparable group; failed runs are left out. A plot with
-    no points is not drawn; its reason is appended to ``skipped`` as ``(stem, reason)``."""
+    no points is not drawn; its reason is appended to ``skipped`` as ``(stem, reason)``.
+    Labels never overlap (:func:`place_labels`); crowded names become numbers with a key."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1013,24 +1083,40 @@ def plot_pareto(rows: list[dict], out_dir: Path, skipped: list[tuple[str, str]] 
                 skipped.append((stem, f"{have} finished run(s) have both {COLS[xk].label} and {COLS[yk].label} "
                                       f"(2 needed in one group)" + (f"; e.g. {why}" if why else "")))
             continue
-        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5), squeeze=False)
-        for ax, (lab, grp) in zip(axes[0], panels):
+        pw, ph = _PAD_L + _AX_W + _PAD_R, _PAD_B + _AX_H + _PAD_T
+        fig = plt.figure(figsize=(pw * len(panels), ph), dpi=100)
+        axes = [fig.add_axes(((k * pw + _PAD_L) / (pw * len(panels)), _PAD_B / ph, _AX_W / (pw * len(panels)), _AX_H / ph))
+                for k in range(len(panels))]
+        layouts = []
+        for ax, (lab, grp) in zip(axes, panels):
             pts = [(float(r[xk]), float(r[yk])) for r in grp]
             front = pareto_front(pts, maxi)
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#888", zorder=2)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="#888", s=36, zorder=2)
             fp = sorted((pts[i] for i in front), key=lambda p: p[0])
             ax.plot([p[0] for p in fp], [p[1] for p in fp], "-o", color="#c33", zorder=3, label="Pareto front")
-            _place_labels(ax, pts, [r["name"] or r["run_id"] for r in grp])
             ax.set_xlabel(COLS[xk].label + (" (higher is better)" if maxi[0] else " (lower is better)"))
             ax.set_ylabel(COLS[yk].label + (" (higher is better)" if maxi[1] else " (lower is better)"))
-            title = textwrap.fill(lab, 70)
+            title = textwrap.fill(lab, 90)
             if all(r.get("random_weights") for r in grp) and COLS[yk].kind == "quality":
                 title += "\nrandom weights: this quality axis is not meaningful"
             ax.set_title(title, fontsize=8)
             ax.grid(alpha=0.3)
-            ax.margins(0.15)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+            ax.margins(0.12)
+            fig.canvas.draw()
+            leg = ax.legend(fontsize=7, loc="best")
+            fig.canvas.draw()
+            corner = leg.get_window_extent().transformed(ax.transAxes.inverted())
+            leg.remove()
+            ax.legend(fontsize=7, loc=(corner.x0, corner.y0))  # frozen: labels placed later must not move it
+            layouts.append(place_labels(ax, pts, [r["name"] or r["run_id"] for r in grp]))
+        if any(lay.key is not None for lay in layouts):  # widen the panels that carry a key; axes keep their size
+            widths = [pw + (_KEY_W if lay.key is not None else 0) for lay in layouts]
+            total = sum(widths)
+            fig.set_size_inches(total, ph)
+            x = 0.0
+            for ax, w in zip(axes, widths):
+                ax.set_position(((x + _PAD_L) / total, _PAD_B / ph, _AX_W / total, _AX_H / ph))
+                x += w
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
@@ -1073,5 +1159,5 @@ def leaderboard(results: str | Path, sort: str | None = None, row_filter: Callab
 __all__ = [
     "Column", "COLUMNS", "COLS", "register_column", "ranking_keys", "leaderboard", "collect", "rank", "row_of",
     "method_label", "method_short", "group_key", "is_random_weights", "render_terminal", "render_markdown",
-    "render_csv", "render_html", "plot_pareto", "pareto_front", "write_all", "legend_lines", "banner",
+    "render_csv", "render_html", "plot_pareto", "pareto_front", "place_labels", "LabelLayout", "write_all", "legend_lines", "banner",
 ]

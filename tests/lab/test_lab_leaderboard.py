@@ -97,6 +97,50 @@ def test_pareto_front():
     assert lb.pareto_front([(1, 1), (1, 1)], (True, True)) == [0, 1]
 
 
+def _text_boxes(fig, texts):
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    return [Text.get_window_extent(t, r) for t in texts]
+
+
+@pytest.mark.parametrize("n_cluster", [6, 14])
+def test_pareto_labels_never_overlap_in_a_dense_cluster(n_cluster):
+    """A planted cluster (the demo's shape: many runs at mel L1 ~ 0 and similar speed, two on
+    the same spot, a few spread out): no two label boxes overlap, none leaves the axes, and
+    every run is named on the plot or, by number, in the key beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    pts = [(1.0 + 0.02 * rng.standard_normal(), 0.001 * rng.random()) for _ in range(n_cluster)]
+    pts += [pts[0], (0.7, 0.002), (1.5, 0.2), (1.85, 0.0)]
+    names = [f"run-{i}-" + "x" * (i % 4 * 5) for i in range(len(pts))]
+    fig = plt.figure(figsize=(7, 5), dpi=100)
+    ax = fig.add_axes((0.12, 0.12, 0.83, 0.74))
+    ax.scatter(*zip(*pts))
+    ax.legend(["runs"], loc="upper right")
+    lay = lb.place_labels(ax, pts, names)
+    boxes = _text_boxes(fig, lay.texts)
+    frame = ax.get_window_extent()
+    for a in range(len(boxes)):
+        assert frame.x0 <= boxes[a].x0 and boxes[a].x1 <= frame.x1 and frame.y0 <= boxes[a].y0 and boxes[a].y1 <= frame.y1
+        for b in range(a + 1, len(boxes)):
+            assert not boxes[a].overlaps(boxes[b]), (lay.texts[a].get_text(), lay.texts[b].get_text())
+    shown = [t.get_text() for t in lay.texts]
+    named = [n for n in names if n in shown]
+    assert sorted(named + list(lay.numbered.values())) == sorted(names)  # each run once: by name or in the key
+    assert all(str(k) in shown for k in lay.numbered)  # each number is on the plot
+    if lay.numbered:  # the key sits outside the axes, so it covers no label
+        assert _text_boxes(fig, [lay.key])[0].x0 >= frame.x1
+    assert len(named) >= len(pts) // 2  # most runs keep their names even in the cluster
+    plt.close(fig)
+
+
 def test_terminal_table_fits_120_columns_with_run_ids_legend_banner_and_reasons(results):
     rows = lb.leaderboard(results)
     text = lb.render_terminal(rows)
