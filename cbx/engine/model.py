@@ -59,6 +59,9 @@ class Checkpoint:
     t3_file: str
     backbone: str | None = None
     sampling: tuple[tuple[str, float], ...] = ()
+    # Multilingual V3 (upstream main, mtl_tts.py): the audio of the last speech token, emitted
+    # just before EOS, is cut (upstream: ~40 ms of noise). Not done for v2, as in 0.1.7.
+    trim_last_token: bool = False
 
 
 # Nano: Turbo's code with a GPT-2-small backbone (tts_turbo.py, nano=True); Multilingual V3: the
@@ -69,7 +72,8 @@ CHECKPOINTS = {
     "turbo": Checkpoint("turbo", "t3_turbo_v1.safetensors"),
     "nano": Checkpoint("turbo", "t3_nano_v1.safetensors", backbone="GPT2_small"),
     "multilingual": Checkpoint("multilingual", "t3_mtl23ls_v2.safetensors"),
-    "multilingual-v3": Checkpoint("multilingual", "t3_mtl23ls_v3.safetensors", sampling=(("repetition_penalty", 1.2),)),
+    "multilingual-v3": Checkpoint("multilingual", "t3_mtl23ls_v3.safetensors", sampling=(("repetition_penalty", 1.2),),
+                                  trim_last_token=True),
 }
 
 
@@ -442,6 +446,8 @@ def checkpoint_meta(name: str) -> dict:
     out: dict[str, Any] = {"checkpoint": name}
     if ck.sampling:
         out["sampling_defaults"] = dict(ck.sampling)
+    if ck.trim_last_token:
+        out["trim_last_token"] = True
     return out
 
 

@@ -26,6 +26,7 @@ Tests: ``tests/engine/test_engine_s3gen_batch.py`` (batch vs alone vs upstream, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -210,6 +211,18 @@ def solve_cfm(estimator, inputs: CFMInputs, noise: torch.Tensor, n_steps: int, c
 def crop_mels(mels: torch.Tensor, inputs: CFMInputs) -> list[torch.Tensor]:
     """Per-utterance new-speech mels [80, out_len] (the prompt part and padding removed)."""
     return [mels[i, :, p : p + o] for i, (p, o) in enumerate(zip(inputs.prompt_lens, inputs.out_lens))]
+
+
+SAMPLES_PER_TOKEN = 960  # 24 kHz / 25 speech tokens per second
+
+
+def trim_last_token(model: Any, wav: np.ndarray, n_tokens: int) -> np.ndarray:
+    """The waveform of ``n_tokens`` S3Gen tokens without the last token's audio, for a model
+    whose checkpoint asks for it (``meta["trim_last_token"]``: Multilingual V3, whose final
+    token before EOS decodes to noise); unchanged otherwise. At least one token is kept."""
+    if not (getattr(model, "meta", None) or {}).get("trim_last_token") or n_tokens <= 0:
+        return wav
+    return wav[: max(1, int(n_tokens) - 1) * SAMPLES_PER_TOKEN]
 
 
 @torch.inference_mode()

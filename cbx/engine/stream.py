@@ -139,6 +139,8 @@ def _vocode_new(model: Any, st: _RowState, mel: torch.Tensor, final: bool) -> np
     hift = model.s3gen.mel2wav
     p0 = next(hift.parameters())
     total = mel.shape[-1]
+    # Multilingual V3 cuts the last token's audio (2 frames; s3gen_batch.trim_last_token)
+    cut = 2 if final and (getattr(model, "meta", None) or {}).get("trim_last_token") and total > 2 else 0
     emit_to = total if final else total - HOLD_FRAMES
     if emit_to <= st.frames and not final:
         return np.zeros(0, np.float32)
@@ -158,7 +160,7 @@ def _vocode_new(model: Any, st: _RowState, mel: torch.Tensor, final: bool) -> np
     st.window = (start, total, source)
     wav = wav[0].float().cpu().numpy()
     base = start * SAMPLES_PER_FRAME
-    end = emit_to * SAMPLES_PER_FRAME if final else emit_to * SAMPLES_PER_FRAME - CROSSFADE_SAMPLES
+    end = (emit_to - cut) * SAMPLES_PER_FRAME if final else emit_to * SAMPLES_PER_FRAME - CROSSFADE_SAMPLES
     end = min(end, base + wav.shape[0])
     piece = wav[st.samples - base: end - base].copy()
     if st.pending is not None and piece.size:

@@ -491,7 +491,7 @@ class Synthesizer:
         with timer.stage("vocoder") as lap:
             wavs = sb.vocode(self.model, mels, seeds=[r.seed for r in live])
         for r, w, sh in zip(live, wavs, apportion(lap.seconds, [m.shape[-1] for m in mels])):
-            r.wav = np.asarray(w, dtype=np.float32)
+            r.wav = sb.trim_last_token(self.model, np.asarray(w, dtype=np.float32), self._s3gen_tokens(r.tokens).numel())
             r.shares["vocoder"] = sh
 
     # -- the decoder alone ------------------------------------------------------------------
@@ -525,7 +525,7 @@ class Synthesizer:
                 mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]
             wav = sb.vocode(self.model, mels, seeds=[seed])[0]
-        return np.asarray(wav, dtype=np.float32)
+        return sb.trim_last_token(self.model, np.asarray(wav, dtype=np.float32), tokens.numel())
 
     # -- the call ---------------------------------------------------------------------------
 

@@ -148,3 +148,28 @@ def test_streamed_pieces_are_watermarked_when_asked(tiny_model):
                                                 first_tokens=6, chunk_tokens=12))
     a, b = np.concatenate([p.wav for p in marked]), np.concatenate([p.wav for p in plain])
     assert a.shape == b.shape and a.dtype == np.float32 and not np.array_equal(a, b)
+
+
+def test_multilingual_v3_cuts_the_last_tokens_audio_whole_streamed_and_decoded():
+    """Upstream's V3 (mtl_tts.py on main) drops the audio of the token emitted just before EOS:
+    the whole path, the stream and the decoder alone all end one token (960 samples) early,
+    and are otherwise what the same model without the cut makes."""
+    from cbx.engine.tiny import build_tiny
+
+    v3 = build_tiny("multilingual-v3", 0)
+    assert v3.meta["trim_last_token"] is True and "trim_last_token" not in build_tiny("multilingual", 0).meta
+    plain = copy.copy(v3)
+    plain.meta = {k: v for k, v in v3.meta.items() if k != "trim_last_token"}
+    s = _settings(force_tokens=30, max_speech_tokens=30, language_id="fr")
+    req = [SynthRequest("Bonjour, ceci est un essai.", None, id="a")]
+    cut = Synthesizer(v3).synthesize(req, s, progress=False).results[0]
+    full = Synthesizer(plain).synthesize(req, s, progress=False).results[0]
+    n = len(cut.speech_tokens)
+    assert n == 30 and len(full.wav) == n * sb.SAMPLES_PER_TOKEN
+    assert len(cut.wav) == (n - 1) * sb.SAMPLES_PER_TOKEN
+    np.testing.assert_array_equal(cut.wav, full.wav[: len(cut.wav)])
+    streamed = np.concatenate([p.wav for p in Synthesizer(v3).stream(req, s, first_tokens=8, chunk_tokens=16)])
+    assert len(streamed) == len(cut.wav)
+    decoded = Synthesizer(v3).decode_tokens(None, cut.speech_tokens, s)
+    assert len(decoded) == len(cut.wav)
+    np.testing.assert_array_equal(sb.trim_last_token(v3, np.ones(960, np.float32), 1), np.ones(960, np.float32))
