@@ -804,20 +804,26 @@ th,td{border-bottom:1px solid #ddd;padding:3px 6px;text-align:right;white-space:
 td.t,th.t{text-align:left}th{background:#eee;cursor:pointer;user-select:none;position:sticky;top:0}
 th.s1,td.s1{position:sticky;left:0;z-index:1}th.s2,td.s2{position:sticky;left:var(--s2,2.2em);z-index:1;border-right:2px solid #bbb}
 th.s1,th.s2{z-index:2;background:#eee}
-tr.failed td{color:#a00;background:#fee}td.m{max-width:16em;overflow:hidden;text-overflow:ellipsis}
+tr.failed td{color:#a00;background:#fee}td.m{max-width:14em;overflow:hidden;text-overflow:ellipsis}
+table.lb .x{display:none}table.lb.all .x{display:table-cell}label.tog{font-size:13px;color:#555;display:block;margin:.3em 0}
 th.asc::after{content:" ▲"}th.desc::after{content:" ▼"}
 .banner{background:#fff3cd;border:1px solid #e0b400;padding:.5em .8em;margin:.5em 0;font-weight:600}
 .noise{color:#777}.miss{color:#999;cursor:help;border-bottom:1px dotted #999}
-table.samples td{vertical-align:middle}table.samples td.txt{white-space:normal;max-width:30em;text-align:left}
-audio{height:28px;width:200px;vertical-align:middle}.lab{font-size:11px;color:#555;display:block}
+table.samples td{vertical-align:middle}table.samples td.txt{white-space:normal;min-width:12em;max-width:24em;text-align:left}
+table.samples td.run{white-space:normal;max-width:15em;overflow-wrap:anywhere}
+table.samples td.pr{max-width:12em;overflow:hidden;text-overflow:ellipsis}
+audio{height:28px;width:190px;vertical-align:middle}.lab{font-size:11px;color:#555;display:block}
 dl.legend dt{font-weight:600;float:left;clear:left;width:13em}dl.legend dd{margin-left:14em}.skip{color:#a60}"""
 
 # Sorting by the cell's data-v: numbers when both cells hold one, text otherwise (locale order);
-# empty cells go last either way. A click toggles the order.
-_JS = """document.querySelectorAll('table.lb').forEach(function(t){
+# empty cells go last either way. The first click puts the best first (the header's data-d:
+# 1 higher is better, -1 lower), text ascending; a click again reverses.
+_JS = """document.querySelectorAll('input[data-t]').forEach(function(c){c.addEventListener('change',function(){
+ document.getElementById(c.dataset.t).classList.toggle('all',c.checked);});});
+document.querySelectorAll('table.lb').forEach(function(t){
  var first=t.querySelector('th.s1');if(first){t.style.setProperty('--s2',first.getBoundingClientRect().width+'px');}
  t.querySelectorAll('thead th').forEach(function(th,i){th.addEventListener('click',function(){
-  var asc=!th.classList.contains('asc');t.querySelectorAll('thead th').forEach(function(h){h.classList.remove('asc','desc')});
+  var asc=th.classList.contains('asc')||th.classList.contains('desc')?!th.classList.contains('asc'):th.dataset.d!=='1';t.querySelectorAll('thead th').forEach(function(h){h.classList.remove('asc','desc')});
   th.classList.add(asc?'asc':'desc');var b=t.tBodies[0];var rs=Array.from(b.rows);
   rs.sort(function(a,c){var x=a.cells[i].dataset.v,y=c.cells[i].dataset.v;
    if(x===''&&y==='')return 0;if(x==='')return 1;if(y==='')return -1;
@@ -841,11 +847,25 @@ def _player(path: str | None, label: str, out_dir: Path, embed: bool) -> str:
     return f"<span class='lab'>{html.escape(label)}</span><audio controls preload='none' title='{html.escape(label)}' src='{src}'></audio>"
 
 
-def html_keys(rows: Sequence[dict]) -> list[str]:
-    ks = terminal_keys(rows)
-    ks = [k for k in ks if k != "method_short"]
-    ks.insert(ks.index("run_id") + 1 if "run_id" in ks else 0, "method")
-    return ks
+def html_keys(rows: Sequence[dict]) -> tuple[list[str], list[str]]:
+    """(shown, behind the "every column" toggle): the page's default table has the terminal's
+    columns with short headers and no interval text (in the cell's tooltip), so it fits a
+    1400 px window; the rest (full method label, absolute metrics, RTF, ...) follow when asked."""
+    shown = terminal_keys(rows)
+    return shown, [k for k in wide_keys() if k not in shown]
+
+
+def _cell_title(r: dict, k: str) -> str:
+    """Tooltip of a value cell: its 95% interval and whether it is within noise."""
+    bits = []
+    ci = r.get(f"{k}_ci")
+    if ci:
+        bits.append(f"95% interval [{_short(ci[0])}, {_short(ci[1])}]")
+    if (r.get("noise") or {}).get(k):
+        bits.append("contains no change: within noise, ranked level with the baseline")
+    if k == "method_short":
+        bits.append(r.get("method") or "")
+    return "; ".join(b for b in bits if b)
 
 
 def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys: Sequence[str] | None = None,
@@ -858,12 +878,13 @@ def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys
         "<!doctype html><html><head><meta charset='utf-8'><title>Chatterbox compression leaderboard</title>",
         f"<style>{_CSS}</style></head><body><h1>Chatterbox compression leaderboard</h1>",
         "<p>Rows are ranked only inside a group (same eval set and version, metric versions and hardware). "
-        "Click a column header to sort; hover a header for its meaning and a “-” for why it is empty. "
+        "Click a column header to sort; hover a header for its meaning, a value for its 95% interval and a “-” for why it is empty; ≈: within noise of the baseline. "
         "Failed runs are listed in red and not ranked.</p>",
     ]
     used: list[str] = []
     for gi, (label, grp) in enumerate(_groups(rows)):
-        ks = list(keys) if keys is not None else html_keys(grp)
+        shown, extra = (list(keys), []) if keys is not None else html_keys(grp)
+        ks = shown + extra
         used += [k for k in ks if k not in used]
         parts.append(f"<h2>{html.escape(label)}</h2>")
         b = banner(grp)
@@ -872,10 +893,15 @@ def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys
         sort = grp[0].get("sorted_by")
         if sort:
             parts.append(f"<p>Sorted by {html.escape(COLS[sort].label)}.</p>")
+        if extra:
+            parts.append(f"<label class='tog' title='{html.escape(', '.join(COLS[k].label for k in extra))}'>"
+                         f"<input type='checkbox' data-t='g{gi}'> show every column ({len(extra)} more)</label>")
         parts.append(f"<div class='wrap'><table class='lb' id='g{gi}'><thead><tr>")
         for i, k in enumerate(ks):
-            cls = ("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "")
-            parts.append(f"<th class='{cls.strip()}' title='{html.escape(COLS[k].legend)}'>{html.escape(COLS[k].label)}</th>")
+            cls = ("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "") + (" x" if k in extra else "")
+            head = COLS[k].label if k in extra else COLS[k].header
+            d = "" if COLS[k].higher_is_better is None else f" data-d='{1 if COLS[k].higher_is_better else -1}'"
+            parts.append(f"<th class='{cls.strip()}'{d} title='{html.escape(COLS[k].label + ': ' + COLS[k].legend)}'>{html.escape(head)}</th>")
         parts.append("</tr></thead><tbody>")
         for r in grp:
             cls = " class='failed'" if r["status"] != store.STATUS_DONE else ""
@@ -884,8 +910,9 @@ def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys
             for i, k in enumerate(ks):
                 v = r.get(k)
                 dv = "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else html.escape(str(v))
-                text = fmt(r, k)
-                c = ("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "") + (" m" if k == "method" else "")
+                text = fmt(r, k, interval=False)
+                c = (("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "")
+                     + (" m" if k in ("method", "method_short") else "") + (" x" if k in extra else ""))
                 tip = ""
                 if text == "-":
                     why = (r.get("why") or {}).get(k, "")
@@ -893,9 +920,10 @@ def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys
                 else:
                     inner = html.escape(text)
                     if (r.get("noise") or {}).get(k):
-                        inner = f"<span class='noise' title='interval contains no change: within noise'>{inner}</span>"
-                    if k == "method":
-                        tip = f" title='{html.escape(text)}'"
+                        inner = f"<span class='noise'>{inner}</span>"
+                    t = _cell_title(r, k) or (text if k == "method" else "")
+                    if t:
+                        tip = f" title='{html.escape(t)}'"
                 parts.append(f"<td class='{c.strip()}' data-v='{dv}'{tip}>{inner}</td>")
             parts.append("</tr>")
         parts.append("</tbody></table></div>")
@@ -926,9 +954,10 @@ def _samples_html(grp: list[dict], out_dir: Path, embed: bool) -> list[str]:
         prompt = Path(s["prompt"]).name if s.get("prompt") else "built-in voice"
         base = s.get("baseline_audio") if not r.get("is_baseline") else None
         out.append(
-            f"<tr><td class='t'>{html.escape(r['run_id'])}<span class='lab'>{html.escape(r['method'])}</span></td>"
+            f"<tr><td class='t run'>{html.escape(r['run_id'])}<span class='lab' title='{html.escape(r['method'])}'>"
+            f"{html.escape(r.get('method_short') or r['method'])}</span></td>"
             f"<td class='txt'>{html.escape(s.get('text') or s['id'])}</td>"
-            f"<td class='t' title='{html.escape(s.get('prompt') or '')}'>{html.escape(prompt)}</td>"
+            f"<td class='t pr' title='{html.escape(s.get('prompt') or '')}'>{html.escape(prompt)}</td>"
             f"<td class='t'>{_player(s['audio'], r['name'] or r['run_id'], out_dir, embed)}</td>"
             f"<td class='t'>{_player(base, 'baseline', out_dir, embed) if not r.get('is_baseline') else '(this is the baseline)'}</td></tr>"
         )
