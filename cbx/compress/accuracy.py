@@ -11,7 +11,8 @@ input channels whose weights are 8x larger and whose activations are 20x larger 
 LLM.int8() was built for). The activations are random normal rows with those channels scaled;
 SQNR (dB, torchao's ``compute_error``) compares ``X @ W.T`` in float32 with the quantized
 module's output on the same ``X`` (the module casts to its compute dtype, bf16 by default, as
-it does in the engine). GPTQ calibrates on a separate draw of the same distribution.
+it does in the engine). GPTQ and quanto_w8a8's static activation scales calibrate on a separate
+draw of the same distribution.
 
 Every method goes through its registered transform (the same code the experiments run), except
 GPTQ, which needs a Hessian: it is fitted here with the workbench's own ``gptq_quantize``.
@@ -51,6 +52,7 @@ SWEEP_METHODS = (
     SweepMethod("torchao_int8_dynamic", "torchao", "8", "torchao_int8_dynamic"),
     SweepMethod("bnb_int8", "bitsandbytes", "8", "bnb_int8"),
     SweepMethod("quanto_qint8", "optimum-quanto", "8", "quanto_qint8"),
+    SweepMethod("quanto_w8a8", "optimum-quanto", "8", "quanto_w8a8"),
     SweepMethod("int4_weight_only g128", "cbx", "4", "int4_weight_only", {"group_size": 128}),
     SweepMethod("int4_weight_only g128 gptq", "cbx", "4", "int4_weight_only", {"group_size": 128}, gptq=True),
     SweepMethod("torchao_int4_weight_only g128", "torchao", "4", "torchao_int4_weight_only", {"group_size": 128}),
@@ -76,7 +78,8 @@ class SweepRow:
 def outlier_layer(out_features: int, in_features: int, seed: int = 0, tokens: int = 64):
     """``(layer, x_eval, calib)``: a float32 ``nn.Linear`` (with bias) with planted outlier
     input channels, activations that carry the same outliers, and ``calib(n)`` drawing ``n``
-    more rows of them (GPTQ needs more calibration rows than inputs, or it fits a subspace)."""
+    more rows of them (GPTQ needs more calibration rows than inputs, or it fits a subspace;
+    ``calib(n, generator)`` draws from another stream, leaving GPTQ's draws as they are)."""
     g = torch.Generator().manual_seed(seed)
     layer = nn.Linear(in_features, out_features)
     w = torch.randn(out_features, in_features, generator=g) * 0.02
@@ -87,8 +90,8 @@ def outlier_layer(out_features: int, in_features: int, seed: int = 0, tokens: in
         layer.weight.copy_(w)
         layer.bias.copy_(torch.randn(out_features, generator=g) * 0.01)
 
-    def acts(n):
-        x = torch.randn(n, in_features, generator=g)
+    def acts(n, generator=None):
+        x = torch.randn(n, in_features, generator=generator or g)
         x[:, idx] *= 20.0
         return x
 
@@ -96,10 +99,19 @@ def outlier_layer(out_features: int, in_features: int, seed: int = 0, tokens: in
 
 
 class _Holder(nn.Module):
-    def __init__(self, layer):
+    """One layer as a model (``targets: [layer]``). ``calib``: batches of the layer's input, run
+    by ``calibration_pass()`` for transforms that calibrate activation scales (quanto_w8a8)."""
+
+    def __init__(self, layer, calib=None):
         super().__init__()
         self.layer = layer
         self.variant, self.meta = "original", {}
+        if calib is not None:
+            def calibration_pass():
+                with torch.inference_mode():
+                    for x in calib():
+                        self.layer(x)
+            self.calibration_pass = calibration_pass
 
 
 def _quantized(method: SweepMethod, layer: nn.Linear, x_calib) -> nn.Module:
@@ -107,7 +119,11 @@ def _quantized(method: SweepMethod, layer: nn.Linear, x_calib) -> nn.Module:
 
     from cbx.compress.registry import apply_transforms, build_config
 
-    holder = _Holder(copy.deepcopy(layer))
+    def calib():  # activation calibration: 4 batches of 256 rows of the distribution, own stream
+        gen = torch.Generator().manual_seed(1)
+        return [x_calib(256, gen) for _ in range(4)]
+
+    holder = _Holder(copy.deepcopy(layer), calib=calib)
     if method.gptq:
         return _gptq(method, holder.layer, x_calib)
     apply_transforms(holder, [(method.transform, build_config(method.transform, {**method.params,
@@ -139,8 +155,8 @@ def run_sweep(shapes=T3_SHAPES, methods=SWEEP_METHODS, seed: int = 0,
         layer, x, calib = outlier_layer(n, kk, seed=seed + k)
         layer, x = layer.to(device), x.to(device)
 
-        def x_calib(rows_, calib=calib):
-            return calib(rows_).to(device)
+        def x_calib(rows_, generator=None, calib=calib):
+            return calib(rows_, generator).to(device)
 
         with torch.inference_mode():
             ref = layer(x)

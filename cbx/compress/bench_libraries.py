@@ -48,6 +48,7 @@ T3_METHODS = (
     ("quanto_qint8", "quanto_qint8", {}),
     ("quanto_qint4", "quanto_qint4", {}),
     ("quanto_qfloat8", "quanto_qfloat8", {}),
+    ("quanto_w8a8", "quanto_w8a8", {}),
 )
 SWEEP_LABEL = {"int8 (cbx)": "int8_weight_only", "int4 (cbx)": "int4_weight_only g128",
                "torchao_int4_weight_only": "torchao_int4_weight_only g128"}
@@ -88,7 +89,11 @@ def _layer(n: int, k: int, seed: int) -> nn.Linear:
 def _quantize_layer(lin: nn.Linear, transform: str, params: dict) -> nn.Module:
     from cbx.compress.registry import apply_transforms, build_config
 
-    holder = _Holder(copy.deepcopy(lin))
+    def calib():  # for static activation scales (quanto_w8a8): rows like the timed inputs
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randn(256, lin.in_features, generator=gen).to(lin.weight.device) for _ in range(2)]
+
+    holder = _Holder(copy.deepcopy(lin), calib=calib)
     apply_transforms(holder, [(transform, build_config(transform, {**params, "targets": ["layer"]}))])
     return holder.layer
 

@@ -50,6 +50,15 @@ CALIBRATION_TEXTS = (
 )
 
 
+def check_calibration_params(config) -> None:
+    """Validate a config's ``calib_texts`` / ``calib_max_speech_tokens`` (every calibrated method
+    has them, with the same meaning)."""
+    if not 1 <= config.calib_texts <= len(CALIBRATION_TEXTS):
+        raise ValueError(f"calib_texts must be 1..{len(CALIBRATION_TEXTS)}, got {config.calib_texts}")
+    if config.calib_max_speech_tokens < 1:
+        raise ValueError(f"calib_max_speech_tokens must be >= 1, got {config.calib_max_speech_tokens}")
+
+
 @dataclasses.dataclass
 class CalibrationSequence:
     text_tokens: torch.Tensor  # [1, T_text]

@@ -19,6 +19,10 @@ and a checkpoint entry holding the library's *own* serialization:
 * optimum-quanto: the frozen ``QLinear`` state dict plus its entry of ``quantization_map``,
   rebuilt as ``requantize`` does.
 
+``quanto_w8a8`` also quantizes the activations (int8, one static scale per layer): the scales are
+calibrated with quanto's own ``Calibration`` over the teacher-forced T3 passes GPTQ uses
+(:mod:`cbx.compress.calibration`), so the int8 x int8 product runs ``torch._int_mm`` on CPU too.
+
 Library layers quantize linear layers only: token embeddings matched by the default targets stay
 in floating point (logged), unlike the workbench's own ``int8/int4_weight_only``.
 
@@ -130,12 +134,26 @@ class Bnb4bitConfig(_LibraryConfig):
             raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
 
 
-QUANTO_ACTIVATIONS = ("none", "qint8", "qfloat8")
-
-
 @dataclass(frozen=True)
 class QuantoConfig(_LibraryConfig):
     pass
+
+
+@dataclass(frozen=True)
+class QuantoW8A8Config(_LibraryConfig):
+    # static activation scales, calibrated on the same teacher-forced T3 passes GPTQ uses
+    calib_texts: int = 8
+    calib_max_speech_tokens: int = 150
+    calib_seed: int = 0
+    momentum: float = 0.9  # quanto's Calibration: running average of the per-batch absmax scales
+
+    def __post_init__(self):
+        from cbx.compress.calibration import check_calibration_params
+
+        super().__post_init__()
+        check_calibration_params(self)
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
 
 # ----------------------------------------------------------------------------- requirements
@@ -292,16 +310,19 @@ class QuantoLinear(LibraryLinear):
         sd.pop("bias", None)
         return {k: v.detach() for k, v in sd.items()}
 
-    def library_meta(self) -> dict:
-        from optimum.quanto import quantization_map
-
-        return {"quanto_map": quantization_map(nn.ModuleDict({"w": self.inner}))["w"]}
-
     def dequantize(self) -> Tensor:
         return self.inner.weight.dequantize().float()
 
     def kernel_path(self, x2: Tensor) -> str:
         kind = type(self.inner.weight).__name__
+        if self.inner.activation_qtype is not None:
+            # int8 activations (static scale) x int8 weights: quanto's qbytes_mm takes
+            # torch._int_mm on CPU (torch >= 2.6) and on CUDA for > 16 rows, multiples of 8
+            n = x2.shape[0]
+            if x2.device.type == "cpu" or (n > 16 and n % 8 == 0 and self.in_features % 8 == 0
+                                           and self.out_features % 8 == 0):
+                return "quanto:int8-int-mm"
+            return "quanto:dequant-mm"
         if "TinyGemm" in kind:
             return "quanto:tinygemm"
         if "Marlin" in kind or "AWQ" in kind:
@@ -311,6 +332,15 @@ class QuantoLinear(LibraryLinear):
                 and x2.device.type == "cpu" and self.in_features % 4 == 0):
             return "quanto:int8pack-cpu"  # aten._weight_int8pack_mm
         return "quanto:dequant-mm"
+
+    def library_meta(self) -> dict:
+        from optimum.quanto import quantization_map
+
+        meta = {"quanto_map": quantization_map(nn.ModuleDict({"w": self.inner}))["w"]}
+        if self.inner.activation_qtype is not None:
+            # for reading the manifest; the checkpoint loads the tensor (``input_scale``)
+            meta["input_scale"] = float(self.inner.input_scale)
+        return meta
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         if torch.is_inference_mode_enabled() and type(self.inner.weight).__name__ == "WeightQBitsTensor":
@@ -330,6 +360,8 @@ def _quanto_rebuild(meta: dict, tensors: dict[str, Tensor], compute_dtype: torch
     acts = None if qmap["activations"] == "none" else qmap["activations"]
     q = quantize_module(lin, weights=qmap["weights"], activations=acts).to_empty(device="cpu")
     q.load_state_dict(tensors, strict=True, assign=True)
+    if acts is not None:
+        q.disable_output_quantization()  # as quanto_w8a8 built it
     return q
 
 
@@ -573,3 +605,73 @@ def quanto_qint4(model, config: QuantoConfig):
 def quanto_qfloat8(model, config: QuantoConfig):
     """optimum-quanto ``qfloat8`` (e4m3) weights (per-channel)."""
     return _quanto(model, "quanto_qfloat8", config, "qfloat8")
+
+
+@register_transform("quanto_w8a8", QuantoW8A8Config)
+def quanto_w8a8(model, config: QuantoW8A8Config):
+    """optimum-quanto ``qint8`` weights and ``qint8`` activations (W8A8 with *static* per-tensor
+    input scales from ``quanto.Calibration`` over T3's teacher-forced calibration passes, the same
+    sequences GPTQ calibrates on); the int8 x int8 product runs ``torch._int_mm``.
+
+    Outputs stay in floating point (quanto's ``disable_output_quantization``: every T3 linear
+    output feeds a float op, the bias add, a residual sum or attention, which is what quanto's
+    own streamlined calibration decides for such layers). A model that is not a Chatterbox model
+    supplies its calibration through a ``calibration_pass()`` method (the accuracy sweep and the
+    bench's single layers do)."""
+    name = "quanto_w8a8"
+    _require(model, name, "optimum-quanto")
+    from optimum.quanto import Calibration, quantize_module
+
+    run_pass = getattr(model, "calibration_pass", None)
+    if run_pass is None:
+        if getattr(model, "t3", None) is None:
+            raise CbxError(f"{name}: needs calibration data: a Chatterbox model (T3 teacher-forced passes) "
+                           "or a model with a calibration_pass() method")
+        from cbx.compress.calibration import CALIBRATION_TEXTS, _teacher_forced_pass, generate_sequences
+
+        _linears(model, config, name)  # refuse bad targets before the (slow) sampling
+        # sampled by the unquantized T3, as for GPTQ
+        seqs = generate_sequences(model, CALIBRATION_TEXTS[: config.calib_texts], config.calib_max_speech_tokens,
+                                  config.calib_seed)
+
+        def run_pass():
+            _teacher_forced_pass(model, seqs)
+
+    def one(lin: nn.Linear) -> nn.Module:
+        q = quantize_module(lin, weights="qint8", activations="qint8")
+        q.disable_output_quantization()
+        return q  # frozen after calibration
+
+    originals = _linears(model, config, name)
+    _quantize(model, name, config, QuantoLinear, one)
+    layers = {mname: mod.inner for mname, mod in model.named_modules()
+              if isinstance(mod, QuantoLinear) and getattr(mod, "cbx_method", None) == name and not mod.inner.frozen}
+    seen = dict.fromkeys(layers, 0)
+    handles = [inner.register_forward_pre_hook(_count_calls(seen, mname)) for mname, inner in layers.items()]
+    try:
+        with Calibration(momentum=config.momentum, streamline=False):
+            run_pass()
+    finally:
+        for h in handles:
+            h.remove()
+    unseen = [mname for mname, n in seen.items() if n == 0]
+    if unseen:
+        for mname, mod in originals:  # the model as it was
+            model.set_submodule(mname, mod)
+        if isinstance(getattr(model, "meta", None), dict) and model.meta.get("compress"):
+            model.meta["compress"].pop()
+        raise CbxError(f"{name}: calibration never reached {', '.join(unseen[:3])}"
+                       f"{' ...' if len(unseen) > 3 else ''}; leave it out with ignore")
+    with torch.inference_mode(False), torch.no_grad():
+        for inner in layers.values():
+            # scales set under inference mode become ordinary tensors (saved, copied, moved)
+            inner.input_scale = inner.input_scale.detach().clone()
+            inner.output_scale = inner.output_scale.detach().clone()
+            inner.freeze()
+    return model
+
+
+def _count_calls(seen: dict, mname: str):
+    def fn(module, args):
+        seen[mname] += 1
+    return fn

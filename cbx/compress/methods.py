@@ -90,12 +90,9 @@ class _WeightOnlyBase:
             raise ValueError("targets must not be empty (null means the variant's default)")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        from cbx.compress.calibration import CALIBRATION_TEXTS
+        from cbx.compress.calibration import check_calibration_params
 
-        if not 1 <= self.calib_texts <= len(CALIBRATION_TEXTS):
-            raise ValueError(f"calib_texts must be 1..{len(CALIBRATION_TEXTS)}, got {self.calib_texts}")
-        if self.calib_max_speech_tokens < 1:
-            raise ValueError(f"calib_max_speech_tokens must be >= 1, got {self.calib_max_speech_tokens}")
+        check_calibration_params(self)
         if not 0 < self.gptq_damp < 1:
             raise ValueError(f"gptq_damp must be in (0, 1), got {self.gptq_damp}")
         if self.gptq_block_size < 1:

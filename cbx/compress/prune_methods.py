@@ -62,15 +62,12 @@ class _CalibBase:
     calib_voices: tuple[str, ...] = DEFAULT_CALIB_VOICES
 
     def __post_init__(self):
-        from cbx.compress.calibration import CALIBRATION_TEXTS
+        from cbx.compress.calibration import check_calibration_params
 
         _tuple_of_globs(self, "calib_voices")
         if not self.calib_voices:
             raise ValueError("calib_voices must name at least one voice (builtin, an offline voice or a file)")
-        if not 1 <= self.calib_texts <= len(CALIBRATION_TEXTS):
-            raise ValueError(f"calib_texts must be 1..{len(CALIBRATION_TEXTS)}, got {self.calib_texts}")
-        if self.calib_max_speech_tokens < 1:
-            raise ValueError(f"calib_max_speech_tokens must be >= 1, got {self.calib_max_speech_tokens}")
+        check_calibration_params(self)
 
     def calib(self) -> CalibSpec:
         return CalibSpec(self.calib_texts, self.calib_max_speech_tokens, self.calib_seed, tuple(self.calib_voices))
