@@ -23,6 +23,10 @@ import pytest
 for _var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_var] = "1"
 os.environ.setdefault("WANDB_MODE", "offline")
+# The voice-conditioning disk cache (cbx.engine.cond_cache) is off unless a test turns it on with
+# its own tmp folder: tests never write to ~/.cache, and a hit from another test's voice would
+# change what a test measures (computations counted, conditioning timed).
+os.environ["CBX_COND_CACHE"] = "off"
 
 
 def pytest_configure(config):

@@ -208,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         up = U.ChatterboxTTS(model.t3, model.s3gen, model.ve, model.tokenizer, str(device))
-    syn = Synthesizer(model, device=device)
+    syn = Synthesizer(model, device=device, disk_cache=False)  # every run pays conditioning, as upstream's
     audio_s = args.tokens / SPEECH_TOKENS_PER_AUDIO_S
     print(f"model: {args.model} ({model.source}), original architecture (T3 {_millions(model.t3)}, "
           f"S3Gen {_millions(model.s3gen)}, VE {_millions(model.ve)}), built in {time.perf_counter() - t0:.1f} s")

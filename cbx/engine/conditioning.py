@@ -163,12 +163,22 @@ def _clone(x):
     return x.clone() if torch.is_tensor(x) else x
 
 
-def prepare_voice(model, voice, exaggeration: float = 0.5, *, use_cache: bool = True):
+def _settings(model, cfg: VariantConditioning) -> dict:
+    """What the conditioning result depends on besides the audio and the weights."""
+    return {"enc_cond_seconds": cfg.enc_cond_seconds, "norm_loudness_lufs": cfg.norm_loudness_lufs,
+            "dec_cond_seconds": DEC_COND_SECONDS,
+            "speech_cond_prompt_len": getattr(model.t3.hp, "speech_cond_prompt_len", None)}
+
+
+def prepare_voice(model, voice, exaggeration: float = 0.5, *, use_cache: bool = True, disk_cache=None):
     """Upstream ``Conditionals`` (``.t3`` a T3Cond, ``.gen`` S3Gen's reference dict) for ``voice``.
 
     ``model``: anything with ``t3``, ``s3gen``, ``ve`` and ``variant`` (a ChatterboxModel).
     ``voice``: an audio file (wav/flac/mp3/..., any rate, mono or stereo) or ``(wav, sr)``.
     Bad prompts raise CbxError naming the file: unreadable, too short for the variant, silent.
+    ``disk_cache``: the on-disk cache across processes (:mod:`cbx.engine.cond_cache`): None =
+    the environment's folder (default ``~/.cache/cbx/conds``), False = off, or a folder.
+    ``use_cache=False`` bypasses both caches.
     """
     from cbx.engine.upstream import Conditionals, T3Cond
 
@@ -184,9 +194,18 @@ def prepare_voice(model, voice, exaggeration: float = 0.5, *, use_cache: bool = 
         key = (digest, model.variant, cfg.norm_loudness_lufs, str(_device(model)))
     per_model = _model_cache(model) if use_cache else {}
     if key not in per_model:
-        if wav24 is None:
-            wav24, _, name = _load(voice, cfg)
-        per_model[key] = _compute(model, wav24, cfg, name)
+        from cbx.engine import cond_cache
+
+        folder = cond_cache.resolve(disk_cache) if use_cache else None
+        disk_key = cond_cache.entry_key(model, key[0], _settings(model, cfg), _device(model)) if folder else None
+        got = cond_cache.load(folder, disk_key, _device(model), name) if folder else None
+        if got is None:
+            if wav24 is None:
+                wav24, _, name = _load(voice, cfg)
+            got = _compute(model, wav24, cfg, name)
+            if folder:
+                cond_cache.store(folder, disk_key, *got)
+        per_model[key] = got
     t3_parts, gen = per_model[key]
     device = _device(model)
     t3 = T3Cond(

@@ -313,11 +313,14 @@ class Synthesizer:
     """Synthesizes lists of :class:`SynthRequest` with one model (see the module docstring).
 
     Voice conditioning is cached per (voice, exaggeration) for the life of the object, on top
-    of the conditioning module's own per-file cache. ``device`` defaults to the model's.
+    of the conditioning module's own per-file cache and its disk cache across processes
+    (``disk_cache``: None = the environment's folder, False = off, or a folder; see
+    :mod:`cbx.engine.cond_cache`). ``device`` defaults to the model's.
     """
 
-    def __init__(self, model: Any, device: torch.device | str | None = None):
+    def __init__(self, model: Any, device: torch.device | str | None = None, disk_cache: Any = None):
         self.model = model
+        self.disk_cache = disk_cache
         self.device = torch.device(device) if device is not None else model.device
         if self.device != model.device:
             model.to(self.device)
@@ -363,7 +366,7 @@ class Synthesizer:
         else:
             from cbx.engine.conditioning import prepare_voice
 
-            conds = prepare_voice(self.model, voice, exaggeration=exaggeration)
+            conds = prepare_voice(self.model, voice, exaggeration=exaggeration, disk_cache=self.disk_cache)
         self._conds[key] = conds
         return conds
 

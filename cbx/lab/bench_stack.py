@@ -185,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         up = U.ChatterboxTTS(base.t3, base.s3gen, base.ve, base.tokenizer, str(device))
-    syn = Synthesizer(stack, device=device)
+    # No disk cache for voices: a cold voice must pay conditioning (the in-process cache makes warm).
+    syn = Synthesizer(stack, device=device, disk_cache=False)
+    print("voice conditioning: disk cache off (cold voices pay conditioning; warm ones hit the in-process cache)",
+          flush=True)
     paths: list[tuple[str, Any]] = []
     for n in steps:
         s = _settings(synth, args.tokens, n, args.seed)

@@ -177,6 +177,13 @@ class Backend:
 
         return WorkMemory(device)
 
+    def conditioning_cache(self) -> str | None:
+        """The voice-conditioning disk cache folder in use (``cbx.engine.cond_cache``), None if off."""
+        from cbx.engine.cond_cache import default_dir
+
+        folder = default_dir()
+        return str(folder) if folder is not None else None
+
     def reset_caches(self, model) -> None:
         from cbx.engine.conditioning import clear_cache
 
@@ -647,6 +654,9 @@ class Runner:
             "work_mem_kind": record["memory"]["kind"],
             "speech_tokens": sum(len(r.get("speech_tokens", [])) for r in ok_rows),
             "first_audio_s": first_audio,
+            # Where voice conditioning came from in the timed passes: the prompt check conditions
+            # every voice first, so with a disk cache every run (baseline too) times a disk load.
+            "conditioning_cache": b.conditioning_cache() if hasattr(b, "conditioning_cache") else None,
         }
         if baseline is not None:
             record["speed"]["speedup"] = sp = _speedup(baseline.record.get("speed") or {}, record["speed"])
