@@ -37,7 +37,9 @@ PROBE = r"""
 (function(){
  var out={viewport:window.innerWidth, tables:[]};
  document.querySelectorAll('table.lb').forEach(function(t){
-  var r={id:t.id, width:Math.ceil(t.getBoundingClientRect().width), wrap:t.parentElement.clientWidth,
+  var box=t.getBoundingClientRect();
+  var r={id:t.id, width:Math.ceil(box.width), wrap:t.parentElement.clientWidth,
+         right:Math.ceil(box.right+window.scrollX), bottom:Math.ceil(box.bottom+window.scrollY),
          scrolls:t.parentElement.scrollWidth>t.parentElement.clientWidth+1, visible_cols:0, hidden_cols:0};
   var heads=Array.from(t.tHead.rows[0].cells);
   heads.forEach(function(h){ if(getComputedStyle(h).display==='none') r.hidden_cols++; else r.visible_cols++; });
@@ -72,8 +74,8 @@ def chromium(explicit: str | None) -> str:
     sys.exit("html_check: no Chromium found (--chromium PATH)")
 
 
-def run(browser: str, *args: str) -> subprocess.CompletedProcess:
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={WIDTH},{HEIGHT}", *args]
+def run(browser: str, *args: str, width: int = WIDTH, height: int = HEIGHT) -> subprocess.CompletedProcess:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--window-size={width},{height}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -82,19 +84,26 @@ def _sorted(vals: list[str], descending: bool) -> bool:
     return nums == sorted(nums, reverse=descending) and all(v != "" for v in vals[: len(nums)])
 
 
-def check(page: Path, out_dir: Path, browser: str) -> tuple[list[str], dict]:
+def probe(page: Path, browser: str, width: int = WIDTH) -> dict | None:
+    """What the probe measured in a ``width`` px window (None: it did not run)."""
     html = page.read_text()
     with tempfile.TemporaryDirectory() as tmp:
-        probe = Path(page.parent, f".html_check_{Path(tmp).name}.html")  # beside the page: relative links resolve
-        probe.write_text(html.replace("</body>", PROBE + "</body>"))
+        copy = Path(page.parent, f".html_check_{Path(tmp).name}.html")  # beside the page: relative links resolve
+        copy.write_text(html.replace("</body>", PROBE + "</body>"))
         try:
-            dom = run(browser, "--dump-dom", probe.resolve().as_uri()).stdout
+            dom = run(browser, "--dump-dom", copy.resolve().as_uri(), width=width).stdout
         finally:
-            probe.unlink()
+            copy.unlink()
     m = re.search(r"<pre id=\"cbx-html-check\">(.*?)</pre>", dom, re.S)
     if not m:
+        return None
+    return json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
+
+
+def check(page: Path, out_dir: Path, browser: str) -> tuple[list[str], dict]:
+    res = probe(page, browser)
+    if res is None:
         return ["the probe did not run (no result in the dumped DOM)"], {}
-    res = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&").replace("&lt;", "<").replace("&gt;", ">"))
     problems = []
     if res["viewport"] != WIDTH:
         problems.append(f"viewport is {res['viewport']} px, not {WIDTH}")

@@ -204,14 +204,24 @@ def _first_key(m: dict, keys: Sequence[str]) -> str | None:
 
 
 def _defaults(transform: str) -> dict:
-    """A transform's default parameters (so labels show only what an experiment changed)."""
+    """A transform's default parameters (so labels show only what an experiment changed),
+    read from the config dataclass's fields: a config that refuses to build without some
+    parameter (``prune_depth`` needs one of count/fraction/drop) still has defaults."""
+    import dataclasses
+
     try:
         from cbx.compress.registry import registered
         from cbx.lab.schema import to_plain
 
         spec = registered().get(transform)
-        return to_plain(spec.config_cls()) if spec else {}
-    except Exception:  # a config without defaults, or a transform no longer registered
+        out = {}
+        for f in dataclasses.fields(spec.config_cls) if spec else ():
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = to_plain(f.default)
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = to_plain(f.default_factory())
+        return out
+    except Exception:  # not a dataclass, or a transform no longer registered
         return {}
 
 
@@ -233,8 +243,10 @@ def method_label(rec: dict) -> str:
 
 
 # Short names for transforms and parameters in the terminal's method column.
-SHORT_TRANSFORMS = {"int8_weight_only": "int8", "int4_weight_only": "int4", "fp8_cfm": "fp8cfm", "cfm_student": "student"}
+SHORT_TRANSFORMS = {"int8_weight_only": "int8", "int4_weight_only": "int4", "fp8_cfm": "fp8cfm", "cfm_student": "student",
+                    "prune_depth": "depth", "prune_width": "width", "sparsify": "sparse"}
 SHORT_PARAMS = {"group_size": "g", "method": "", "steps": "s", "checkpoint": None, "targets": None, "ignore": None,
+                "count": "-", "fraction": "-", "ffn_fraction": "ffn", "head_fraction": "heads", "pattern": "", "score": "",
                 "calib_texts": None, "calib_max_speech_tokens": None, "calib_seed": None, "gptq_damp": None,
                 "gptq_block_size": None}
 
@@ -965,6 +977,28 @@ def _samples_html(grp: list[dict], out_dir: Path, embed: bool) -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------- column documentation
+
+COLUMNS_DOC_BEGIN = "<!-- leaderboard-columns: generated from cbx.lab.leaderboard.COLUMNS by scripts/readme_columns.py; do not edit -->"
+COLUMNS_DOC_END = "<!-- /leaderboard-columns -->"
+
+
+def columns_markdown() -> str:
+    """The user documentation of every registered column (README's column table): generated,
+    so that a column added with :func:`register_column` cannot go undocumented."""
+    def cell(x: str) -> str:
+        return x.replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| column | header (terminal) | full name (--wide, CSV, HTML) | meaning | better | in the default table |",
+             "|---|---|---|---|---|---|"]
+    for c in COLUMNS:
+        better = {True: "higher", False: "lower", None: ""}[c.higher_is_better]
+        if c.null is not None:
+            better += f" (no change: {c.null:g})"
+        lines.append(f"| `{c.key}` | {cell(c.header)} | {cell(c.label)} | {cell(c.legend)} | {better} | {'yes' if c.terminal else ''} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- Pareto plots
 
 
@@ -1188,5 +1222,5 @@ def leaderboard(results: str | Path, sort: str | None = None, row_filter: Callab
 __all__ = [
     "Column", "COLUMNS", "COLS", "register_column", "ranking_keys", "leaderboard", "collect", "rank", "row_of",
     "method_label", "method_short", "group_key", "is_random_weights", "render_terminal", "render_markdown",
-    "render_csv", "render_html", "plot_pareto", "pareto_front", "place_labels", "LabelLayout", "write_all", "legend_lines", "banner",
+    "render_csv", "render_html", "plot_pareto", "pareto_front", "place_labels", "LabelLayout", "columns_markdown", "write_all", "legend_lines", "banner",
 ]
