@@ -13,6 +13,7 @@ import importlib
 MODES = {
     "engine": "cbx.engine.bench",
     "quant": "cbx.compress.bench",
+    "prune": "cbx.compress.bench_prune",
     "student": "cbx.distill.bench",
     "scorer": "cbx.eval.bench",
     "stack": "cbx.lab.bench_stack",

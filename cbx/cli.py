@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("cbx.distill.cli", "train a few-step CFM student from a config"),
     "prune-report": ("cbx.compress.cli_prune", "rank T3 layers/heads/FFN channels and CFM blocks by importance"),
     "list": ("cbx.lab.cli_list", "list transforms, metrics, eval sets or models (with parameters and defaults)"),
+    "heal": ("cbx.distill.heal_cli", "heal a pruned model by distillation from the unpruned teacher"),
 }
 
 

@@ -204,19 +204,25 @@ def _t3_rows(model, args) -> tuple[list[tuple[str, float, int]], dict[str, int]]
 _last_t3s: dict = {}
 
 
-def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
-    from cbx.compress.registry import apply_transforms, build_config
-    from cbx.engine.s3gen_batch import CFMInputs, solve_cfm
+def _cfm_inputs_for_bench(T: int):
+    """Seeded random CFM inputs of ``T`` frames (5/6 prompt, 1/6 new speech) and noise."""
+    from cbx.engine.s3gen_batch import CFMInputs
 
-    est32 = model.s3gen.flow.decoder.estimator
     g = torch.Generator().manual_seed(0)
-    T = args.cfm_frames
     prompt = T * 5 // 6
     inputs = CFMInputs(mu=torch.randn(1, 80, T, generator=g), mask=torch.ones(1, 1, T),
                        spks=torch.randn(1, 80, generator=g),
                        cond=torch.cat([torch.randn(1, 80, prompt, generator=g), torch.zeros(1, 80, T - prompt)], -1),
                        prompt_lens=[prompt], out_lens=[T - prompt], token_lens=[(T - prompt) // 2])
-    noise = torch.randn(1, 80, T, generator=g)
+    return inputs, torch.randn(1, 80, T, generator=g)
+
+
+def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
+    from cbx.compress.registry import apply_transforms, build_config
+    from cbx.engine.s3gen_batch import CFMInputs, solve_cfm
+
+    est32 = model.s3gen.flow.decoder.estimator
+    inputs, noise = _cfm_inputs_for_bench(args.cfm_frames)
     dev = next(est32.parameters()).device
     inputs = CFMInputs(mu=inputs.mu.to(dev), mask=inputs.mask.to(dev), spks=inputs.spks.to(dev),
                        cond=inputs.cond.to(dev), prompt_lens=inputs.prompt_lens, out_lens=inputs.out_lens,

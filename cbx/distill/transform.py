@@ -132,3 +132,38 @@ class CfmStudentTrainer:
 
 
 TRAINER = register_trainer("cfm_student", CfmStudentTrainer())
+
+
+@dataclass(frozen=True)
+class HealedCheckpointConfig:
+    checkpoint: str  # folder written by `cbx heal` (<out_dir>/healed), a compressed checkpoint
+
+    def __post_init__(self):
+        if not isinstance(self.checkpoint, str) or not self.checkpoint:
+            raise ValueError("checkpoint must name a healed checkpoint folder (<train.out_dir>/healed)")
+
+
+@register_transform("healed_checkpoint", HealedCheckpointConfig)
+def healed_checkpoint(model, config: HealedCheckpointConfig):
+    """Replace the model by a pruned (and healed) checkpoint of it: its manifest's pruned shapes
+    are applied, then every tensor is loaded strictly (:mod:`cbx.compress.checkpoint`)."""
+    from pathlib import Path
+
+    from cbx.compress.checkpoint import load_compressed, read_manifest
+
+    folder = Path(config.checkpoint)
+    if not folder.is_dir():
+        raise CbxError(f"healed_checkpoint: {folder} is not a folder (train it with `cbx heal CONFIG`)")
+    manifest = read_manifest(folder)
+    healed = (manifest.get("meta") or {}).get("healed")
+    if not healed:
+        raise CbxError(f"healed_checkpoint: {folder / 'manifest.json'} has no meta.healed (not written by cbx heal)")
+    if (model.meta or {}).get("pruned") or (model.meta or {}).get("compress"):
+        raise CbxError("healed_checkpoint: must be the first step (it replaces the whole model with the healed one)")
+    p = next(model.t3.parameters())
+    device = p.device
+    model.to("cpu")
+    loaded = load_compressed(folder, base=model)
+    loaded.to(device)
+    loaded.meta["healed_checkpoint"] = {"checkpoint": str(folder), **healed}
+    return loaded
