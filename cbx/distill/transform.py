@@ -167,3 +167,55 @@ def healed_checkpoint(model, config: HealedCheckpointConfig):
     loaded.to(device)
     loaded.meta["healed_checkpoint"] = {"checkpoint": str(folder), **healed}
     return loaded
+
+
+class HealTrainer:
+    """``cbx heal``'s training, as train-on-demand for ``healed_checkpoint`` steps."""
+
+    param = "checkpoint"
+    checkpoint_dir = "healed"
+
+    def load_config(self, path: Path, overrides: dict[str, Any]):
+        from cbx.distill.heal import load_config
+
+        return load_config(path, overrides)
+
+    def resolved(self, config) -> dict[str, Any]:
+        from cbx.compress.registry import build_config
+        from cbx.lab.schema import to_plain
+
+        d = config.resolved()
+        d.pop("tracking")
+        for k in ("out_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"):
+            d["train"].pop(k)
+        # the pruning steps with every default filled in (a changed default prunes otherwise)
+        d["prune"] = [{"transform": s.transform, "params": to_plain(build_config(s.transform, s.params))}
+                      for s in config.prune]
+        return d
+
+    def teacher(self, config) -> str:
+        return config.teacher.model
+
+    def estimate_seconds(self, config, device: str) -> float | None:
+        from cbx.distill.heal import estimate_seconds
+
+        return estimate_seconds(config, device)
+
+    def check_checkpoint(self, path: Path) -> None:
+        from cbx.compress.checkpoint import read_manifest
+
+        if not (read_manifest(path).get("meta") or {}).get("healed"):
+            raise CbxError(f"{path}: not a healed checkpoint (its manifest has no meta.healed)")
+
+    def train(self, config, out_dir: Path, progress: bool) -> dict[str, Any]:
+        from cbx.distill.heal import heal
+
+        cfg = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
+        summary = heal(cfg, progress=progress)
+        metrics = {k: summary.get(k) for k in ("heldout_kl_unhealed", "heldout_kl", "heldout_kl_cfg_unhealed",
+                                               "heldout_kl_cfg", "line")}
+        metrics["steps"] = summary.get("step")
+        return {"checkpoint": Path(out_dir) / self.checkpoint_dir, "metrics": metrics}
+
+
+HEAL_TRAINER = register_trainer("healed_checkpoint", HealTrainer())

@@ -19,7 +19,7 @@ def _cfg(tmp_path, **train):
         "teacher": {"model": "tiny"},
         "prune": [{"transform": "prune_depth", "params": {"count": 1, **CAL}}],
         "data": {"texts": 8, "heldout_texts": 2, "heldout": "samples", "voices": ["builtin"],
-                 "samples_per_text": 2, "max_speech_tokens": 40},
+                 "samples_per_text": 8, "max_speech_tokens": 40},
         "objective": {"hidden_weight": 0.0},
         "train": {"out_dir": str(tmp_path / "heal"), "max_steps": 100, "batch_size": 4, "lr": 0.003,
                   "lr_schedule": "cosine", "warmup_steps": 5, "device": "cpu", "eval_every": 0,
@@ -53,9 +53,9 @@ def test_healing_reduces_heldout_kl_and_healed_checkpoint_loads_as_a_step(tmp_pa
     assert not first["finished"] and (tmp_path / "heal" / "checkpoints" / "step-000050").is_dir()
     out = heal(cfg, progress=False, teacher=copy.deepcopy(tiny_model))
     assert out["finished"]
-    # Measured here: 1.21 -> 0.79 (-35%). The goal (-50%) is not reached on the random-weight
-    # tiny model (see the closing note); this bound guards what healing does achieve.
-    assert out["heldout_kl"] <= 0.75 * out["heldout_kl_unhealed"], out["line"]
+    # Measured here: 1.21 -> 0.67 (-44%) on sequences of other seeds. The goal (-50%) is
+    # not reached by this recipe on the random-weight tiny model; this bound guards what it achieves.
+    assert out["heldout_kl"] <= 0.65 * out["heldout_kl_unhealed"], out["line"]
     ev = json.loads((tmp_path / "heal" / "eval.json").read_text())
     assert ev["heldout_kl"] == out["heldout_kl"]
 
