@@ -627,7 +627,9 @@ def wide_keys() -> list[str]:
     return [c.key for c in COLUMNS if c.key not in ("method_short",)]
 
 
-# Columns left out first when a terminal table is still too wide (then it says so).
+# Columns left out first when a terminal table is still too wide (then it says so): a column
+# that is 0 in every row of the group says nothing there (IDLE_DROP), then DROP_ORDER.
+IDLE_DROP = ("n_failed",)
 DROP_ORDER = ("t3_kl", "mos", "size_ratio", "top1")
 
 
@@ -719,11 +721,12 @@ def render_terminal(rows: list[dict], keys: Sequence[str] | None = None, width: 
             if interval:
                 interval = False
                 continue
-            victim = next((k for k in DROP_ORDER if k in ks), None)
+            idle = next((k for k in IDLE_DROP if k in ks and all(r.get(k) == 0 for r in grp)), None)
+            victim = idle or next((k for k in DROP_ORDER if k in ks), None)
             if victim is None:
                 break
             ks.remove(victim)
-            dropped.append(COLS[victim].header)
+            dropped.append(COLS[victim].header + (" (0 in every run)" if idle else ""))
         lines.append(f"== {label}")
         b = banner(grp)
         if b:

@@ -209,6 +209,24 @@ def test_html_default_table_is_the_short_one_and_the_rest_is_behind_a_toggle(res
     assert "±" not in first and "95% interval [" in first
 
 
+def _first_drops(grp):
+    """What the terminal leaves out first when the window is just too narrow for all columns."""
+    for w in range(200, 40, -1):
+        m = re.search(r"left out to fit \d+ columns: (.*); see", lb.render_terminal(grp, width=w, legend=False))
+        if m and m.group(1) != "intervals":
+            return m.group(1)
+    return None
+
+
+def test_a_column_that_is_zero_everywhere_goes_before_a_real_one(results):
+    rows = [r for r in lb.leaderboard(results) if r["status"] == "done"]
+    grp = [r for r in rows if r["group"] == rows[0]["group"]]
+    assert all(r["n_failed"] == 0 for r in grp) and "n_failed" in lb.terminal_keys(grp) and "n_failed" in lb.IDLE_DROP
+    assert _first_drops(grp) == "intervals, fail (0 in every run)"
+    grp[0] = {**grp[0], "n_failed": 1}  # not idle any more: the drop order applies
+    assert _first_drops(grp) == "intervals, " + lb.COLS[next(k for k in lb.DROP_ORDER if k in lb.terminal_keys(grp))].header
+
+
 def test_a_registered_column_reaches_every_renderer(results, tmp_path):
     col = lb.Column("lab_test_kernel", "kern", "kernel path", "kernel each quantized module ran", "{}",
                     value=lambda rec, base: "fake-kernel" if rec.get("config", {}).get("steps") else None,
