@@ -11,7 +11,7 @@ input channels whose weights are 8x larger and whose activations are 20x larger 
 LLM.int8() was built for). The activations are random normal rows with those channels scaled;
 SQNR (dB, torchao's ``compute_error``) compares ``X @ W.T`` in float32 with the quantized
 module's output on the same ``X`` (the module casts to its compute dtype, bf16 by default, as
-it does in the engine). GPTQ and quanto_w8a8's static activation scales calibrate on a separate
+it does in the engine). GPTQ, torchao's AWQ and quanto_w8a8's static activation scales calibrate on a separate
 draw of the same distribution.
 
 Every method goes through its registered transform (the same code the experiments run), except
@@ -49,6 +49,7 @@ SWEEP_METHODS = (
     SweepMethod("int8_weight_only", "cbx", "8", "int8_weight_only"),
     SweepMethod("int8_weight_only gptq", "cbx", "8", "int8_weight_only", gptq=True),
     SweepMethod("torchao_int8_weight_only", "torchao", "8", "torchao_int8_weight_only"),
+    SweepMethod("torchao_awq_int8", "torchao", "8", "torchao_awq_int8"),
     SweepMethod("torchao_int8_dynamic", "torchao", "8", "torchao_int8_dynamic"),
     SweepMethod("bnb_int8", "bitsandbytes", "8", "bnb_int8"),
     SweepMethod("quanto_qint8", "optimum-quanto", "8", "quanto_qint8"),
@@ -56,6 +57,7 @@ SWEEP_METHODS = (
     SweepMethod("int4_weight_only g128", "cbx", "4", "int4_weight_only", {"group_size": 128}),
     SweepMethod("int4_weight_only g128 gptq", "cbx", "4", "int4_weight_only", {"group_size": 128}, gptq=True),
     SweepMethod("torchao_int4_weight_only g128", "torchao", "4", "torchao_int4_weight_only", {"group_size": 128}),
+    SweepMethod("torchao_awq_int4 g128", "torchao", "4", "torchao_awq_int4", {"group_size": 128}),
     SweepMethod("bnb_nf4", "bitsandbytes", "4", "bnb_nf4"),
     SweepMethod("bnb_nf4 double_quant", "bitsandbytes", "4", "bnb_nf4", {"double_quant": True}),
     SweepMethod("bnb_fp4", "bitsandbytes", "4", "bnb_fp4"),
@@ -100,7 +102,7 @@ def outlier_layer(out_features: int, in_features: int, seed: int = 0, tokens: in
 
 class _Holder(nn.Module):
     """One layer as a model (``targets: [layer]``). ``calib``: batches of the layer's input, run
-    by ``calibration_pass()`` for transforms that calibrate activation scales (quanto_w8a8)."""
+    by ``calibration_pass()`` for transforms that calibrate on activations (quanto_w8a8, torchao AWQ)."""
 
     def __init__(self, layer, calib=None):
         super().__init__()

@@ -37,8 +37,10 @@ T3_METHODS = (
     ("int8 (cbx)", "int8_weight_only", {}),
     ("int4 (cbx)", "int4_weight_only", {"group_size": 128}),
     ("torchao_int8_weight_only", "torchao_int8_weight_only", {}),
+    ("torchao_awq_int8", "torchao_awq_int8", {}),
     ("torchao_int8_dynamic", "torchao_int8_dynamic", {}),
     ("torchao_int4_weight_only", "torchao_int4_weight_only", {"group_size": 128}),
+    ("torchao_awq_int4", "torchao_awq_int4", {"group_size": 128}),
     ("torchao_float8_weight_only", "torchao_float8_weight_only", {}),
     ("torchao_float8_dynamic", "torchao_float8_dynamic", {}),
     ("bnb_int8", "bnb_int8", {}),
@@ -51,7 +53,8 @@ T3_METHODS = (
     ("quanto_w8a8", "quanto_w8a8", {}),
 )
 SWEEP_LABEL = {"int8 (cbx)": "int8_weight_only", "int4 (cbx)": "int4_weight_only g128",
-               "torchao_int4_weight_only": "torchao_int4_weight_only g128"}
+               "torchao_int4_weight_only": "torchao_int4_weight_only g128",
+               "torchao_awq_int4": "torchao_awq_int4 g128"}
 # CFM estimator rows (joined to the bench's interleaved fp32/bf16/fp8 CFM set)
 CFM_METHODS = (
     ("torchao_float8_weight_only", "torchao_float8_weight_only", {}),
@@ -89,7 +92,7 @@ def _layer(n: int, k: int, seed: int) -> nn.Linear:
 def _quantize_layer(lin: nn.Linear, transform: str, params: dict) -> nn.Module:
     from cbx.compress.registry import apply_transforms, build_config
 
-    def calib():  # for static activation scales (quanto_w8a8): rows like the timed inputs
+    def calib():  # for transforms calibrated on activations (quanto_w8a8, AWQ): rows like the timed inputs
         gen = torch.Generator().manual_seed(1)
         return [torch.randn(256, lin.in_features, generator=gen).to(lin.weight.device) for _ in range(2)]
 

@@ -46,8 +46,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from cbx.compress.methods import COMPUTE_DTYPES, T3_TARGETS, _progress, _record, _swap, _tuple_of_globs
+from cbx.compress.methods import COMPUTE_DTYPES, T3_TARGETS, _group_for, _progress, _record, _swap, _tuple_of_globs
 from cbx.compress.modules import _DTYPES, LibraryLinear, is_linear, linear_weight
+from cbx.compress.primitives import INT4_GROUP_SIZES
 from cbx.compress.registry import register_transform, select_modules
 from cbx.errors import CbxError
 
@@ -59,7 +60,6 @@ LIBRARIES = {
     "bitsandbytes": ("bitsandbytes", "bitsandbytes==0.50.2"),
     "optimum-quanto": ("optimum.quanto", "optimum-quanto==0.2.7"),
 }
-INT4_GROUP_SIZES = (32, 64, 128)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -111,6 +111,36 @@ class TorchaoFloat8DynamicConfig(_LibraryConfig):
 
 
 @dataclass(frozen=True)
+class _CalibratedLibraryConfig(_LibraryConfig):
+    # the same teacher-forced T3 calibration passes GPTQ uses (cbx.compress.calibration)
+    calib_texts: int = 8
+    calib_max_speech_tokens: int = 150
+    calib_seed: int = 0
+
+    def __post_init__(self):
+        from cbx.compress.calibration import check_calibration_params
+
+        super().__post_init__()
+        check_calibration_params(self)
+
+
+@dataclass(frozen=True)
+class TorchaoAWQConfig(_CalibratedLibraryConfig):
+    group_size: int = 128  # int4 only
+    scale_search_space_size: int = 20  # torchao's AWQ grid: scales = act_mean ** (i / n), i < n
+    max_input_bytes: int = 1 << 30  # observed inputs held at one time (more layers: more passes)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
+        if self.scale_search_space_size < 1:
+            raise ValueError(f"scale_search_space_size must be >= 1, got {self.scale_search_space_size}")
+        if self.max_input_bytes < 1:
+            raise ValueError(f"max_input_bytes must be >= 1, got {self.max_input_bytes}")
+
+
+@dataclass(frozen=True)
 class BnbInt8Config(_LibraryConfig):
     # LLM.int8() outlier threshold on activations (columns above it run in 16-bit); 0 disables.
     threshold: float = 6.0
@@ -140,18 +170,11 @@ class QuantoConfig(_LibraryConfig):
 
 
 @dataclass(frozen=True)
-class QuantoW8A8Config(_LibraryConfig):
-    # static activation scales, calibrated on the same teacher-forced T3 passes GPTQ uses
-    calib_texts: int = 8
-    calib_max_speech_tokens: int = 150
-    calib_seed: int = 0
+class QuantoW8A8Config(_CalibratedLibraryConfig):
     momentum: float = 0.9  # quanto's Calibration: running average of the per-batch absmax scales
 
     def __post_init__(self):
-        from cbx.compress.calibration import check_calibration_params
-
         super().__post_init__()
-        check_calibration_params(self)
         if not 0 <= self.momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
 
@@ -409,8 +432,10 @@ def _linears(model, config, what: str) -> list[tuple[str, nn.Module]]:
     return linears
 
 
-def _quantize(model, name: str, config, cls: type, quantize_one, **extra):
-    """Replace every targeted linear layer by ``cls(quantize_one(plain nn.Linear in compute dtype))``."""
+def _quantize(model, name: str, config, cls: type, quantize_one, prepared: dict | None = None, **extra):
+    """Replace every targeted linear layer by ``cls(quantize_one(plain nn.Linear in compute dtype))``;
+    with ``prepared`` (layer name -> function of no argument): by what that returns (calibrated
+    layers, quantized before any module is swapped)."""
     mods = _linears(model, config, name)
     cfg = _record(model, name, config)
     dtype = _DTYPES[config.compute_dtype]
@@ -418,7 +443,7 @@ def _quantize(model, name: str, config, cls: type, quantize_one, **extra):
     for mname, mod in _progress(mods, name):
         w = linear_weight(mod)
         try:
-            inner = quantize_one(_plain_linear(w, dtype))
+            inner = prepared[mname]() if prepared is not None else quantize_one(_plain_linear(w, dtype))
             why = None if inner is not None else "no supported group size divides the input size"
         except (RuntimeError, AssertionError, ValueError) as e:
             # e.g. quanto's CPU tinygemm packing needs out_features % 16 == 0 (T3's 8194-row head)
@@ -485,8 +510,7 @@ def torchao_int4_weight_only(model, config: TorchaoInt4WeightOnlyConfig):
     def one(lin: nn.Linear):
         # the largest supported group size up to the configured one that divides the input size
         # (tiny models), as the workbench's int4_weight_only does; none: the layer stays as is
-        k = lin.in_features
-        g = next((g for g in sorted(INT4_GROUP_SIZES, reverse=True) if g <= config.group_size and k % g == 0), None)
+        g = _group_for(lin.in_features, config.group_size)
         if g is None:
             return None
         if device.type == "cuda":
@@ -516,6 +540,106 @@ def torchao_float8_dynamic(model, config: TorchaoFloat8DynamicConfig):
 
     return _quantize(model, "torchao_float8_dynamic", config, TorchaoLinear,
                      _torchao(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())))
+
+
+def _torchao_awq(model, name: str, config: TorchaoAWQConfig, base_for, **extra):
+    """torchao's AWQ (``torchao.prototype.awq``) on every targeted layer: torchao's
+    ``AWQObserver`` records the layer's inputs over the calibration passes, its ``convert`` step
+    searches the per-input-channel scale (activation mean ** ratio) minimising the layer's output
+    error and quantizes ``W * scale`` with ``base_for(layer)``'s config; the weight keeps
+    ``1/scale`` as ``act_pre_scale``, applied to the input on every call.
+
+    Observed inputs are held on the CPU in the compute dtype: layers are observed in chunks of at
+    most ``max_input_bytes`` (one calibration pass per chunk, the first chunk one layer to count
+    the rows), each chunk converted before the next; no module is swapped before every layer is
+    converted."""
+    from torchao.prototype.awq import AWQConfig, AWQObservedLinear
+    from torchao.prototype.awq.core import AWQObserver
+    from torchao.quantization import quantize_
+
+    mods = _linears(model, config, name)
+    run_pass = _calibration_pass(model, config, name)
+    dtype = _DTYPES[config.compute_dtype]
+    prepared: dict = {}
+    rows, i = None, 0
+    while i < len(mods):
+        if rows is None:
+            chunk = mods[i:i + 1]
+        else:
+            chunk, used = [], 0
+            for mname, mod in mods[i:]:
+                need = rows * linear_weight(mod).shape[1] * dtype.itemsize
+                if chunk and used + need > config.max_input_bytes:
+                    break
+                chunk.append((mname, mod))
+                used += need
+        i += len(chunk)
+        observed, handles = {}, []
+        for mname, mod in chunk:
+            plain = _plain_linear(linear_weight(mod), dtype)
+            base = base_for(plain)
+            if base is None:
+                prepared[mname] = _raising(ValueError("no supported group size divides the input size"))
+                continue
+            obs = AWQObserver(plain.weight, None, base, config.scale_search_space_size)
+            observed[mname] = (plain, obs, base)
+            handles.append(mod.register_forward_pre_hook(_observe(obs, plain.in_features, dtype)))
+        try:
+            run_pass()
+        finally:
+            for h in handles:
+                h.remove()
+        for mname, (plain, obs, base) in observed.items():
+            if not obs.inputs:
+                raise CbxError(f"{name}: calibration never reached {mname}; leave it out with ignore")
+            rows = sum(x.shape[0] for x in obs.inputs)
+            holder = nn.Sequential(AWQObservedLinear.from_float(plain, obs))
+            try:
+                quantize_(holder, AWQConfig(base, step="convert"))
+                prepared[mname] = (lambda m: lambda: m)(holder[0])
+            except (RuntimeError, AssertionError, ValueError) as e:
+                prepared[mname] = _raising(e)
+            obs.inputs.clear()
+    return _quantize(model, name, config, TorchaoLinear, None, prepared=prepared, **extra)
+
+
+def _observe(obs, in_features: int, dtype: torch.dtype):
+    def fn(module, args):
+        obs(args[0].reshape(-1, in_features).to(dtype), None)  # torchao's observer keeps a CPU copy
+    return fn
+
+
+def _raising(error: Exception):
+    def fn():
+        raise error
+    return fn
+
+
+@register_transform("torchao_awq_int8", TorchaoAWQConfig)
+def torchao_awq_int8(model, config: TorchaoAWQConfig):
+    """torchao AWQ over ``Int8WeightOnlyConfig`` (per-channel int8 weights with AWQ's
+    per-input-channel scales, calibrated on the GPTQ calibration passes); CPU and CUDA."""
+    _require(model, "torchao_awq_int8", "torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    return _torchao_awq(model, "torchao_awq_int8", config, lambda lin: Int8WeightOnlyConfig())
+
+
+@register_transform("torchao_awq_int4", TorchaoAWQConfig)
+def torchao_awq_int4(model, config: TorchaoAWQConfig):
+    """torchao AWQ over ``Int4WeightOnlyConfig`` (tinygemm layout, ``group_size``): CUDA only, as
+    torchao 0.18's CPU int4 layout (``IntxWeightOnlyConfig``) cannot hold AWQ's activation
+    pre-scale."""
+    _require(model, "torchao_awq_int4", "torchao", cuda=True)
+    if config.compute_dtype != "bfloat16":
+        raise CbxError("torchao_awq_int4: the CUDA tinygemm layout needs compute_dtype bfloat16")
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    def base_for(lin):
+        g = _group_for(lin.in_features, config.group_size)
+        return None if g is None else Int4WeightOnlyConfig(group_size=g, int4_packing_format="tile_packed_to_4d")
+
+    return _torchao_awq(model, "torchao_awq_int4", config, base_for, layout="tile_packed_to_4d")
 
 
 @register_transform("bnb_int8", BnbInt8Config)
@@ -622,20 +746,8 @@ def quanto_w8a8(model, config: QuantoW8A8Config):
     _require(model, name, "optimum-quanto")
     from optimum.quanto import Calibration, quantize_module
 
-    run_pass = getattr(model, "calibration_pass", None)
-    if run_pass is None:
-        if getattr(model, "t3", None) is None:
-            raise CbxError(f"{name}: needs calibration data: a Chatterbox model (T3 teacher-forced passes) "
-                           "or a model with a calibration_pass() method")
-        from cbx.compress.calibration import CALIBRATION_TEXTS, _teacher_forced_pass, generate_sequences
-
-        _linears(model, config, name)  # refuse bad targets before the (slow) sampling
-        # sampled by the unquantized T3, as for GPTQ
-        seqs = generate_sequences(model, CALIBRATION_TEXTS[: config.calib_texts], config.calib_max_speech_tokens,
-                                  config.calib_seed)
-
-        def run_pass():
-            _teacher_forced_pass(model, seqs)
+    _linears(model, config, name)  # refuse bad targets before the (slow) sampling
+    run_pass = _calibration_pass(model, config, name)
 
     def one(lin: nn.Linear) -> nn.Module:
         q = quantize_module(lin, weights="qint8", activations="qint8")
@@ -669,6 +781,23 @@ def quanto_w8a8(model, config: QuantoW8A8Config):
             inner.output_scale = inner.output_scale.detach().clone()
             inner.freeze()
     return model
+
+
+def _calibration_pass(model, config, name: str):
+    """A function of no argument running the model over its calibration data: the teacher-forced
+    T3 passes GPTQ calibrates on (speech sampled now by the unquantized T3), or, for a model that
+    is not a Chatterbox model, its own ``calibration_pass()``."""
+    run_pass = getattr(model, "calibration_pass", None)
+    if run_pass is not None:
+        return run_pass
+    if getattr(model, "t3", None) is None:
+        raise CbxError(f"{name}: needs calibration data: a Chatterbox model (T3 teacher-forced passes) "
+                       "or a model with a calibration_pass() method")
+    from cbx.compress.calibration import CALIBRATION_TEXTS, _teacher_forced_pass, generate_sequences
+
+    seqs = generate_sequences(model, CALIBRATION_TEXTS[: config.calib_texts], config.calib_max_speech_tokens,
+                              config.calib_seed)
+    return lambda: _teacher_forced_pass(model, seqs)
 
 
 def _count_calls(seen: dict, mname: str):

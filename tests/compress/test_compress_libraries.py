@@ -49,6 +49,7 @@ SQNR_FLOOR = {
     "torchao_float8_weight_only": 30.0,
     "quanto_qfloat8": 30.0,
     "quanto_w8a8": 33.0,  # measured 34.98: static per-tensor int8 activations, outliers set the scale
+    "torchao_awq_int8": 41.0,  # measured 42.91: AWQ's search keeps scale 1 here (outliers in W and X)
 }
 
 
@@ -229,6 +230,7 @@ def test_sqnr_sweep_on_t3_shapes_with_outliers():
     methods = [m for m in SWEEP_METHODS if not m.gptq]
     rows = {r.method.label: r for r in run_sweep(shapes=((1024, 4096),), methods=methods)}
     assert rows["torchao_float8_dynamic"].skipped.startswith("torchao_float8_dynamic: needs a CUDA GPU")
+    assert rows["torchao_awq_int4 g128"].skipped.startswith("torchao_awq_int4: needs a CUDA GPU")
     measured = {label: r.sqnr_db["1024x4096"] for label, r in rows.items() if not r.skipped}
     assert set(measured) == set(SQNR_FLOOR)
     low = {k: round(v, 2) for k, v in measured.items() if v < SQNR_FLOOR[k]}
@@ -391,3 +393,87 @@ def test_quanto_w8a8_refuses_without_calibration_and_restores_unreached_layers(t
 def test_quanto_w8a8_bad_parameters_are_refused(params, match):
     with pytest.raises(CbxError, match=match):
         build_config("quanto_w8a8", params)
+
+
+# ----------------------------------------------------------------------------- torchao AWQ (calibrated)
+
+
+def _activation_outlier_layer():
+    """Normal weights, 1% input channels whose activations are 50x: what AWQ is for."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(512, 256)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(256, 512, generator=g) * 0.02)
+    idx = torch.randperm(512, generator=g)[:5]
+
+    def acts(n):
+        x = torch.randn(n, 512, generator=g)
+        x[:, idx] *= 50
+        return x
+
+    return lin.eval(), [acts(256) for _ in range(2)], acts(64), idx
+
+
+def test_torchao_awq_int8_scales_the_salient_channels_and_gains_accuracy():
+    from cbx.compress.accuracy import _Holder
+    from cbx.compress.primitives import sqnr_db
+
+    lin, calib, x, idx = _activation_outlier_layer()
+    got = {}
+    for name in ("torchao_int8_weight_only", "torchao_awq_int8"):
+        holder = _Holder(copy.deepcopy(lin), calib=lambda: calib)
+        apply_transforms(holder, [(name, build_config(name, {"targets": ["layer"]}))])
+        with torch.inference_mode():
+            got[name] = (sqnr_db(lin(x), holder.layer(x)), holder.layer)
+    # measured (bf16): 41.87 plain, 43.69 with AWQ
+    assert got["torchao_awq_int8"][0] > got["torchao_int8_weight_only"][0] + 1.0
+    pre = got["torchao_awq_int8"][1].inner.weight.act_pre_scale.float()
+    others = torch.ones(512, dtype=torch.bool)
+    others[idx] = False
+    # the input of the outlier channels is divided most (their weights multiplied most)
+    assert pre[idx].max() < pre[others].min()
+
+
+def test_torchao_awq_int8_round_trips_and_chunking_changes_nothing(tiny_copy, tmp_path, monkeypatch):
+    from cbx.compress import calibration
+
+    passes = []
+    real = calibration._teacher_forced_pass
+    monkeypatch.setattr(calibration, "_teacher_forced_pass", lambda m, s: (passes.append(1), real(m, s)))
+    base = tiny_copy("original").eval()
+    whole = _apply(copy.deepcopy(base), "torchao_awq_int8", **W8A8_QUICK)
+    n_whole, passes[:] = len(passes), []
+    # a budget of a few layers' inputs: many passes, the same observations, the same weights
+    chunked = _apply(copy.deepcopy(base), "torchao_awq_int8", max_input_bytes=60_000, **W8A8_QUICK)
+    assert n_whole == 2 and len(passes) > 4  # the first layer alone (to count rows), then the rest
+    layers = [n for n, m in whole.named_modules() if isinstance(m, TorchaoLinear)]
+    assert len(layers) == 16
+    for n in layers:
+        a, b = whole.get_submodule(n).inner.weight, chunked.get_submodule(n).inner.weight
+        assert torch.equal(a.qdata, b.qdata) and torch.equal(a.act_pre_scale, b.act_pre_scale)
+    tokens = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.inference_mode():
+        before = whole.t3.tfmr(inputs_embeds=whole.t3.text_emb(tokens)).last_hidden_state
+    loaded = load_compressed(save_compressed(whole, tmp_path / "ckpt"))
+    assert torch.equal(loaded.t3.tfmr.layers[0].mlp.down_proj.inner.weight.act_pre_scale,
+                       whole.t3.tfmr.layers[0].mlp.down_proj.inner.weight.act_pre_scale)
+    with torch.inference_mode():
+        assert torch.equal(before, loaded.t3.tfmr(inputs_embeds=loaded.t3.text_emb(tokens)).last_hidden_state)
+    assert loaded.meta["compress"] == whole.meta["compress"]
+
+
+def test_torchao_awq_refusals(tiny_copy):
+    model = tiny_copy("original").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CbxError, match=r"torchao_awq_int4: needs a CUDA GPU"):
+        _apply(model, "torchao_awq_int4")
+    with pytest.raises(CbxError, match=r"torchao_awq_int8: calibration never reached s3gen.flow.spk_embed_affine_layer"):
+        _apply(model, "torchao_awq_int8", targets=["t3.tfmr.layers.0.mlp.*", "s3gen.flow.spk_embed_affine_layer"],
+               **W8A8_QUICK)
+    assert not any(isinstance(m, LibraryLinear) for m in model.modules()) and not model.meta.get("compress")
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(CbxError, match="torchao_awq_int8: needs calibration data"):
+        _apply(_Net().eval(), "torchao_awq_int8", targets=["a"])
+    with pytest.raises(CbxError, match="scale_search_space_size"):
+        build_config("torchao_awq_int8", {"scale_search_space_size": 0})

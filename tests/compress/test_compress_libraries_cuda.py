@@ -68,3 +68,30 @@ def test_checkpoint_saved_from_cuda_round_trips(name, tiny_copy, tmp_path):
     loaded = load_compressed(save_compressed(model, tmp_path / "ckpt")).cuda()
     with torch.inference_mode():
         assert torch.equal(before, loaded.t3.speech_head(x))
+
+
+# calibrated transforms: calibration batches of the layer's own input distribution, on the GPU
+CALIBRATED = {
+    "torchao_awq_int8": (39.0, "torchao:int8-weight-mm"),
+    "torchao_awq_int4": (27.0, "torchao:tinygemm"),
+    "quanto_w8a8": (31.0, "quanto:"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATED))
+def test_calibrated_library_transform_on_cuda(name):
+    from cbx.compress.accuracy import _Holder as CalibHolder
+
+    floor, path = CALIBRATED[name]
+    layer, x, calib = outlier_layer(1024, 4096)
+    ref = layer(x).detach()
+    gen = torch.Generator().manual_seed(1)
+    batches = [calib(256, gen).cuda() for _ in range(4)]
+    holder = CalibHolder(layer, calib=lambda: batches).cuda()
+    apply_transforms(holder, [(name, build_config(name, {"targets": ["layer"]}))])
+    with torch.inference_mode():
+        y = holder.layer(x.cuda())
+    assert y.device.type == "cuda"
+    assert sqnr_db(ref, y.float().cpu()) > floor
+    (got,) = K.kernel_summary(holder)["paths"]
+    assert got.startswith(path)
