@@ -926,6 +926,8 @@ def render_html(rows: list[dict], out_dir: Path, embed_audio: bool = False, keys
                 v = r.get(k)
                 dv = "" if v is None or (isinstance(v, float) and not math.isfinite(v)) else html.escape(str(v))
                 text = fmt(r, k, interval=False)
+                if k == "rank" and r.get("rank") is not None and r.get("tied"):
+                    text = f"={text}"  # as in the terminal: shared rank
                 c = (("" if COLS[k].numeric else "t") + (" s1" if i == 0 else " s2" if i == 1 else "")
                      + (" m" if k in ("method", "method_short") else "") + (" x" if k in extra else ""))
                 tip = ""

@@ -188,6 +188,7 @@ def test_differences_within_noise_are_marked_and_ranked_level_with_the_baseline(
     text = lb.render_terminal(ranked)
     assert "RANDOM" not in text and re.search(r"^=2 +noisy", text, re.M)
     assert lb.render_terminal(ranked, width=70).count("left out to fit 70 columns") == 1
+    assert lb.render_html(ranked, tmp_path).count("'>=2</td>") == 2  # the page marks shared ranks too
     assert all(len(line) <= 70 for line in lb.render_terminal(ranked, width=70, legend=False).splitlines())
 
 
