@@ -55,9 +55,10 @@ Deliberate differences from upstream (documented, tested where it matters):
   static cache is allocated before capture and never reallocated (static shapes), so the graph
   owns fixed addresses; each step copies its four small inputs into the graph's buffers and
   replays. Same kernels, same order: the same tokens as eager (CUDA test).
-* Decode steps (<= :data:`DECODE_ATTENTION_MAX_Q` queries) attend with three plain ops
-  (:func:`_decode_attention`: Hugging Face's eager arithmetic, which upstream's inference runs);
-  prefill keeps SDPA. CPU SDPA's flash kernel was 2-5x slower for one query.
+* Decode steps (<= :data:`DECODE_ATTENTION_MAX_Q` queries) attend with three plain ops in
+  float32 (:func:`_decode_attention`: Hugging Face's eager arithmetic, which upstream's
+  inference runs, without rounding scores and probabilities to bf16 in between); prefill keeps
+  SDPA. CPU SDPA's flash kernel was 2-5x slower for one query, bf16 GEMV ~2x slower.
 """
 
 from __future__ import annotations
@@ -217,25 +218,30 @@ def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float)
 
 
 def _decode_attention(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
-    """Attention of a few queries over the cache as three plain ops: ``q @ k^T``, a float32
-    softmax, ``p @ v`` (the arithmetic of Hugging Face's ``eager_attention_forward``, the path
-    upstream's ``T3.inference`` runs since it asks for attentions).
+    """Attention of a few queries over the cache as three plain ops in float32: ``q @ k^T``,
+    softmax, ``p @ v``, rounded to ``q``'s dtype once at the end.
 
-    Why not SDPA: for one query per row CPU SDPA dispatches to its flash kernel, which cost
-    0.36 ms at 190 cached positions and 2.1 ms at 1000 (bf16, 2 rows x 16 heads, this 2-core
-    CPU) against 0.17 ms and 0.38 ms here: with 30 layers that was 8 ms of a 30 ms int4 step.
-    Grouped-query attention folds each KV head's query group into the query axis instead of
-    repeating keys. ``mask`` (rows, q, kv) bool.
+    Hugging Face's ``eager_attention_forward`` (the path upstream's ``T3.inference`` runs, since
+    it asks for attentions) does the two products in the model dtype and the softmax in float32.
+    Here the bf16 query and cache are widened to float32 first: bf16 x bf16 products are exact
+    in float32, so the only difference is that the scores and probabilities are not rounded to
+    bf16 between the ops (closer to the float32 result, tested against SDPA in float32). Why:
+    CPU bf16 batched GEMV is slow for one query (q@k^T at 150 cached positions, 2 rows x 16
+    heads: 129 us in bf16 against 47 us widening then multiplying in float32; whole attention
+    177 -> 99 us per layer-step, 420 -> 211 us at 400 positions, this 2-core CPU), and CPU
+    SDPA's flash kernel was slower still (0.36 ms at 190 positions). Grouped-query attention
+    folds each KV head's query group into the query axis instead of repeating keys.
+    ``mask`` (rows, q, kv) bool.
     """
     n, heads, q_len, d = q.shape
     kv_heads = k_all.shape[1]
     group = heads // kv_heads
-    qg = q.reshape(n, kv_heads, group * q_len, d)
-    scores = torch.matmul(qg, k_all.transpose(-1, -2)).float()
+    qg = q.reshape(n, kv_heads, group * q_len, d).float()
+    scores = torch.matmul(qg, k_all.float().transpose(-1, -2))
     scores = scores.view(n, kv_heads, group, q_len, -1).mul_(scale)
     scores = scores.masked_fill_(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v_all.dtype).view(n, kv_heads, group * q_len, -1)
-    return torch.matmul(probs, v_all).view(n, heads, q_len, d)
+    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, group * q_len, -1)
+    return torch.matmul(probs, v_all.float()).view(n, heads, q_len, d).to(q.dtype)
 
 
 def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,

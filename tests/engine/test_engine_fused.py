@@ -140,3 +140,24 @@ def test_decode_attention_equals_sdpa(kv_heads):
                                          enable_gqa=kv_heads != heads)
     out = td._decode_attention(q, k, v, mask, 0.25)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_decode_attention_in_bf16_is_float32_attention_rounded_once():
+    # bf16 query and cache: the products and softmax run in float32 and only the output is
+    # rounded, so the result is the float32 attention of the same bf16 values to within one
+    # bf16 rounding (the bf16-arithmetic version, scores rounded before the softmax, is not).
+    g = torch.Generator().manual_seed(1)
+    n, heads, d, kv = 2, 16, 64, 180
+    q = (torch.randn(n, heads, 1, d, generator=g) * 2).bfloat16()
+    k = (torch.randn(n, heads, kv, d, generator=g) * 2).bfloat16()
+    v = torch.randn(n, heads, kv, d, generator=g).bfloat16()
+    mask = torch.ones(n, 1, kv, dtype=torch.bool)
+    mask[1, :, :20] = False
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:, None], scale=0.125)
+    out = td._decode_attention(q, k, v, mask, 0.125)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.bfloat16()) or (out.float() - ref).abs().max() <= ref.abs().max() * 2 ** -8
+    scores = (q @ k.transpose(-1, -2)).float() * 0.125  # bf16 products: rounded scores
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    bf16_way = (torch.softmax(scores, -1).bfloat16() @ v).float()
+    assert (out.float() - ref).abs().max() < (bf16_way - ref).abs().max()
