@@ -244,7 +244,7 @@ def method_label(rec: dict) -> str:
 
 # Short names for transforms and parameters in the terminal's method column.
 SHORT_TRANSFORMS = {"int8_weight_only": "int8", "int4_weight_only": "int4", "fp8_cfm": "fp8cfm", "cfm_student": "student",
-                    "prune_depth": "depth", "prune_width": "width", "sparsify": "sparse"}
+                    "prune_depth": "depth", "prune_width": "width", "sparsify": "sparse", "healed_checkpoint": "healed"}
 SHORT_PARAMS = {"group_size": "g", "method": "", "steps": "s", "checkpoint": None, "targets": None, "ignore": None,
                 "count": "-", "fraction": "-", "ffn_fraction": "ffn", "head_fraction": "heads", "pattern": "", "score": "",
                 "calib_texts": None, "calib_max_speech_tokens": None, "calib_seed": None, "gptq_damp": None,
