@@ -1,4 +1,4 @@
-"""Atomic file writes shared by every layer.
+"""File helpers shared by every layer: atomic writes, and the JSON-lines reader of manifests.
 
 A run that is interrupted must never leave a truncated wav, JSON or checkpoint that looks
 valid: each file is written beside its target (``mkstemp`` in the same folder), flushed and
@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -150,3 +150,21 @@ def verify_hash_index(folder: str | os.PathLike, index_name: str, listed: dict[s
     from cbx.integrity import verify_listed_files
 
     verify_listed_files(Path(folder), listed, index_name, allow_extra=allow_extra)
+
+
+def jsonl_objects(lines: Iterable[str]) -> Iterator[tuple[int, dict | None, str]]:
+    """``(line number, object, "")`` for each non-blank line of a JSON-lines text that holds a
+    JSON object, ``(line number, None, reason)`` for the others (``not valid JSON (...)``, ``not a
+    JSON object``): the callers' manifests report bad lines by number instead of stopping."""
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            d = json.loads(raw)
+        except json.JSONDecodeError as e:
+            yield n, None, f"not valid JSON ({e.msg})"
+            continue
+        if not isinstance(d, dict):
+            yield n, None, "not a JSON object"
+            continue
+        yield n, d, ""

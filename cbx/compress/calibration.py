@@ -103,9 +103,8 @@ def calibration_voices(model, names: Sequence[str]) -> list[object]:
     """Upstream ``Conditionals`` for each voice name: ``builtin`` (the model's ``conds.pt``), an
     offline voice of :mod:`cbx.eval.assets` (``allison``, ``diane``, ...; real recorded speech)
     or an audio file path."""
-    from pathlib import Path
-
     from cbx.engine.conditioning import prepare_voice
+    from cbx.eval import assets  # real-speech prompts shipped by installed packages
 
     out = []
     for name in names:
@@ -115,17 +114,7 @@ def calibration_voices(model, names: Sequence[str]) -> list[object]:
                                "name an offline voice or an audio file")
             out.append(model.builtin_conds)
             continue
-        path = Path(name)
-        if not path.suffix:
-            from cbx.eval import assets  # real-speech prompts shipped by installed packages
-
-            if name not in assets.VOICES:
-                raise CbxError(f"calib_voices: {name!r} is neither 'builtin', an offline voice "
-                               f"({', '.join(assets.VOICES)}), nor an audio file path")
-            path, _ = assets.voice_prompt(name)
-        elif not path.is_file():
-            raise CbxError(f"calib_voices: audio file {name} does not exist")
-        out.append(prepare_voice(model, path))
+        out.append(prepare_voice(model, assets.voice_audio_path(name, "calib_voices", also="'builtin', ")))
     return out
 
 

@@ -46,8 +46,9 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from cbx.compress.methods import COMPUTE_DTYPES, T3_TARGETS, _group_for, _progress, _record, _swap, _tuple_of_globs
-from cbx.compress.modules import _DTYPES, LibraryLinear, is_linear, linear_weight
+from cbx.compress.methods import (COMPUTE_DTYPES, _group_for, _progress, _record, _select, _swap, _targets,
+                                  _tuple_of_globs)
+from cbx.compress.modules import _DTYPES, LibraryLinear, linear_weight
 from cbx.compress.primitives import INT4_GROUP_SIZES
 from cbx.compress.registry import register_transform, select_modules
 from cbx.errors import CbxError
@@ -81,12 +82,7 @@ class _LibraryConfig:
 
 
 @dataclass(frozen=True)
-class TorchaoInt8WeightOnlyConfig(_LibraryConfig):
-    pass
-
-
-@dataclass(frozen=True)
-class TorchaoInt8DynamicConfig(_LibraryConfig):
+class TorchaoConfig(_LibraryConfig):
     pass
 
 
@@ -98,16 +94,6 @@ class TorchaoInt4WeightOnlyConfig(_LibraryConfig):
         super().__post_init__()
         if self.group_size not in INT4_GROUP_SIZES:
             raise ValueError(f"group_size must be one of {INT4_GROUP_SIZES}, got {self.group_size}")
-
-
-@dataclass(frozen=True)
-class TorchaoFloat8WeightOnlyConfig(_LibraryConfig):
-    pass
-
-
-@dataclass(frozen=True)
-class TorchaoFloat8DynamicConfig(_LibraryConfig):
-    pass
 
 
 @dataclass(frozen=True)
@@ -262,6 +248,15 @@ def _torchao_rebuild(meta: dict, tensors: dict[str, Tensor]) -> nn.Module:
     return lin
 
 
+def _own_state(inner: nn.Module, *drop: str) -> dict[str, Tensor]:
+    """The library module's own state dict, detached, without the bias (the wrapper keeps it)
+    and the keys in ``drop``."""
+    sd = inner.state_dict()
+    for k in ("bias", *drop):
+        sd.pop(k, None)
+    return {k: v.detach() for k, v in sd.items()}
+
+
 class BnbLinear(LibraryLinear):
     """bitsandbytes' ``Linear4bit`` (NF4/FP4) or ``Linear8bitLt`` (LLM.int8())."""
 
@@ -270,10 +265,7 @@ class BnbLinear(LibraryLinear):
     def library_state(self) -> dict[str, Tensor]:
         # bitsandbytes' own state dict: for 4-bit it first undoes its CPU repacking, so the file
         # holds the portable layout.
-        sd = self.inner.state_dict()
-        sd.pop("bias", None)
-        sd.pop("weight_format", None)
-        return {k: v.detach() for k, v in sd.items()}
+        return _own_state(self.inner, "weight_format")
 
     def library_meta(self) -> dict:
         inner = self.inner
@@ -329,9 +321,7 @@ class QuantoLinear(LibraryLinear):
     library = "optimum-quanto"
 
     def library_state(self) -> dict[str, Tensor]:
-        sd = self.inner.state_dict()
-        sd.pop("bias", None)
-        return {k: v.detach() for k, v in sd.items()}
+        return _own_state(self.inner)
 
     def dequantize(self) -> Tensor:
         return self.inner.weight.dequantize().float()
@@ -409,27 +399,12 @@ def library_from_qstate(meta: dict, tensors: dict[str, Tensor], bias: Tensor | N
 # ----------------------------------------------------------------------------- the driver
 
 
-def _targets(model, config) -> tuple[str, ...]:
-    if config.targets is not None:
-        return config.targets
-    variant = getattr(model, "variant", None)
-    if variant not in T3_TARGETS:
-        raise CbxError(f"targets: no default for model variant {variant!r}; give targets explicitly")
-    return T3_TARGETS[variant]
-
-
 def _linears(model, config, what: str) -> list[tuple[str, nn.Module]]:
-    targets = _targets(model, config)
-    mods = select_modules(model, targets, config.ignore)
-    linears = [(n, m) for n, m in mods if is_linear(m)]
-    skipped = [n for n, m in mods if type(m) is nn.Embedding]
+    skipped = [n for n, m in select_modules(model, _targets(model, config), config.ignore) if type(m) is nn.Embedding]
     if skipped:
         log.info("%s: embeddings %s left in floating point (library transforms quantize linear layers)",
                  what, ", ".join(skipped))
-    if not linears:
-        raise CbxError(f"{what}: targets {list(targets)} (ignore {list(config.ignore)}) match no linear layer "
-                       f"of the model")
-    return linears
+    return _select(model, config, what, embeddings=False)
 
 
 def _quantize(model, name: str, config, cls: type, quantize_one, prepared: dict | None = None, **extra):
@@ -476,23 +451,25 @@ def _torchao(ao_config):
     return one
 
 
-@register_transform("torchao_int8_weight_only", TorchaoInt8WeightOnlyConfig)
-def torchao_int8_weight_only(model, config: TorchaoInt8WeightOnlyConfig):
+def _torchao_with(model, name: str, config, make_ao, **require):
+    """torchao's ``quantize_(layer, make_ao(torchao.quantization))`` on every targeted layer,
+    after the library and device checks (``require``: ``cuda``, ``capability``)."""
+    _require(model, name, "torchao", **require)
+    import torchao.quantization as ao
+
+    return _quantize(model, name, config, TorchaoLinear, _torchao(make_ao(ao)))
+
+
+@register_transform("torchao_int8_weight_only", TorchaoConfig)
+def torchao_int8_weight_only(model, config: TorchaoConfig):
     """torchao ``Int8WeightOnlyConfig`` (per-channel symmetric int8 weights) on linear layers."""
-    _require(model, "torchao_int8_weight_only", "torchao")
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return _quantize(model, "torchao_int8_weight_only", config, TorchaoLinear, _torchao(Int8WeightOnlyConfig()))
+    return _torchao_with(model, "torchao_int8_weight_only", config, lambda ao: ao.Int8WeightOnlyConfig())
 
 
-@register_transform("torchao_int8_dynamic", TorchaoInt8DynamicConfig)
-def torchao_int8_dynamic(model, config: TorchaoInt8DynamicConfig):
+@register_transform("torchao_int8_dynamic", TorchaoConfig)
+def torchao_int8_dynamic(model, config: TorchaoConfig):
     """torchao ``Int8DynamicActivationInt8WeightConfig`` (W8A8: per-token dynamic int8 activations)."""
-    _require(model, "torchao_int8_dynamic", "torchao")
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig
-
-    return _quantize(model, "torchao_int8_dynamic", config, TorchaoLinear,
-                     _torchao(Int8DynamicActivationInt8WeightConfig()))
+    return _torchao_with(model, "torchao_int8_dynamic", config, lambda ao: ao.Int8DynamicActivationInt8WeightConfig())
 
 
 @register_transform("torchao_int4_weight_only", TorchaoInt4WeightOnlyConfig)
@@ -522,24 +499,19 @@ def torchao_int4_weight_only(model, config: TorchaoInt4WeightOnlyConfig):
     return _quantize(model, "torchao_int4_weight_only", config, TorchaoLinear, one, layout=layout)
 
 
-@register_transform("torchao_float8_weight_only", TorchaoFloat8WeightOnlyConfig)
-def torchao_float8_weight_only(model, config: TorchaoFloat8WeightOnlyConfig):
+@register_transform("torchao_float8_weight_only", TorchaoConfig)
+def torchao_float8_weight_only(model, config: TorchaoConfig):
     """torchao ``Float8WeightOnlyConfig`` (per-channel e4m3 weights, dequantized per call)."""
-    _require(model, "torchao_float8_weight_only", "torchao")
-    from torchao.quantization import Float8WeightOnlyConfig
-
-    return _quantize(model, "torchao_float8_weight_only", config, TorchaoLinear, _torchao(Float8WeightOnlyConfig()))
+    return _torchao_with(model, "torchao_float8_weight_only", config, lambda ao: ao.Float8WeightOnlyConfig())
 
 
-@register_transform("torchao_float8_dynamic", TorchaoFloat8DynamicConfig)
-def torchao_float8_dynamic(model, config: TorchaoFloat8DynamicConfig):
+@register_transform("torchao_float8_dynamic", TorchaoConfig)
+def torchao_float8_dynamic(model, config: TorchaoConfig):
     """torchao ``Float8DynamicActivationFloat8WeightConfig`` (row-wise e4m3 weights and dynamic
     activations, ``torch._scaled_mm``); needs compute capability 8.9+."""
-    _require(model, "torchao_float8_dynamic", "torchao", cuda=True, capability=(8, 9))
-    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
-
-    return _quantize(model, "torchao_float8_dynamic", config, TorchaoLinear,
-                     _torchao(Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())))
+    return _torchao_with(model, "torchao_float8_dynamic", config,
+                         lambda ao: ao.Float8DynamicActivationFloat8WeightConfig(granularity=ao.PerRow()),
+                         cuda=True, capability=(8, 9))
 
 
 def _torchao_awq(model, name: str, config: TorchaoAWQConfig, base_for, **extra):

@@ -152,12 +152,16 @@ def _targets(model, config) -> tuple[str, ...]:
     return T3_TARGETS[variant]
 
 
-def _select(model, config, what: str):
-    mods = select_modules(model, _targets(model, config), config.ignore, types=None)
-    mods = [(n, m) for n, m in mods if is_linear(m) or type(m) is nn.Embedding]
+def _select(model, config, what: str, embeddings: bool = True):
+    """``(name, module)`` of the linear layers (and token embeddings, with ``embeddings``) that
+    ``config.targets`` (null: the variant's default) names and ``config.ignore`` does not."""
+    targets = _targets(model, config)
+    mods = [(n, m) for n, m in select_modules(model, targets, config.ignore)
+            if is_linear(m) or (embeddings and type(m) is nn.Embedding)]
     if not mods:
-        raise CbxError(f"{what}: targets {list(_targets(model, config))} (ignore {list(config.ignore)}) "
-                       f"match no linear or embedding layer of the model")
+        kinds = "linear or embedding" if embeddings else "linear"
+        raise CbxError(f"{what}: targets {list(targets)} (ignore {list(config.ignore)}) "
+                       f"match no {kinds} layer of the model")
     return mods
 
 
@@ -262,9 +266,7 @@ def int4_weight_only(model, config: Int4WeightOnlyConfig):
 @register_transform("fp8_cfm", FP8CFMConfig)
 def fp8_cfm(model, config: FP8CFMConfig):
     """FP8 e4m3 (per-channel weights, per-token dynamic activations) on the CFM estimator's linears."""
-    mods = [(n, m) for n, m in select_modules(model, config.targets, config.ignore) if is_linear(m)]
-    if not mods:
-        raise CbxError(f"fp8_cfm: targets {list(config.targets)} (ignore {list(config.ignore)}) match no linear layer")
+    mods = _select(model, config, "fp8_cfm", embeddings=False)
     cfg = _record(model, "fp8_cfm", config)
     for name, mod in _progress(mods, "fp8_cfm"):
         _swap(model, name, FP8Linear.from_float(mod, config.matmul_dtype), "fp8_cfm", cfg)

@@ -91,17 +91,9 @@ def _voice_audio(voice: str, sr: int, seed: int) -> np.ndarray:
 
     if voice == "synthetic":
         return synthetic_voice(sr, seed=seed)
-    path = Path(voice)
-    if not path.suffix:
-        from cbx.eval import assets
+    from cbx.eval import assets
 
-        if voice not in assets.VOICES:
-            raise CbxError(f"data.voices: {voice!r} is neither an offline voice "
-                           f"({', '.join(assets.VOICES)}), 'synthetic', nor an audio file path")
-        path, _ = assets.voice_prompt(voice)
-    elif not path.is_file():
-        raise CbxError(f"data.voices: audio file {voice} does not exist")
-    return load_audio(path, sr)
+    return load_audio(assets.voice_audio_path(voice, "data.voices", also="'synthetic', "), sr)
 
 
 @torch.inference_mode()

@@ -228,6 +228,21 @@ def voice_prompt(voice: str) -> tuple[Path, str]:
     return materialize(v.prompt, f"{voice}-prompt"), v.prompt.text
 
 
+def voice_audio_path(name: str, key: str, also: str = "") -> Path:
+    """The audio file a voice name stands for: an offline voice's prompt (a name without a file
+    suffix) or an existing audio file path. ``key`` names the setting in the one-line error;
+    ``also`` lists the caller's other accepted names (``"'builtin', "``)."""
+    path = Path(name)
+    if not path.suffix:
+        if name not in VOICES:
+            raise CbxError(f"{key}: {name!r} is neither {also}an offline voice "
+                           f"({', '.join(VOICES)}), nor an audio file path")
+        return voice_prompt(name)[0]
+    if not path.is_file():
+        raise CbxError(f"{key}: audio file {name} does not exist")
+    return path
+
+
 def voice_clips(voice: str) -> list[tuple[Path, str]]:
     """Held-out clips of one voice (never its prompt), each with its transcript."""
     if voice not in VOICES:

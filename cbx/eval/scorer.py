@@ -38,7 +38,7 @@ from cbx.eval.metrics.speaker import SpeakerConfig
 from cbx.eval.registry import MetricSpec, metric_specs
 from cbx.eval.runtime import scoring_runtime, thread_pools
 from cbx.eval.types import Utterance
-from cbx.files import atomic_write_text
+from cbx.files import atomic_write_text, jsonl_objects
 
 KNOWN_KEYS = {"audio", "text", "prompt", "id", "timings", "reference_audio", "fidelity_audio", "prompt_text"}
 
@@ -120,16 +120,9 @@ def read_manifest(path: Path) -> tuple[list[ManifestEntry], list[dict]]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as e:
         raise CbxError(f"{path}: manifest is not UTF-8 text ({e})") from None
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            d = json.loads(raw)
-        except json.JSONDecodeError as e:
-            bad.append({"line": n, "reason": f"not valid JSON ({e.msg})"})
-            continue
-        if not isinstance(d, dict):
-            bad.append({"line": n, "reason": "not a JSON object"})
+    for n, d, why in jsonl_objects(lines):
+        if why:
+            bad.append({"line": n, "reason": why})
             continue
         missing = [k for k in ("audio", "text") if not isinstance(d.get(k), str) or not d.get(k)]
         if missing:

@@ -200,7 +200,7 @@ def _jsonl(path: Path) -> EvalSet:
     import hashlib
     import json
 
-    from cbx.files import sha256_file
+    from cbx.files import jsonl_objects, sha256_file
 
     path = Path(path).expanduser()
     if not path.is_file():
@@ -215,16 +215,9 @@ def _jsonl(path: Path) -> EvalSet:
     seen: dict[str, int] = {}
     h = hashlib.sha256()
     file_hashes: dict[Path, str] = {}
-    for n, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            d = json.loads(raw)
-        except json.JSONDecodeError as e:
-            bad.append(f"line {n}: not valid JSON ({e.msg})")
-            continue
-        if not isinstance(d, dict):
-            bad.append(f"line {n}: not a JSON object")
+    for n, d, why in jsonl_objects(lines):
+        if why:
+            bad.append(f"line {n}: {why}")
             continue
         unknown = sorted(set(d) - {"prompt", "text", "prompt_text", "id"})
         if unknown:

@@ -42,10 +42,15 @@ class _Holder(nn.Module):
 def test_library_transform_on_cuda(name):
     if name == "torchao_float8_dynamic" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs compute capability 8.9+")
-    floor, path = CUDA[name]
     layer, x, _ = outlier_layer(1024, 4096)
-    ref = layer(x).detach()
-    holder = _Holder(layer).cuda()
+    _check_on_cuda(name, _Holder(layer), x, *CUDA[name])
+
+
+def _check_on_cuda(name, holder, x, floor, path):
+    """``name`` on ``holder.layer`` moved to the GPU: output there, SQNR above ``floor`` against
+    the float layer, the kernel path recorded starts with ``path``."""
+    ref = holder.layer(x).detach()
+    holder = holder.cuda()
     apply_transforms(holder, [(name, build_config(name, {"targets": ["layer"]}))])
     with torch.inference_mode():
         y = holder.layer(x.cuda())
@@ -82,16 +87,7 @@ CALIBRATED = {
 def test_calibrated_library_transform_on_cuda(name):
     from cbx.compress.accuracy import _Holder as CalibHolder
 
-    floor, path = CALIBRATED[name]
     layer, x, calib = outlier_layer(1024, 4096)
-    ref = layer(x).detach()
     gen = torch.Generator().manual_seed(1)
     batches = [calib(256, gen).cuda() for _ in range(4)]
-    holder = CalibHolder(layer, calib=lambda: batches).cuda()
-    apply_transforms(holder, [(name, build_config(name, {"targets": ["layer"]}))])
-    with torch.inference_mode():
-        y = holder.layer(x.cuda())
-    assert y.device.type == "cuda"
-    assert sqnr_db(ref, y.float().cpu()) > floor
-    (got,) = K.kernel_summary(holder)["paths"]
-    assert got.startswith(path)
+    _check_on_cuda(name, CalibHolder(layer, calib=lambda: batches), x, *CALIBRATED[name])
