@@ -631,6 +631,13 @@ def wide_keys() -> list[str]:
 # that is 0 in every row of the group says nothing there (IDLE_DROP), then DROP_ORDER.
 IDLE_DROP = ("n_failed",)
 DROP_ORDER = ("t3_kl", "mos", "size_ratio", "top1")
+# Random weights: the quality columns mean nothing there (see banner), so they go before fidelity.
+RANDOM_DROP_ORDER = ("mos", "sim_ratio", "wer_delta", "size_ratio", "t3_kl", "top1")
+
+
+def drop_order(grp: Sequence[dict]) -> tuple[str, ...]:
+    """The order in which a too-wide terminal table leaves columns out for this group."""
+    return RANDOM_DROP_ORDER if grp and all(r.get("random_weights") for r in grp) else DROP_ORDER
 
 
 # ---------------------------------------------------------------- text renderers
@@ -703,7 +710,8 @@ def render_terminal(rows: list[dict], keys: Sequence[str] | None = None, width: 
     """The terminal table: at most ``width`` characters (``wide``: every column, full headers).
 
     Too wide a default table first drops intervals (the ``≈`` marks stay), then the columns in
-    :data:`DROP_ORDER`, and says which ones ``--wide`` shows."""
+    :func:`drop_order` (quality before fidelity when the weights are random), and says which
+    ones ``--wide`` shows."""
     if not rows:
         return "(no finished runs)\n"
     lines: list[str] = []
@@ -722,7 +730,7 @@ def render_terminal(rows: list[dict], keys: Sequence[str] | None = None, width: 
                 interval = False
                 continue
             idle = next((k for k in IDLE_DROP if k in ks and all(r.get(k) == 0 for r in grp)), None)
-            victim = idle or next((k for k in DROP_ORDER if k in ks), None)
+            victim = idle or next((k for k in drop_order(grp) if k in ks), None)
             if victim is None:
                 break
             ks.remove(victim)

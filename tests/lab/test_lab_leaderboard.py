@@ -225,7 +225,20 @@ def test_a_column_that_is_zero_everywhere_goes_before_a_real_one(results):
     assert all(r["n_failed"] == 0 for r in grp) and "n_failed" in lb.terminal_keys(grp) and "n_failed" in lb.IDLE_DROP
     assert _first_drops(grp) == "intervals, fail (0 in every run)"
     grp[0] = {**grp[0], "n_failed": 1}  # not idle any more: the drop order applies
-    assert _first_drops(grp) == "intervals, " + lb.COLS[next(k for k in lb.DROP_ORDER if k in lb.terminal_keys(grp))].header
+    assert _first_drops(grp) == "intervals, " + lb.COLS[next(k for k in lb.drop_order(grp) if k in lb.terminal_keys(grp))].header
+
+
+def test_random_weight_groups_drop_quality_columns_before_fidelity(results):
+    """On random weights WER/SIM/MOS mean nothing (the banner says so): a narrow table keeps
+    T3 KL and top-1 and leaves those out first; real weights keep quality and drop KL first."""
+    rows = [r for r in lb.leaderboard(results) if r["status"] == "done"]
+    grp = [{**r, "n_failed": 1, "random_weights": True} for r in rows if r["group"] == rows[0]["group"]]
+    assert lb.drop_order(grp)[:3] == ("mos", "sim_ratio", "wer_delta")
+    first = _first_drops(grp).split(", ")[1]
+    assert first in {lb.COLS[k].header for k in ("mos", "sim_ratio", "wer_delta")}
+    real = [{**r, "random_weights": False} for r in grp]
+    assert lb.drop_order(real) == lb.DROP_ORDER
+    assert _first_drops(real).split(", ")[1] == lb.COLS[next(k for k in lb.DROP_ORDER if k in lb.terminal_keys(real))].header
 
 
 def test_a_registered_column_reaches_every_renderer(results, tmp_path):
