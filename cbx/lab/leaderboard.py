@@ -86,7 +86,7 @@ class Column:
     header: str
     wide: str = ""
     legend: str = ""
-    fmt: str = "{:.3g}"
+    fmt: str = "{:#.3g}"
     higher_is_better: bool | None = None  # None: not a ranking quantity
     null: float | None = None
     terminal: bool = True
@@ -120,7 +120,7 @@ COLUMNS: list[Column] = [
            reason=lambda rec, base: "not recorded by this run (older record)"),
     Column("t3_top1_agreement", "top1", "T3 top-1 agreement", "T3 next-token top-1 agreement with the baseline, teacher-forced on its tokens (1 = same)",
            "{:.3f}", True, 1.0, kind="fidelity"),
-    Column("t3_kl", "KL", "T3 KL (nats)", "KL(baseline || run) of T3's next-token distributions, nats per token (0 = same)", "{:.3g}", False, 0.0,
+    Column("t3_kl", "KL", "T3 KL (nats)", "KL(baseline || run) of T3's next-token distributions, nats per token (0 = same)", "{:#.3g}", False, 0.0,
            kind="fidelity"),
     Column("mel_l1", "melL1", "mel L1", "mean |log-mel difference| between this model's and the baseline's decoder on the baseline's tokens, same noise (0 = same)",
            "{:.3f}", False, 0.0, kind="fidelity"),
@@ -138,7 +138,7 @@ COLUMNS: list[Column] = [
            terminal=False, kind="quality", reason=lambda rec, base: _paired_reason(rec, "mos_delta")),
     Column("artifacts", "art", "artifacts / utt", "artifact events per utterance (clicks, clipping, noisy pauses, ...)", "{:.2f}", False,
            terminal=False, kind="quality"),
-    Column("rtf", "RTF", "real-time factor", "synthesis seconds per second of audio (below 1: faster than real time)", "{:.3g}", False,
+    Column("rtf", "RTF", "real-time factor", "synthesis seconds per second of audio (below 1: faster than real time)", "{:#.3g}", False,
            terminal=False, kind="cost"),
     Column("speedup", "speed", "speed-up vs baseline", "baseline RTF / RTF (above 1: faster)", "{:.2f}×", True, 1.0, kind="cost"),
     Column("size_mib", "MiB", "weights MiB", "bytes of weights the model holds in memory, MiB", "{:.1f}", False, terminal=False, kind="cost"),
