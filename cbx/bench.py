@@ -17,6 +17,7 @@ MODES = {
     "student": "cbx.distill.bench",
     "scorer": "cbx.eval.bench",
     "stack": "cbx.lab.bench_stack",
+    "throughput": "cbx.engine.bench_throughput",
 }
 
 

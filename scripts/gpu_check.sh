@@ -6,15 +6,16 @@
 # Runs the CUDA tests (pytest -m cuda: quantized kernels at the real head sizes, codes read back
 # from the CUDA layouts, save/reload from CUDA, GPTQ on the GPU, graphed decode == eager, ...),
 # every `cbx bench` mode on the full-size random model (T3 tokens/s batch 1 and batched, RTF per
-# stage, int4/int8/fp8 vs bf16, graphed vs eager, student vs teacher, scorer), and `cbx run` on
-# random:original for int8, int4 RTN and GPTQ, fp8 and a CFM student (a short distill first).
-# Budget: under 8 minutes on one H100-class GPU: each step has its own timeout and the
-# timeouts add up to 8 minutes (tests/test_gpu_check.py holds them to that).
+# stage, int4/int8/fp8 vs bf16, graphed vs eager, student vs teacher, scorer, throughput of
+# batched synthesis in audio s per wall s), and `cbx run` on random:original for int8, int4 RTN
+# and GPTQ, fp8 and a CFM student (a short distill first).
+# Budget: under 9 minutes on one H100-class GPU: each step has its own timeout and the
+# timeouts add up to 9 minutes (tests/test_gpu_check.py holds them to that).
 # Without CUDA it says so and exits 0. Exit status 1 when a step failed (the report says which).
 #
 # To add a check: append one line to STEPS below: "name|timeout seconds|command" (the command
 # runs with bash in the repository root; $CBX is the cbx entry point, $PY the python, $WORK a
-# scratch folder). Keep each step short: the whole list shares the 8-minute budget.
+# scratch folder). Keep each step short: the whole list shares the 9-minute budget.
 set -u
 cd "$(dirname "$0")/.."
 REPORT="${1:-gpu_check_report.txt}"
@@ -70,6 +71,7 @@ STEPS=(
     "bench student|30|$CBX bench student --model full --device cuda --dtype bf16 --repeats 2"
     "bench scorer|25|$CBX bench scorer --n 4"
     "distill a short student (random:original)|40|$CBX distill $WORK/distill.yaml"
+    "bench throughput: 32 utterances, batch 16, graphed decode, bf16 HiFT/encoder|60|$CBX bench throughput --model full --device cuda --utterances 32 --batch 16 --tokens 100 --s3gen-bf16"
     "cbx run: int8, int4 rtn/gptq, fp8, student on random:original|110|$CBX run $WORK/runs.yaml --results $WORK/runs && $CBX leaderboard --results $WORK/runs"
 )
 

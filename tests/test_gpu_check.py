@@ -45,4 +45,5 @@ def test_the_files_it_writes_are_valid(tmp_path):
         e.transform_configs()
     assert load_config(distill).teacher.model == "random:original"
     steps = re.findall(r'^    "([^"|]+)\|(\d+)\|', SCRIPT.read_text(), re.M)
-    assert len(steps) >= 8 and sum(int(t) for _, t in steps) <= 8 * 60  # step timeouts: the 8-minute budget
+    assert len(steps) >= 9 and sum(int(t) for _, t in steps) <= 9 * 60  # step timeouts: the 9-minute budget
+    assert any("bench throughput" in n for n, _ in steps)

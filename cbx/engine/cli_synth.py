@@ -42,6 +42,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
         g.add_argument(flag, dest=name, type=typ, default=None, help=help_)
     g.add_argument("--no-watermark", dest="watermark", action="store_false", default=None,
                    help="skip the Perth watermark")
+    g.add_argument("--s3gen-bf16", dest="s3gen_bf16", action="store_true", default=None,
+                   help="run HiFT and the flow encoder in bf16 (error bounds: docs/CONTRACTS.md)")
 
 
 def settings_from_args(args: argparse.Namespace):
@@ -51,8 +53,9 @@ def settings_from_args(args: argparse.Namespace):
     for name, *_ in SETTING_FLAGS.values():
         if getattr(args, name, None) is not None:
             given[name] = getattr(args, name)
-    if getattr(args, "watermark", None) is not None:
-        given["watermark"] = args.watermark
+    for flag in ("watermark", "s3gen_bf16"):
+        if getattr(args, flag, None) is not None:
+            given[flag] = getattr(args, flag)
     return SynthSettings(**given)
 
 

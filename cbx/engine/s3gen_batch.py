@@ -95,9 +95,11 @@ def _encode(encoder, xs: torch.Tensor, xs_lens: torch.Tensor):
 
 
 @torch.inference_mode()
-def cfm_inputs(model, speech_tokens_list, conds_list) -> CFMInputs:
+def cfm_inputs(model, speech_tokens_list, conds_list, encoder=None) -> CFMInputs:
     """Encoder pass for B utterances: ``speech_tokens_list[i]`` (1-D LongTensor of valid speech
     tokens) spoken in the voice ``conds_list[i]`` (upstream ``Conditionals`` or its ``gen`` dict).
+    ``encoder``: a low-precision copy of the flow's encoder (:func:`low_precision_encoder`) to
+    run in its place under autocast; its output comes back as float32.
     """
     s3 = _s3gen(model)
     flow = s3.flow
@@ -124,7 +126,14 @@ def cfm_inputs(model, speech_tokens_list, conds_list) -> CFMInputs:
     tok = torch.nn.utils.rnn.pad_sequence(seqs, batch_first=True)
     in_mask = (torch.arange(tok.shape[1], device=device)[None] < lens[:, None]).unsqueeze(-1).to(dtype)
     x = flow.input_embedding(tok) * in_mask
-    h, h_masks = _encode(flow.encoder, x, lens)
+    if encoder is None:
+        h, h_masks = _encode(flow.encoder, x, lens)
+    else:
+        from cbx.engine.t3_decode import autocast
+
+        with autocast(device, next(encoder.parameters()).dtype):
+            h, h_masks = _encode(encoder, x, lens)
+        h = h.to(dtype)
     h_lens = h_masks.sum(dim=-1).reshape(-1)
     h = flow.encoder_proj(h)  # [B, T, 80]
     T = h.shape[1]
@@ -225,20 +234,90 @@ def trim_last_token(model: Any, wav: np.ndarray, n_tokens: int) -> np.ndarray:
     return wav[: max(1, int(n_tokens) - 1) * SAMPLES_PER_TOKEN]
 
 
+# HiFT's convolution stacks: what a low-precision HiFT runs in bf16 (see low_precision_hift).
+HIFT_LOW_PRECISION = ("conv_pre", "ups", "resblocks", "source_downs", "source_resblocks", "conv_post")
+
+
+class CastIO(torch.nn.Module):
+    """``inner`` (weights in ``dtype``) run on its input cast to ``dtype``; output float32."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = inner
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.to(self.dtype)).float()
+
+
+def _bake_weight_norm(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` (a copy) with every weight-normed convolution replaced by a plain one holding
+    the weight it computes (same values; computed once instead of at every call).
+
+    Not ``parametrize.remove_parametrizations``: on a deep copy it deletes the property from the
+    parametrized class the copy shares with the original, which breaks the original module."""
+    from torch.nn.utils import parametrize
+
+    def plain(sub: torch.nn.Module) -> torch.nn.Module:
+        base = type(sub).__bases__[0]
+        out = base.__new__(base)
+        out.__dict__.update(sub.__dict__)
+        out._modules = {k: v for k, v in sub._modules.items() if k != "parametrizations"}
+        out._parameters = dict(sub._parameters)
+        out._parameters["weight"] = torch.nn.Parameter(sub.weight.detach().clone(), requires_grad=False)
+        return out
+
+    if parametrize.is_parametrized(module):
+        return plain(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None and parametrize.is_parametrized(child):
+                parent._modules[name] = plain(child)
+    return module
+
+
+def low_precision_hift(hift: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A copy of HiFT whose convolution stacks (:data:`HIFT_LOW_PRECISION`: ~all of its time)
+    run in ``dtype`` while the F0 predictor, the sine source (phase accumulation over 24 kHz
+    samples: bf16 would detune it), the STFT/iSTFT and the magnitude/phase maths stay float32.
+    Each stack sits in :class:`CastIO`, so the tensors between them are float32 exactly where
+    upstream's code runs its own elementwise operations. Error bounds: docs/CONTRACTS.md."""
+    import copy
+
+    h = copy.deepcopy(hift)
+    for name in HIFT_LOW_PRECISION:
+        mod = getattr(h, name)
+        if isinstance(mod, torch.nn.ModuleList):
+            for i in range(len(mod)):
+                mod[i] = CastIO(_bake_weight_norm(mod[i]).to(dtype), dtype)
+        else:
+            setattr(h, name, CastIO(_bake_weight_norm(mod).to(dtype), dtype))
+    return h.eval()
+
+
+def low_precision_encoder(encoder: torch.nn.Module, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A copy of the flow's conformer encoder cast to ``dtype`` (run under autocast by
+    :func:`cfm_inputs`, as the engine runs its bf16 CFM estimator)."""
+    import copy
+
+    return copy.deepcopy(encoder).to(dtype).eval()
+
+
 @torch.inference_mode()
-def vocode(model, mels, lens=None, seeds=None, trim_fade: bool = True) -> list[np.ndarray]:
+def vocode(model, mels, lens=None, seeds=None, trim_fade: bool = True, hift=None) -> list[np.ndarray]:
     """HiFT per utterance -> list of float32 waveforms at 24 kHz.
 
     ``mels`` is a list of [80, L_i] tensors, or a padded [B, 80, L] tensor with ``lens``.
     ``seeds[i]`` seeds the sine source's random phase and noise for utterance i (None: the
     global RNG, as upstream). The global RNG state is restored afterwards when seeds are given.
+    ``hift``: a stand-in for the model's HiFT (:func:`low_precision_hift`).
     """
     s3 = _s3gen(model)
     if torch.is_tensor(mels) and mels.dim() == 3:
         lens = [mels.shape[-1]] * mels.shape[0] if lens is None else [int(n) for n in lens]
         mels = [mels[i, :, :n] for i, n in enumerate(lens)]
-    hift = s3.mel2wav
-    p0 = next(hift.parameters())
+    hift = s3.mel2wav if hift is None else hift
+    p0 = next(hift.f0_predictor.parameters()) if hasattr(hift, "f0_predictor") else next(hift.parameters())
     out = []
     for i, mel in enumerate(mels):
         mel = mel.to(device=p0.device, dtype=p0.dtype).reshape(1, MEL_BINS, -1)

@@ -99,7 +99,8 @@ def row_noise(seed: int, prompt_frames: int, max_tokens: int, device="cpu", dtyp
 
 
 def render(model: Any, estimator: Any, states: Sequence[_RowState], tokens: Sequence[torch.Tensor],
-           finals: Sequence[bool], conds: Sequence[Any], n_steps: int) -> list[np.ndarray]:
+           finals: Sequence[bool], conds: Sequence[Any], n_steps: int, encoder: Any = None,
+           hift: Any = None) -> list[np.ndarray]:
     """Render what is new for each row (one batched flow solve, then HiFT per row); returns the
     audio each row can emit now (possibly empty). ``tokens[i]``: all S3Gen tokens of row i so
     far; ``finals[i]``: no more will come."""
@@ -114,7 +115,7 @@ def render(model: Any, estimator: Any, states: Sequence[_RowState], tokens: Sequ
     todo = [i for i, n in enumerate(usable) if n > 0 and (finals[i] or 2 * n - HOLD_FRAMES > states[i].frames)]
     if not todo:
         return out
-    inputs = sb.cfm_inputs(model, [tokens[i] for i in todo], [conds[i] for i in todo])
+    inputs = sb.cfm_inputs(model, [tokens[i] for i in todo], [conds[i] for i in todo], encoder=encoder)
     # Non-final rows: leave out the look-ahead tokens' frames (mask them: the flow's padding is
     # invisible, so this equals cutting them off as upstream's finalize=False does).
     inputs.out_lens = [o - (0 if finals[i] else 2 * LOOKAHEAD_TOKENS) for o, i in zip(inputs.out_lens, todo)]
@@ -129,15 +130,15 @@ def render(model: Any, estimator: Any, states: Sequence[_RowState], tokens: Sequ
         mels = sb.solve_cfm(estimator, inputs, noise, n_steps, s3.flow.decoder.inference_cfg_rate, meanflow)
     mels = [m.float() for m in sb.crop_mels(mels, inputs)]
     for j, i in enumerate(todo):
-        out[i] = _vocode_new(model, states[i], mels[j], finals[i])
+        out[i] = _vocode_new(model, states[i], mels[j], finals[i], hift)
     return out
 
 
-def _vocode_new(model: Any, st: _RowState, mel: torch.Tensor, final: bool) -> np.ndarray:
+def _vocode_new(model: Any, st: _RowState, mel: torch.Tensor, final: bool, hift: Any = None) -> np.ndarray:
     """HiFT over the new frames of ``mel`` (all of the row's new-speech frames so far) with
     left context and the cached source; returns the samples to emit (see the module docstring)."""
-    hift = model.s3gen.mel2wav
-    p0 = next(hift.parameters())
+    hift = model.s3gen.mel2wav if hift is None else hift  # a bf16 copy when settings.s3gen_bf16
+    p0 = next(hift.f0_predictor.parameters()) if hasattr(hift, "f0_predictor") else next(hift.parameters())
     total = mel.shape[-1]
     # Multilingual V3 cuts the last token's audio (2 frames; s3gen_batch.trim_last_token)
     cut = 2 if final and (getattr(model, "meta", None) or {}).get("trim_last_token") and total > 2 else 0
@@ -206,6 +207,7 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
     model = syn.model
     t3 = syn._low_precision(model.t3, s)
     estimator = syn._low_precision(model.s3gen.flow.decoder.estimator, s)
+    s3gen_low = syn._s3gen_low(s)
     dsettings = syn._decode_settings(s)
     max_new = min(dsettings.force_tokens or dsettings.max_new_tokens, t3.hp.max_speech_tokens)
     bounds = chunk_boundaries(first_tokens, chunk_tokens, max_new)
@@ -271,7 +273,7 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 if work:
                     pieces = render(model, estimator, [states[group[j]] for j, _, _ in work], [t for _, t, _ in work],
                                     [f for _, _, f in work], [conds[rows[group[j]].voice_key] for j, _, _ in work],
-                                    int(s.cfm_steps))
+                                    int(s.cfm_steps), *s3gen_low)
                     for (j, _, f), piece in zip(work, pieces):
                         st = states[group[j]]
                         st.pieces.append(piece)

@@ -91,6 +91,9 @@ class SynthSettings:
     ``cudagraphs`` on CUDA); the decode then runs on fixed shapes and gives the same tokens.
     ``dtype``: ``fp32``, ``bf16`` or ``auto`` (:func:`auto_dtype` of the model's device, filled in
     by :meth:`resolved`); the engine's faithfulness to upstream is checked at fp32.
+    ``s3gen_bf16`` runs HiFT's convolution stacks and the flow's conformer encoder in bf16
+    (cached copies, :func:`cbx.engine.s3gen_batch.low_precision_hift` / ``low_precision_encoder``;
+    the CFM estimator follows ``dtype``); its measured error bounds are in docs/CONTRACTS.md.
     The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: about
     48 s for compiling plus one run); on that CPU the bf16 T3 stage then ran 1.02x-1.24x faster
     in two single-repeat runs, within its noise. ``cbx bench engine --compile inductor`` prints
@@ -114,6 +117,7 @@ class SynthSettings:
     force_tokens: int | None = None
     crossfade_ms: float = 30.0
     compile: str | None = None
+    s3gen_bf16: bool = False
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> CbxError:
@@ -150,8 +154,9 @@ class SynthSettings:
         integer("batch_size", 1, allow_none=False)
         integer("force_tokens", 1)
         number("crossfade_ms", 0.0, 1000.0, allow_none=False)
-        if not isinstance(self.watermark, bool):
-            raise bad("watermark", "must be true or false")
+        for name in ("watermark", "s3gen_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
         if self.dtype not in (AUTO_DTYPE, *DTYPES):
             raise bad("dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))}")
         if self.compile is not None:
@@ -436,6 +441,22 @@ class Synthesizer:
         s = (settings or SynthSettings()).resolved(self.model, self.device)
         self._low_precision(self.model.t3, s)
         self._low_precision(self.model.s3gen.flow.decoder.estimator, s)
+        self._s3gen_low(s)
+
+    def _s3gen_low(self, s: SynthSettings) -> tuple[Any, Any]:
+        """(flow encoder, HiFT) copies to run in bf16 when ``settings.s3gen_bf16``, else (None, None)."""
+        if not s.s3gen_bf16:
+            return None, None
+        from cbx.engine import s3gen_batch as sb
+
+        s3 = self.model.s3gen
+        got = []
+        for module, make in ((s3.flow.encoder, sb.low_precision_encoder), (s3.mel2wav, sb.low_precision_hift)):
+            key = (id(module), "s3gen_bf16")
+            if key not in self._casts:
+                self._casts[key] = (module, make(module, torch.bfloat16))
+            got.append(self._casts[key][1])
+        return got[0], got[1]
 
     def cast_copies(self) -> list[torch.nn.Module]:
         """The low-precision copies that ran in place of the model's modules."""
@@ -481,8 +502,9 @@ class Synthesizer:
         s3 = self.model.s3gen
         meanflow = bool(getattr(s3, "meanflow", False))
         with timer.stage("cfm") as lap:
+            encoder, hift = self._s3gen_low(s)
             inputs = sb.cfm_inputs(self.model, [self._s3gen_tokens(r.tokens).to(self.device) for r in live],
-                                   [conds[r.voice_key] for r in live])
+                                   [conds[r.voice_key] for r in live], encoder=encoder)
             noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
             cfg_rate = s3.flow.decoder.inference_cfg_rate
             estimator = self._low_precision(s3.flow.decoder.estimator, s)
@@ -492,7 +514,7 @@ class Synthesizer:
         for r, sh in zip(live, apportion(lap.seconds, inputs.total_lens)):
             r.shares["cfm"] = sh
         with timer.stage("vocoder") as lap:
-            wavs = sb.vocode(self.model, mels, seeds=[r.seed for r in live])
+            wavs = sb.vocode(self.model, mels, seeds=[r.seed for r in live], hift=hift)
         for r, w, sh in zip(live, wavs, apportion(lap.seconds, [m.shape[-1] for m in mels])):
             r.wav = sb.trim_last_token(self.model, np.asarray(w, dtype=np.float32), self._s3gen_tokens(r.tokens).numel())
             r.shares["vocoder"] = sh
@@ -521,13 +543,14 @@ class Synthesizer:
             conds = self._conditioning(voice, key, float(s.exaggeration))
             s3 = self.model.s3gen
             meanflow = bool(getattr(s3, "meanflow", False))
-            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [conds])
+            encoder, hift = self._s3gen_low(s)
+            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [conds], encoder=encoder)
             noise = sb.cfm_noise(inputs, [seed], meanflow, dtype=inputs.mu.dtype)
             estimator = self._low_precision(s3.flow.decoder.estimator, s)
             with autocast(self.device, _float_dtype(estimator)):
                 mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]
-            wav = sb.vocode(self.model, mels, seeds=[seed])[0]
+            wav = sb.vocode(self.model, mels, seeds=[seed], hift=hift)[0]
         return sb.trim_last_token(self.model, np.asarray(wav, dtype=np.float32), tokens.numel())
 
     # -- the call ---------------------------------------------------------------------------

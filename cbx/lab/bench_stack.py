@@ -7,8 +7,8 @@ weights (real sizes and costs, meaningless audio), built once, in ONE process an
 * ``upstream``: upstream's own path at fp32, step by step as ``ChatterboxTTS.generate`` runs
   it (:func:`cbx.engine.bench.upstream_once`: its conditioning, HF-cache T3 loop, 10 CFG steps
   of CFM, HiFT, watermark). Its whole time is the reference.
-* the stack: the engine with an experiment's compression steps (default: bf16, T3 int4 RTN
-  g128, a CFM student made from the teacher estimator as ``cbx distill`` makes it, with its
+* the stack: the engine with an experiment's compression steps (default: bf16, HiFT and the
+  flow encoder in bf16 too (``s3gen_bf16``), T3 int4 RTN g128, a CFM student made from the teacher estimator as ``cbx distill`` makes it, with its
   untrained weights, which cost exactly what trained ones do) at each student step count
   (default 1 and 2), cold voice (conditioning paid, caches emptied) and warm voice (cached).
 
@@ -63,7 +63,7 @@ def default_stack(model: Any) -> str:
 
     apply_transforms(model, [("int4_weight_only", build_config("int4_weight_only", {"group_size": 128}))])
     _swap_student(model)
-    return "bf16 + T3 int4 RTN g128 + CFM student (untrained weights)"
+    return "bf16 (HiFT and flow encoder too) + T3 int4 RTN g128 + CFM student (untrained weights)"
 
 
 def _swap_student(model: Any) -> None:
@@ -95,7 +95,8 @@ def _settings(base: Any, tokens: int, steps: int | None, seed: int) -> Any:
 
     from cbx.engine.synth import SynthSettings
 
-    s = base or SynthSettings(dtype="bf16")
+    # The default stack runs HiFT and the flow encoder in bf16 too (settings.s3gen_bf16)
+    s = base or SynthSettings(dtype="bf16", s3gen_bf16=True)
     return replace(s, force_tokens=tokens, max_speech_tokens=tokens, seed=seed, batch_size=1,
                    **({"cfm_steps": steps} if steps is not None else {}))
 
