@@ -77,6 +77,14 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class PruneStep:
+    """One pruning step, as in an experiment's ``steps`` (a registered transform and its params)."""
+
+    transform: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class ObjectiveConfig:
     name: str = "endpoint"  # a registered objective: endpoint, intmeanflow, mixed
     params: dict[str, Any] = field(default_factory=dict)
@@ -120,6 +128,10 @@ class DistillConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Pruning of the CFM estimator before the student is made from it (prune_depth, part: cfm):
+    # the student is then a pruned few-step estimator, healed by the objective against the
+    # unpruned teacher's endpoints (cbx.distill.student.pruned_estimator).
+    prune: tuple[PruneStep, ...] = ()
 
     @property
     def data_dir(self) -> Path:
@@ -133,8 +145,15 @@ class DistillConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Plain dict with every default filled in, the objective's parameters included."""
+        from cbx.compress.registry import build_config
+
         d = to_plain(self)
         d["objective"]["params"] = to_plain(self.objective_config())
+        if self.prune:
+            d["prune"] = [{"transform": s.transform, "params": to_plain(build_config(s.transform, s.params))}
+                          for s in self.prune]
+        else:  # no pruning: the record (and so every hash of it) is what it was before the key existed
+            d.pop("prune")
         return d
 
     def training_fingerprint(self) -> str:
@@ -156,6 +175,14 @@ def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
         cfg.objective_config()
     except CbxError as e:
         raise CbxError(f"{where + ': ' if where else ''}{e}") from None
+    from cbx.compress.registry import build_config
+
+    for i, st in enumerate(cfg.prune):
+        at = f"{where + ': ' if where else ''}prune[{i}]"
+        pc = build_config(st.transform, st.params, f"{at}.params")
+        if st.transform != "prune_depth" or getattr(pc, "part", None) != "cfm":
+            raise CbxError(f"{at}: a student is pruned in its CFM estimator only "
+                           f"(transform prune_depth with params.part: cfm), got {st.transform}")
     if cfg.student.default_steps not in cfg.student.eval_steps:
         raise CbxError(f"student.default_steps ({cfg.student.default_steps}) must be one of "
                        f"student.eval_steps {list(cfg.student.eval_steps)}")

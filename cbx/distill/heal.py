@@ -51,9 +51,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cbx.distill.config import TeacherConfig, TrainConfig
+from cbx.config import TrackingConfig, from_mapping, load_yaml, to_plain
+from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig
 from cbx.errors import CbxError
-from cbx.lab.schema import Step, TrackingConfig, from_mapping, load_yaml, to_plain
 
 HEALED = "healed"
 DATA_FILE = "heal_data.pt"
@@ -103,12 +103,12 @@ class HealObjectiveConfig:
 @dataclass(frozen=True)
 class HealConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    prune: tuple[Step, ...] = ()
+    prune: tuple[PruneStep, ...] = ()
     data: HealDataConfig = field(default_factory=HealDataConfig)
     objective: HealObjectiveConfig = field(default_factory=HealObjectiveConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/heal", batch_size=4, lr=1e-4))
-    # what is trained: "layers" (transformer layers + final norm) or "all" (every T3 parameter)
-    trainable: Literal["layers", "all"] = "all"
+    # what trains (trainable_parameters): all | layers_heads | layers
+    trainable: Literal["all", "layers_heads", "layers"] = "all"
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def resolved(self) -> dict[str, Any]:
@@ -293,13 +293,16 @@ def _kept_layers(student) -> list[int]:
 
 
 def trainable_parameters(t3, which: str) -> list[torch.nn.Parameter]:
-    """``layers``: the transformer layers and the final norm (what pruning changed); the
-    embeddings, conditioning encoder and heads stay the teacher's (most of a small T3's
-    parameters, and the ones that overfit the few sentences healing sees). ``all``: all of T3."""
+    """``all``: every T3 parameter. ``layers_heads``: the transformer (layers and final norm) and
+    both output heads; the token and position embeddings and the conditioning encoder stay the
+    teacher's (an embedding row only learns from sequences that hold its token, so training it
+    on a few hundred sequences memorises them). ``layers``: the transformer only."""
     t3.requires_grad_(which == "all")
-    if which == "layers":
-        t3.tfmr.layers.requires_grad_(True)
-        t3.tfmr.norm.requires_grad_(True)
+    if which != "all":
+        t3.tfmr.requires_grad_(True)
+    if which == "layers_heads":
+        t3.speech_head.requires_grad_(True)
+        t3.text_head.requires_grad_(True)
     return [p for p in t3.parameters() if p.requires_grad]
 
 

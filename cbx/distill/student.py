@@ -13,6 +13,12 @@ A checkpoint is a folder: ``student.safetensors`` (the estimator's state dict, k
 ``flow.decoder.estimator``) and ``student.json`` (format, version, default number of steps, the
 step counts it was trained for, a fingerprint of the teacher architecture, training metadata).
 What a checkpoint is comes from ``student.json``, never from its file name.
+
+A pruned student (a distill config's ``prune:`` steps, :func:`pruned_estimator`) is made from the
+teacher's estimator with some transformer blocks dropped; ``student.json`` lists them under
+``dropped_blocks`` (names in the unpruned estimator) and :func:`load_student` drops the same
+blocks from the teacher's estimator before it loads the weights. Such a checkpoint does not fit
+upstream's ``S3Gen(meanflow=True)``, whose block counts are fixed.
 """
 
 from __future__ import annotations
@@ -63,6 +69,34 @@ def make_student(teacher_estimator: torch.nn.Module) -> torch.nn.Module:
     return student
 
 
+def pruned_estimator(model, steps) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The CFM estimator of a copy of ``model`` after the pruning ``steps`` (``PruneStep``s of
+    ``prune_depth`` with ``part: cfm``; importance from the model's own calibration passes) and
+    the pruning record ``{"num_blocks_orig", "dropped"}``. ``model`` is left untouched."""
+    from cbx.compress.prune import PRUNED_KEY
+    from cbx.compress.registry import apply_transforms, build_config
+
+    if (model.meta.get(PRUNED_KEY) or {}).get("cfm"):
+        raise CbxError("prune: the teacher's CFM estimator is already pruned; prune the student from an unpruned teacher")
+    work = copy.deepcopy(model)
+    work = apply_transforms(work, [(s.transform, build_config(s.transform, s.params, f"prune[{i}].params"))
+                                   for i, s in enumerate(steps)])
+    rec = dict((work.meta.get(PRUNED_KEY) or {}).get("cfm") or {})
+    if not rec.get("dropped"):
+        raise CbxError("prune: the steps dropped no CFM transformer block")
+    est = work.s3gen.flow.decoder.estimator
+    del work
+    return est, {"num_blocks_orig": int(rec["num_blocks_orig"]), "dropped": list(rec["dropped"])}
+
+
+def _drop_blocks(estimator: torch.nn.Module, dropped: list[str]) -> torch.nn.Module:
+    from cbx.compress.prune import drop_cfm_blocks
+
+    est = copy.deepcopy(estimator)
+    drop_cfm_blocks(est, dropped)
+    return est
+
+
 def architecture_fingerprint(estimator: torch.nn.Module) -> str:
     """Hash of parameter names and shapes (not values): which teachers a student fits."""
     h = hashlib.sha256()
@@ -74,7 +108,8 @@ def architecture_fingerprint(estimator: torch.nn.Module) -> str:
 
 
 def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
-                 trained_steps: list[int], meta: dict[str, Any] | None = None) -> Path:
+                 trained_steps: list[int], meta: dict[str, Any] | None = None,
+                 pruned: dict[str, Any] | None = None) -> Path:
     """Write the checkpoint folder atomically (temp folder, then rename over any previous one)."""
     out_dir = Path(out_dir)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in student.state_dict().items()}
@@ -88,6 +123,9 @@ def save_student(student: torch.nn.Module, out_dir: str | Path, *, n_steps: int,
         "dtype": str(next(iter(sd.values())).dtype).replace("torch.", ""),
         "meta": meta or {},
     }
+    if pruned:  # {"num_blocks_orig", "dropped"} of pruned_estimator
+        manifest["dropped_blocks"] = list(pruned["dropped"])
+        manifest["num_blocks_orig"] = int(pruned["num_blocks_orig"])
     with atomic_dir(out_dir, replace=True, is_ours=_is_student_folder) as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -121,6 +159,14 @@ def read_manifest(ckpt_dir: str | Path) -> dict[str, Any]:
 def load_student(ckpt_dir: str | Path, teacher_estimator: torch.nn.Module) -> tuple[torch.nn.Module, dict]:
     """Student module shaped like ``teacher_estimator`` with the checkpoint's weights (strict)."""
     manifest = read_manifest(ckpt_dir)
+    if manifest.get("dropped_blocks"):
+        from cbx.compress.prune import cfm_blocks
+
+        n = len(cfm_blocks(teacher_estimator))
+        if n != manifest.get("num_blocks_orig"):
+            raise CbxError(f"{ckpt_dir}: a pruned student of an estimator with {manifest.get('num_blocks_orig')} "
+                           f"transformer blocks; this model's has {n}")
+        teacher_estimator = _drop_blocks(teacher_estimator, manifest["dropped_blocks"])
     fp = architecture_fingerprint(teacher_estimator)
     if manifest["architecture"] != fp:
         raise CbxError(

@@ -215,7 +215,15 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
     teacher_est.requires_grad_(False)
 
     torch.manual_seed(t_cfg.seed)  # nothing random is drawn from it; set for library code
-    student = make_student(teacher_est).train()
+    pruned = None
+    if cfg.prune:  # a pruned student: blocks dropped from a copy of the teacher's estimator
+        from cbx.distill.student import pruned_estimator
+
+        base_est, pruned = pruned_estimator(model, cfg.prune)
+        student = make_student(base_est).train()
+        del base_est
+    else:
+        student = make_student(teacher_est).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
@@ -238,6 +246,19 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
                 f"{cfg.data_dir}: the teacher does not reproduce its recorded endpoints "
                 f"(mel L1 {teacher_ev[f'teacher_{cfg.teacher.steps}']:.4g}); the data was made by another teacher"
             )
+
+    untrained: dict[str, float] = {}
+    if main and pruned:  # what healing starts from: the pruned student before any step
+        path = out_dir / "untrained_eval.json"
+        if path.is_file():
+            untrained = json.loads(path.read_text())
+        else:
+            if start:
+                raise CbxError(f"{out_dir}: resumed a pruned student's training without {path.name}; use another train.out_dir")
+            untrained = evaluate(held_ex, accelerator.unwrap_model(student), None, steps, device=device)
+            path.write_text(json.dumps(untrained) + "\n")
+            print("pruned student before training: " + ", ".join(f"{k} {v:.4f}" for k, v in untrained.items()),
+                  file=sys.stderr)
 
     def save(step: int) -> None:
         path = out_dir / CHECKPOINTS / f"step-{step:06d}"
@@ -309,11 +330,14 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
         save_student(unwrapped, out_dir / "student", n_steps=cfg.student.default_steps, trained_steps=list(steps),
                      meta={"teacher": cfg.teacher.model, "teacher_architecture": architecture_fingerprint(teacher_est),
                            "objective": cfg.objective.name, "steps_trained": end, "eval": ev,
-                           "config": cfg.resolved()})
+                           "config": cfg.resolved(), **({"eval_untrained": untrained} if pruned else {})},
+                     pruned=pruned)
         (out_dir / "eval.json").write_text(json.dumps({"step": end, "mel_l1": ev, "line": line}, indent=2) + "\n")
         print(table)
         print(line, flush=True)
         summary.update(eval=ev, line=line, student_dir=str(out_dir / "student"))
+        if pruned:
+            summary.update(eval_untrained=untrained, pruned=pruned)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -58,6 +58,12 @@ def cfm_student(model, config: CfmStudentConfig):
     p = next(teacher.parameters())
     student.to(device=p.device, dtype=p.dtype)
     student.requires_grad_(False)
+    if manifest.get("dropped_blocks"):  # a pruned student: the model's architecture record says so
+        from cbx.compress.prune import PRUNED_KEY
+
+        rec = dict(model.meta.get(PRUNED_KEY) or {})
+        rec["cfm"] = {"num_blocks_orig": int(manifest["num_blocks_orig"]), "dropped": list(manifest["dropped_blocks"])}
+        model.meta[PRUNED_KEY] = rec
     s3.flow.decoder.estimator = student
     s3.meanflow = True
     n = config.steps if config.steps is not None else int(manifest["n_steps"])

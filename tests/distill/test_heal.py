@@ -80,3 +80,23 @@ def test_healed_checkpoint_step_refuses_a_plain_folder(tmp_path, tiny_copy):
     with pytest.raises(CbxError, match="no meta.healed"):
         apply_transforms(m, [("healed_checkpoint", build_config("healed_checkpoint",
                                                                 {"checkpoint": str(tmp_path / "plain")}))])
+
+
+def test_shipped_heal_configs_load_and_the_demo_one_is_short():
+    from pathlib import Path
+
+    from cbx.distill.config import load_config as load_distill
+    from cbx.distill.transform import HEAL_TRAINER
+
+    root = Path(__file__).resolve().parents[2] / "experiments"
+    files = sorted(root.glob("distill-heal-*.yaml"))
+    assert {f.name for f in files} >= {"distill-heal-demo.yaml", "distill-heal-original-depth25.yaml",
+                                       "distill-heal-original-depth33.yaml", "distill-heal-original-width25.yaml"}
+    for f in files:
+        cfg = HEAL_TRAINER.load_config(f, {})
+        assert cfg.prune and HEAL_TRAINER.resolved(cfg)["prune"][0]["params"]  # defaults filled in
+    demo = HEAL_TRAINER.load_config(root / "distill-heal-demo.yaml", {})
+    assert demo.teacher.model == "tiny" and HEAL_TRAINER.estimate_seconds(demo, "cpu") < 60
+    assert HEAL_TRAINER.estimate_seconds(HEAL_TRAINER.load_config(files[-1], {}), "cpu") is None  # full size: no guess
+    pruned_cfm = load_distill(root / "distill-original-cfm-pruned.yaml")
+    assert pruned_cfm.prune[0].params["part"] == "cfm"
