@@ -13,7 +13,7 @@ from cbx.errors import CbxError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="healing config (YAML), e.g. experiments/heal-demo.yaml")
+    parser.add_argument("config", help="healing config (YAML), e.g. experiments/distill-heal-demo.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.out_dir=runs/x (repeatable)")
     parser.add_argument("--stop-after", type=int, default=None, metavar="N",

@@ -19,12 +19,29 @@ def _cfg(tmp_path, **train):
         "teacher": {"model": "tiny"},
         "prune": [{"transform": "prune_depth", "params": {"count": 1, **CAL}}],
         "data": {"texts": 8, "heldout_texts": 2, "heldout": "samples", "voices": ["builtin"],
-                 "samples_per_text": 8, "max_speech_tokens": 40},
+                 "samples_per_text": 32, "max_speech_tokens": 40},
         "objective": {"hidden_weight": 0.0},
-        "train": {"out_dir": str(tmp_path / "heal"), "max_steps": 100, "batch_size": 4, "lr": 0.003,
+        "train": {"out_dir": str(tmp_path / "heal"), "max_steps": 200, "batch_size": 4, "lr": 0.003,
                   "lr_schedule": "cosine", "warmup_steps": 5, "device": "cpu", "eval_every": 0,
-                  "save_every": 50, "log_every": 10, **train},
+                  "save_every": 100, "log_every": 10, **train},
     })
+
+
+def test_hidden_targets_are_the_last_teacher_layer_of_each_span_and_embeddings_stay_frozen(tiny_copy):
+    from cbx.distill.heal import hidden_loss, matched_layers, trainable_parameters
+
+    assert matched_layers([0, 1, 2], 3) == [0, 1, 2]  # width pruning: each layer its own
+    assert matched_layers([0, 2, 5], 8) == [1, 4, 7]  # kept 0 stands for 0..1, 2 for 2..4, 5 for 5..7
+    assert matched_layers([3], 4) == [3]
+    t = [torch.ones(2, 3), 2 * torch.ones(2, 3)]
+    assert float(hidden_loss(t, t)) == 0.0
+    assert float(hidden_loss(t, [torch.zeros(2, 3), 2 * torch.ones(2, 3)])) == pytest.approx(0.5)
+    t3 = tiny_copy("original").t3
+    ids = {id(p) for p in trainable_parameters(t3, "layers_heads")}
+    names = {n for n, p in t3.named_parameters() if id(p) in ids}
+    assert any(n.startswith("tfmr.layers.") for n in names) and "speech_head.weight" in names
+    assert not any(n.startswith(("speech_emb", "text_emb", "speech_pos_emb", "cond_enc")) for n in names)
+    assert len(trainable_parameters(t3, "all")) == len(list(t3.parameters()))
 
 
 def test_heal_config_refuses_bad_input(tmp_path):
@@ -48,14 +65,16 @@ def test_healing_reduces_heldout_kl_and_healed_checkpoint_loads_as_a_step(tmp_pa
     from cbx.engine.text import t3_text_tokens
 
     cfg = _cfg(tmp_path)
-    # interrupted after 30 steps, then resumed: the same command continues from the checkpoint
-    first = heal(cfg, stop_after=50, progress=False, teacher=copy.deepcopy(tiny_model))
-    assert not first["finished"] and (tmp_path / "heal" / "checkpoints" / "step-000050").is_dir()
+    # interrupted after 100 steps, then resumed: the same command continues from the checkpoint
+    first = heal(cfg, stop_after=100, progress=False, teacher=copy.deepcopy(tiny_model))
+    assert not first["finished"] and (tmp_path / "heal" / "checkpoints" / "step-000100").is_dir()
     out = heal(cfg, progress=False, teacher=copy.deepcopy(tiny_model))
     assert out["finished"]
-    # Measured here: 1.21 -> 0.67 (-44%) on sequences of other seeds. The goal (-50%) is
-    # not reached by this recipe on the random-weight tiny model; this bound guards what it achieves.
-    assert out["heldout_kl"] <= 0.65 * out["heldout_kl_unhealed"], out["line"]
+    # Held out: 16 sequences the teacher sampled with seeds no training sequence has (the tiny
+    # random model cannot generalise across sentences from a few). 256 training sequences, the
+    # embeddings frozen (trainable: layers_heads). Measured: 1.21 -> 0.56 (-53%); with 64
+    # sequences -46%, with 128 -51%: fresh data, not more steps, is what heals (train KL 0.51).
+    assert out["heldout_kl"] <= 0.5 * out["heldout_kl_unhealed"], out["line"]
     ev = json.loads((tmp_path / "heal" / "eval.json").read_text())
     assert ev["heldout_kl"] == out["heldout_kl"]
 
