@@ -11,7 +11,9 @@ The protocol is two attributes on a module, set through the two functions below:
 * ``cbx_kernel``: the path its last forward took (``None``: never ran). Names in use:
   ``int8pack-cpu`` (``aten._weight_int8pack_mm``), ``int-mm`` (``torch._int_mm``, int8 x int8),
   ``int8-dequant`` (dequantize the int8 weight, then a float matmul: CUDA without ``_int_mm``
-  shapes), ``int4pack-cpu`` (``aten._weight_int4pack_mm_for_cpu``), ``tinygemm``
+  shapes), ``int4pack-cpu`` (``aten._weight_int4pack_mm_for_cpu``), ``int4-dense-bf16`` (the CPU int4
+  weight unpacked to bf16 for one dense GEMM: a prefill's many rows, when the caller allows
+  compiling), ``tinygemm``
   (``aten._weight_int4pack_mm``, CUDA), ``fp8-scaled-mm`` (``torch._scaled_mm``),
   ``fp8-emulated``, ``gather-int8``/``gather-int4`` (embeddings), ``dequant-fallback`` (the
   pure-torch reference after a kernel failed). Library transforms add their own names

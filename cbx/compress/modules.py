@@ -33,11 +33,17 @@ upstream reads ``speech_head.weight.device``), and accept and ignore extra forwa
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from cbx.compress import kernels as K
 from cbx.compress import primitives as P
+from cbx.engine.t3_decode import compile_many_rows
+
+log = logging.getLogger("cbx.compress.modules")
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 # Int8Linear on CUDA: torch._int_mm with per-token int8 activations, or dequantize-then-matmul.
@@ -242,6 +248,27 @@ class Int8Linear(_RowScaled, _Quantized):
         return self._finish(self._reference(x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])), x)
 
 
+# The compiled unpacking of the CPU int4 layout (one graph per weight shape), or False once
+# compiling failed in this process (no C++ compiler): the int4 kernel then serves every input.
+_DENSE: dict[str, Any] = {"fn": None}
+
+
+def _dense_weight_t(packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor | None:
+    """:func:`cbx.compress.primitives.int4_cpu_layout_dense_t` through ``torch.compile`` (eager
+    it is memory-bound and slower than the kernel it replaces); None when it cannot compile."""
+    if _DENSE["fn"] is None:
+        _DENSE["fn"] = torch.compile(P.int4_cpu_layout_dense_t, dynamic=False, fullgraph=True)
+    if _DENSE["fn"] is False:
+        return None
+    try:
+        return _DENSE["fn"](packed, scale, zero)
+    except Exception as exc:  # inductor needs a working C++ toolchain: say so once, keep the kernel
+        _DENSE["fn"] = False
+        log.warning("int4 prefill: cannot compile the weight unpacking (%s); many-row inputs run the int4 "
+                    "kernel", _reason(exc))
+        return None
+
+
 class Int4Linear(_GroupScaled, _Quantized):
     kind = "int4"
 
@@ -380,9 +407,32 @@ class Int4Linear(_GroupScaled, _Quantized):
             self._sz_cache = {key: P.scale_and_zeros(s, z, dtype)}
         return self._sz_cache[key]
 
+    # When the caller allows compiling (a decode with ``compile`` set, see
+    # :func:`cbx.engine.t3_decode.compile_many_rows`), inputs of at least this many rows (a T3
+    # prefill: ~260) multiply an unpacked bf16 copy of the weight, made for the call and dropped
+    # (:func:`_dense_weight_t`); otherwise, and for fewer rows (decode steps), the int4 kernel.
+    # Measured on the 2-core CPU, full T3 (bf16 + int4 RTN g128), 262-row prefill: 1.27 s with
+    # the kernel, 0.84 s unpacked; the unpacking compiles once per weight shape (~7 s for T3's
+    # four shapes). None: always the kernel.
+    dense_min_rows: int | None = 128
+
+    def _dense_ok(self, x2: Tensor) -> bool:
+        return (self.layout == "cpu" and self.dense_min_rows is not None and x2.shape[0] >= self.dense_min_rows
+                and self.packed.shape[0] == self.out_features and self.out_features % P.INT4_CPU_BLOCK_N == 0
+                and not torch.is_grad_enabled() and _DENSE["fn"] is not False and compile_many_rows())
+
+    def dense_weight_t(self) -> Tensor | None:
+        """The weight as the CPU kernel dequantizes it, rounded to bf16, transposed: ``[K, N]``
+        (None when the unpacking cannot be compiled here)."""
+        return _dense_weight_t(self.packed, self.scale, self.zero)
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if self.layout == "cpu":
+        w_t = self.dense_weight_t() if self._dense_ok(x2) else None
+        if w_t is not None:
+            y = x2 @ w_t
+            K.used(self, "int4-dense-bf16")
+        elif self.layout == "cpu":
             n_pad = P.int4_kernel_rows(self.out_features, "cpu")
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
                 x2, self.packed, self.group_size, self._scale_and_zeros(torch.bfloat16, n_pad))

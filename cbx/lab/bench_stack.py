@@ -19,7 +19,9 @@ working memory (peak over what was in use when the call started). Every path dec
 ``--tokens`` tokens (EOS masked, as ``cbx bench engine`` does), timed runs are interleaved
 round-robin over ``--repeats`` and medians printed. The last line is exactly
 ``stack: RTF N.NN vs upstream N.NN (N.NNx), first audio N.NN s`` for the first step count,
-warm voice.
+warm voice. ``--compile BACKEND`` runs the stack's T3 compiled (decode step and, on CPU, the int4
+prefill's weight unpacking, :attr:`cbx.engine.synth.SynthSettings.compile`), compiled during the
+warm-up.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="full: full-size random weights (default); tiny: smoke test")
     parser.add_argument("--skip-upstream", action="store_true", help="leave upstream's path out (no reference)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile backend for the stack's T3 (the decode step, and on CPU the int4 "
+                             "prefill's weight unpacking); compiled in the warm-up, outside the timed runs")
 
 
 def default_stack(model: Any) -> str:
@@ -90,7 +95,7 @@ def _experiment_stack(model: Any, path: str) -> tuple[str, Any]:
     return f"experiment {exp.name}: " + (" + ".join(n for n, _ in steps) or "no compression"), exp.synth_settings()
 
 
-def _settings(base: Any, tokens: int, steps: int | None, seed: int) -> Any:
+def _settings(base: Any, tokens: int, steps: int | None, seed: int, compile: str | None = None) -> Any:
     from dataclasses import replace
 
     from cbx.engine.synth import SynthSettings
@@ -98,7 +103,8 @@ def _settings(base: Any, tokens: int, steps: int | None, seed: int) -> Any:
     # The default stack runs HiFT and the flow encoder in bf16 too (settings.s3gen_bf16)
     s = base or SynthSettings(dtype="bf16", s3gen_bf16=True)
     return replace(s, force_tokens=tokens, max_speech_tokens=tokens, seed=seed, batch_size=1,
-                   **({"cfm_steps": steps} if steps is not None else {}))
+                   **({"cfm_steps": steps} if steps is not None else {}),
+                   **({"compile": compile} if compile is not None else {}))
 
 
 def _engine_once(syn: Any, voice: str, settings: Any, cold: bool) -> dict[str, float]:
@@ -181,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
             print("note: this CPU has no native bf16 (AMX/AVX512-BF16); the stack still runs bf16", flush=True)
     gc.collect()
     print(f"model: {args.model} original, random weights, built and compressed in {time.perf_counter() - t0:.1f} s; "
-          f"stack: {label}", flush=True)
+          f"stack: {label}" + (f"; T3 compiled ({args.compile})" if args.compile else ""), flush=True)
     from cbx.engine import upstream as U
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -192,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
           flush=True)
     paths: list[tuple[str, Any]] = []
     for n in steps:
-        s = _settings(synth, args.tokens, n, args.seed)
+        s = _settings(synth, args.tokens, n, args.seed, args.compile)
         name = "stack" if n is None else f"stack {n}-step"
         paths += [(f"{name} cold", (s, True)), (f"{name} warm", (s, False))]
     runs: dict[str, list[dict[str, float]]] = {}
@@ -207,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         sf.write(warm_voice, synthetic_voice(1.0, seed=1), REF_SR)
         # warm-up: lazy pieces (perth, kernels, fused projections, cast copies) paid outside timing
         for _, (s, _) in paths[:1]:
-            _engine_once(syn, warm_voice, _settings(synth, 4, steps[0], args.seed), cold=True)
+            _engine_once(syn, warm_voice, _settings(synth, 4, steps[0], args.seed, args.compile), cold=True)
         if not args.skip_upstream:
             from cbx.engine.bench import upstream_once
 

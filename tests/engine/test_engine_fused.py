@@ -161,3 +161,22 @@ def test_decode_attention_in_bf16_is_float32_attention_rounded_once():
     scores = scores.masked_fill(~mask[:, None], float("-inf"))
     bf16_way = (torch.softmax(scores, -1).bfloat16() @ v).float()
     assert (out.float() - ref).abs().max() < (bf16_way - ref).abs().max()
+
+
+@pytest.mark.parametrize("temperature", [0.8, 1.0])
+def test_top_p_one_after_min_p_is_left_out_without_changing_the_logits(temperature):
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    s = td.DecodeSettings(temperature=temperature, top_p=1.0, min_p=0.05)
+    warpers = td._warpers(False, s)
+    assert not any(isinstance(w, TopPLogitsWarper) for w in warpers)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 8194, generator=g) * torch.tensor([[1.0], [5.0], [20.0], [80.0]])  # flat to peaked
+    seen = torch.rand(4, 8194, generator=g) < 0.01
+    upstream = warpers + [TopPLogitsWarper(top_p=1.0)]  # what upstream's T3.inference applies
+    ours = td.process_logits(False, logits, seen, s, warpers)
+    theirs = td.process_logits(False, logits, seen, s, upstream)
+    assert torch.equal(ours, theirs)
+    # still applied where it acts: top_p < 1, or min_p 0 (underflowing tokens would be masked)
+    assert any(isinstance(w, TopPLogitsWarper) for w in td._warpers(False, td.DecodeSettings(top_p=0.9)))
+    assert any(isinstance(w, TopPLogitsWarper) for w in td._warpers(False, td.DecodeSettings(min_p=0.0)))
