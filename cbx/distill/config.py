@@ -192,11 +192,22 @@ def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
     """Config from a YAML file; ``overrides`` maps dotted keys (``train.out_dir``) to values."""
     path = Path(path)
+    data = read_config_mapping(path, "teacher, data, student, objective, train, tracking", overrides)
+    try:
+        return from_dict(data)
+    except CbxError as e:
+        raise CbxError(f"{path}: {e}") from None
+
+
+def read_config_mapping(path: Path, expected: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The mapping a training config file holds (an empty file: ``{}``), with ``overrides``
+    (dotted keys such as ``train.out_dir``) applied; ``expected`` names the top-level keys
+    in the error for a file that holds something else."""
     data = read_yaml_file(path, "training config")
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise CbxError(f"{path}: expected a mapping with keys teacher, data, student, objective, train, tracking")
+        raise CbxError(f"{path}: expected a mapping with keys {expected}")
     for dotted, value in (overrides or {}).items():
         cur = data
         keys = dotted.split(".")
@@ -205,8 +216,5 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Di
             if not isinstance(cur, dict):
                 raise CbxError(f"{path}: cannot override {dotted}: {k} is not a mapping")
         cur[keys[-1]] = value
-    try:
-        return from_dict(data)
-    except CbxError as e:
-        raise CbxError(f"{path}: {e}") from None
+    return data
 

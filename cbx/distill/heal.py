@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from cbx.config import TrackingConfig, from_mapping, load_yaml, to_plain
-from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig
+from cbx.config import TrackingConfig, from_mapping, to_plain
+from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig, read_config_mapping
 from cbx.errors import CbxError
 
 HEALED = "healed"
@@ -138,22 +138,7 @@ def from_dict(data: dict[str, Any], where: str = "") -> HealConfig:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HealConfig:
     path = Path(path)
-    try:
-        data = load_yaml(path.read_text())
-    except OSError as e:
-        raise CbxError(f"{path}: cannot read config ({e.strerror or e})") from e
-    except yaml.YAMLError as e:
-        raise CbxError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(data, dict):
-        raise CbxError(f"{path}: expected a mapping with keys teacher, prune, data, objective, train, tracking")
-    for dotted, value in (overrides or {}).items():
-        cur = data
-        keys = dotted.split(".")
-        for k in keys[:-1]:
-            cur = cur.setdefault(k, {})
-            if not isinstance(cur, dict):
-                raise CbxError(f"{path}: cannot override {dotted}: {k} is not a mapping")
-        cur[keys[-1]] = value
+    data = read_config_mapping(path, "teacher, prune, data, objective, train, tracking", overrides)
     try:
         return from_dict(data)
     except CbxError as e:
