@@ -50,7 +50,6 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from cbx.config import TrackingConfig, from_mapping, to_plain
 from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig, read_config_mapping
@@ -298,13 +297,12 @@ def trainable_parameters(t3, which: str) -> list[torch.nn.Parameter]:
 def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = True, teacher=None) -> dict[str, Any]:
     """Prune a copy of the teacher, heal it (resuming from the newest checkpoint), evaluate,
     write ``<out_dir>/healed``. Returns a summary dict."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from cbx.compress.calibration import calibration_voices
     from cbx.compress.checkpoint import save_compressed
     from cbx.compress.registry import apply_transforms, build_config
-    from cbx.distill.train import TRAINER_STATE, _append_jsonl, _checkpoints, _lr_lambda, batch_indices
+    from cbx.distill.train import TRAINER_STATE, _append_jsonl, _checkpoints, _lr_lambda, batch_indices, start_accelerator
 
     t_cfg = cfg.train
     out_dir = Path(t_cfg.out_dir)
@@ -317,22 +315,10 @@ def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = Tru
         if state.get("fingerprint") != fingerprint:
             raise CbxError(f"{ckpts[-1][1]}: checkpoint was made with other healing settings "
                            f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use another train.out_dir")
-    use_wandb = cfg.tracking.backend == "wandb"
-    accelerator = Accelerator(cpu=t_cfg.device == "cpu", mixed_precision=t_cfg.mixed_precision,
-                              log_with="wandb" if use_wandb else None, project_dir=str(out_dir))
+    # One start for every trainer (W&B: one project per results folder, as cbx distill and runs)
+    accelerator = start_accelerator(cfg, t_cfg, out_dir)
     main = accelerator.is_main_process
     device = accelerator.device
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    if use_wandb:
-        init = {"dir": str(out_dir)}
-        if cfg.tracking.entity:
-            init["entity"] = cfg.tracking.entity
-        if cfg.tracking.mode:
-            init["mode"] = cfg.tracking.mode
-        accelerator.init_trackers(cfg.tracking.project, config=cfg.resolved(),
-                                  init_kwargs={"wandb": {**init, "name": out_dir.name}})
 
     if teacher is None:
         from cbx.engine.model import load_model

@@ -133,6 +133,32 @@ def _lr_lambda(cfg: DistillConfig):
     return f
 
 
+def start_accelerator(cfg: Any, t_cfg: Any, out_dir: Path):
+    """The accelerate ``Accelerator`` of a training run (distill or heal): device and mixed
+    precision from ``t_cfg`` (``train:``), the resolved config written to ``out_dir/config.yaml``
+    by the main process, and W&B tracking when ``cfg.tracking`` asks for it (one project per
+    results folder, as runs: ``tracking.project_for(out_dir.parent)``; the run is the folder)."""
+    from accelerate import Accelerator
+
+    use_wandb = cfg.tracking.backend == "wandb"
+    accelerator = Accelerator(cpu=t_cfg.device == "cpu", mixed_precision=t_cfg.mixed_precision,
+                              log_with="wandb" if use_wandb else None, project_dir=str(out_dir))
+    if accelerator.is_main_process:
+        import yaml
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
+    if use_wandb:
+        init = {"dir": str(out_dir)}
+        if cfg.tracking.entity:
+            init["entity"] = cfg.tracking.entity
+        if cfg.tracking.mode:
+            init["mode"] = cfg.tracking.mode
+        accelerator.init_trackers(cfg.tracking.project_for(out_dir.parent), config=cfg.resolved(),
+                                  init_kwargs={"wandb": {**init, "name": out_dir.name}})
+    return accelerator
+
+
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     root = out_dir / CHECKPOINTS
     found = []
@@ -154,7 +180,6 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
     checkpoint), evaluate, write ``<out_dir>/student``. ``stop_after``: save a checkpoint after
     that many steps and return early (what a preempted job leaves behind); ``record_only``:
     stop once the teacher data is complete. Returns a summary dict."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     from cbx.distill.data import TeacherExamples, record_teacher_data
@@ -179,24 +204,9 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
                 f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use another train.out_dir"
             )
 
-    use_wandb = cfg.tracking.backend == "wandb"
-    accelerator = Accelerator(cpu=t_cfg.device == "cpu", mixed_precision=t_cfg.mixed_precision,
-                              log_with="wandb" if use_wandb else None, project_dir=str(out_dir))
+    accelerator = start_accelerator(cfg, t_cfg, out_dir)
     main = accelerator.is_main_process
     device = accelerator.device
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.resolved(), sort_keys=False))
-    if use_wandb:
-        init = {"dir": str(out_dir)}
-        if cfg.tracking.entity:
-            init["entity"] = cfg.tracking.entity
-        if cfg.tracking.mode:
-            init["mode"] = cfg.tracking.mode
-        accelerator.init_trackers(cfg.tracking.project_for(out_dir.parent), config=cfg.resolved(),
-                                  init_kwargs={"wandb": {**init, "name": out_dir.name}})
 
     if model is None:
         from cbx.engine.model import load_model

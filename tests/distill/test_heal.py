@@ -119,3 +119,27 @@ def test_shipped_heal_configs_load_and_the_demo_one_is_short():
     assert HEAL_TRAINER.estimate_seconds(HEAL_TRAINER.load_config(files[-1], {}), "cpu") is None  # full size: no guess
     pruned_cfm = load_distill(root / "distill-original-cfm-pruned.yaml")
     assert pruned_cfm.prune[0].params["part"] == "cfm"
+
+
+def test_trainers_log_to_the_results_folders_wandb_project(tmp_path, monkeypatch):
+    """cbx heal and cbx distill start accelerate the same way: config.yaml written, and W&B's
+    project is the results folder's (``cbx-<parent>-<folder>``), as for runs (heal used to
+    pass ``tracking.project``, None since projects follow the folder)."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from cbx.config import TrackingConfig
+    from cbx.distill.train import start_accelerator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "study" / "heal-run"
+    cfg = SimpleNamespace(tracking=TrackingConfig(backend="wandb", mode="offline"), resolved=lambda: {"train": {"lr": 0.1}})
+    acc = start_accelerator(cfg, SimpleNamespace(device="cpu", mixed_precision="no"), out)
+    try:
+        run = acc.get_tracker("wandb", unwrap=True)
+        assert run.project == TrackingConfig().project_for(out.parent) and run.name == "heal-run"
+    finally:
+        acc.end_training()
+    assert yaml.safe_load((out / "config.yaml").read_text()) == {"train": {"lr": 0.1}}
