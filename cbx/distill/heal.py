@@ -302,7 +302,8 @@ def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = Tru
     from cbx.compress.calibration import calibration_voices
     from cbx.compress.checkpoint import save_compressed
     from cbx.compress.registry import apply_transforms, build_config
-    from cbx.distill.train import TRAINER_STATE, _append_jsonl, _checkpoints, _lr_lambda, batch_indices, start_accelerator
+    from cbx.distill.train import (TRAINER_STATE, _append_jsonl, _checkpoints, _lr_lambda, batch_indices, optimizer_step,
+                                   start_accelerator)
 
     t_cfg = cfg.train
     out_dir = Path(t_cfg.out_dir)
@@ -423,20 +424,8 @@ def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = Tru
                 accelerator.backward(loss / (len(idx) * t_cfg.grad_accum))
                 loss_sum += float(loss.detach())
             window.append(loss_sum / len(idx))
-        if t_cfg.grad_clip:
-            accelerator.clip_grad_norm_(params, t_cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % t_cfg.log_every == 0 or step == end:
-            row = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 3)}
-            window = []
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if main:
-                _append_jsonl(metrics_path, row)
-            accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=step)
+        window = optimizer_step(accelerator, optimizer, scheduler, params, t_cfg, step, end,
+                                window, t0, bar, metrics_path if main else None)
         if main and t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
             student.t3.eval()
             ev = heldout_kl(teacher, student, held_items, voices, device)

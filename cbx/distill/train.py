@@ -159,6 +159,29 @@ def start_accelerator(cfg: Any, t_cfg: Any, out_dir: Path):
     return accelerator
 
 
+def optimizer_step(accelerator, optimizer, scheduler, params, t_cfg: Any, step: int, end: int, window: list[float],
+                   t0: float, bar, metrics_path: Path | None) -> list[float]:
+    """One optimizer step of a trainer (distill or heal): gradient clipping (``train.grad_clip``),
+    step, schedule, zeroed gradients; every ``train.log_every`` steps and at ``end`` the mean loss
+    of ``window`` is logged (progress bar, ``metrics_path`` when given: the main process, and the
+    accelerate trackers). Returns the loss window to keep filling (emptied once logged)."""
+    if t_cfg.grad_clip:
+        accelerator.clip_grad_norm_(params, t_cfg.grad_clip)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    bar.update(1)
+    if step % t_cfg.log_every and step != end:
+        return window
+    row = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+           "elapsed_s": round(time.time() - t0, 3)}
+    bar.set_postfix(loss=f"{row['loss']:.4g}")
+    if metrics_path is not None:
+        _append_jsonl(metrics_path, row)
+    accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=step)
+    return []
+
+
 def _checkpoints(out_dir: Path) -> list[tuple[int, Path]]:
     root = out_dir / CHECKPOINTS
     found = []
@@ -307,20 +330,8 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
                     loss = spec.fn(student, batch, ocfg, gen)
                 accelerator.backward(loss / t_cfg.grad_accum)
             window.append(float(loss.detach()))
-        if t_cfg.grad_clip:
-            accelerator.clip_grad_norm_(student.parameters(), t_cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        if step % t_cfg.log_every == 0 or step == end:
-            row = {"step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "elapsed_s": round(time.time() - t0, 3)}
-            window = []
-            bar.set_postfix(loss=f"{row['loss']:.4g}")
-            if main:
-                _append_jsonl(metrics_path, row)
-            accelerator.log({"train/loss": row["loss"], "train/lr": row["lr"]}, step=step)
+        window = optimizer_step(accelerator, optimizer, scheduler, student.parameters(), t_cfg, step, end,
+                                window, t0, bar, metrics_path if main else None)
         if main and ((t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps)):
             ev = run_eval(step)
             bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()), file=sys.stderr)
