@@ -219,7 +219,7 @@ def _cfm_inputs_for_bench(T: int):
 
 def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
     from cbx.compress.registry import apply_transforms, build_config
-    from cbx.engine.s3gen_batch import CFMInputs, solve_cfm
+    from cbx.engine.s3gen_batch import CFMInputs
 
     est32 = model.s3gen.flow.decoder.estimator
     inputs, noise = _cfm_inputs_for_bench(args.cfm_frames)
@@ -240,23 +240,35 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
         lib, args.cfm_skipped = cfm_library_estimators(est32, model.variant)
         ests.update(lib)
 
-    def fn(e):
-        def run():
-            with torch.inference_mode():
-                solve_cfm(e, inputs, noise, args.cfm_steps, 0.7, False)
-        return run
-
-    print(f"  timing CFM x {args.repeats} (interleaved) ...", flush=True)
-    med = _interleaved_medians({k: fn(e) for k, e in ests.items()}, args.repeats)
+    med = time_cfm_solves(ests, inputs, noise, args.cfm_steps, args.repeats)
     return [(k, med[k], weight_bytes(e)) for k, e in ests.items()]
 
 
-def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float) -> None:
+def time_cfm_solves(ests: dict, inputs, noise, n_steps: int, repeats: int) -> dict:
+    """Median seconds of one CFM solve (``n_steps`` Euler steps, CFG) per estimator, on the same
+    inputs and noise, runs interleaved (``cbx bench quant`` and ``cbx bench prune``)."""
+    from cbx.engine.s3gen_batch import solve_cfm
+
+    def fn(e):
+        def run():
+            with torch.inference_mode():
+                solve_cfm(e, inputs, noise, n_steps, 0.7, False)
+        return run
+
+    print(f"  timing CFM x {repeats} (interleaved) ...", flush=True)
+    return _interleaved_medians({k: fn(e) for k, e in ests.items()}, repeats)
+
+
+def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: float, baseline: str = "fp32",
+           label_width: int = 26, value_width: int = 14) -> None:
+    """Rows ``(label, seconds, weight bytes)`` with speed-up and size against the first row."""
     base_t, base_b = rows[0][1], rows[0][2]
+    vs = f"vs {baseline}"
     print(f"\n{title}")
-    print(f"{'variant':<26} {unit:>14} {'speed-up':>9} {'weights GB':>11} {'vs fp32':>8}")
+    print(f"{'variant':<{label_width}} {unit:>{value_width}} {'speed-up':>9} {'weights GB':>11} {vs:>{len(vs) + 1}}")
     for label, t, b in rows:
-        print(f"{label:<26} {t * scale:>14.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>7.2f}x")
+        print(f"{label:<{label_width}} {t * scale:>{value_width}.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} "
+              f"{b / base_b:>{len(vs)}.2f}x")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,7 +26,7 @@ import gc
 import torch
 
 from cbx.compress import prune as P
-from cbx.compress.bench import _decode_fn, _Holder, _interleaved_medians, _prompt_ids
+from cbx.compress.bench import _decode_fn, _Holder, _interleaved_medians, _prompt_ids, _table as _quant_table
 from cbx.compress.size import weight_bytes
 from cbx.errors import CbxError
 
@@ -103,8 +103,7 @@ def _t3_rows(model, args) -> list[tuple[str, float, int]]:
 
 
 def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
-    from cbx.compress.bench import _cfm_inputs_for_bench
-    from cbx.engine.s3gen_batch import solve_cfm
+    from cbx.compress.bench import _cfm_inputs_for_bench, time_cfm_solves
 
     est = model.s3gen.flow.decoder.estimator
     inputs, noise = _cfm_inputs_for_bench(args.cfm_frames)
@@ -115,23 +114,12 @@ def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
         P.drop_cfm_blocks(e, [names[i] for i in evenly_spaced(len(names), round(len(names) * frac))])
         ests[label] = e
 
-    def fn(e):
-        def run():
-            with torch.inference_mode():
-                solve_cfm(e, inputs, noise, args.cfm_steps, 0.7, False)
-        return run
-
-    print(f"  timing CFM x {args.repeats} (interleaved) ...", flush=True)
-    med = _interleaved_medians({k: fn(e) for k, e in ests.items()}, args.repeats)
+    med = time_cfm_solves(ests, inputs, noise, args.cfm_steps, args.repeats)
     return [(f"{k} ({len(P.cfm_blocks(e))} blk)", med[k], weight_bytes(e)) for k, e in ests.items()]
 
 
 def _table(title: str, unit: str, rows, scale: float) -> None:
-    base_t, base_b = rows[0][1], rows[0][2]
-    print(f"\n{title}")
-    print(f"{'variant':<18} {unit:>10} {'speed-up':>9} {'weights GB':>11} {'vs unpruned':>12}")
-    for label, t, b in rows:
-        print(f"{label:<18} {t * scale:>10.2f} {base_t / t:>8.2f}x {b / 1e9:>11.3f} {b / base_b:>11.2f}x")
+    _quant_table(title, unit, rows, scale, baseline="unpruned", label_width=18, value_width=10)
 
 
 def run(args: argparse.Namespace) -> int:
