@@ -109,6 +109,45 @@ def _decode_fn(model, t3, prompt_ids, n, compile_backend=None):
     return lambda: generate(t3, rows, settings)
 
 
+def _decode_window_fn(model, t3, prompt_ids, n1, n2):
+    """A function that decodes ``n2`` forced tokens once and returns the seconds from the start
+    of decode step ``n1`` to the start of step ``n2 - 1`` (``generate_stream`` yields at both):
+    ``n2 - 1 - n1`` whole steps (pick, feed, forward, head) of ONE run. Unlike the slope between
+    two runs of different lengths, the prefill and its run-to-run noise (seconds of emulated bf16
+    matmuls here, against a window of about one second) never enter the figure."""
+    from cbx.engine.t3_decode import DecodeSettings, T3Row, generate_stream
+
+    if n2 - 1 <= n1 or n1 < 1:
+        raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 for a timing window, got {n1} {n2}")
+    dtype = next(t3.cond_enc.parameters()).dtype  # as _decode_fn: bf16 conditioning for a bf16 T3
+    rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
+    settings = DecodeSettings(force_tokens=n2, cfg_weight=0.5)
+
+    def run() -> float:
+        marks = []
+        for _ in generate_stream(t3, rows, settings, chunk_steps=(n1, n2 - 1)):
+            _sync()
+            marks.append(time.perf_counter())
+        if len(marks) != 3:  # two chunk yields and the final one
+            raise CbxError(f"decode timing: expected yields at steps {n1} and {n2 - 1}, got {len(marks) - 1}")
+        return (marks[1] - marks[0]) / (n2 - 1 - n1)
+
+    return run
+
+
+def interleaved_runs(fns: dict, repeats: int) -> dict:
+    """The values ``repeats`` calls of each function return (each measures itself, e.g.
+    :func:`_decode_window_fn`), called round-robin after one warm-up call each, so that every
+    candidate sees the same drift in machine load."""
+    for fn in fns.values():
+        fn()
+    out: dict = {k: [] for k in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            out[key].append(fn())
+    return out
+
+
 def step_bytes(t3, rows: int, kv_len: int) -> int:
     """Bytes one decode step must read from memory: the weights it multiplies by (transformer
     layers and the speech head; embeddings are row lookups) and the KV cache of ``rows`` rows

@@ -2,11 +2,18 @@
 
 On the full-size original architecture with random weights (no download), built once:
 
-* T3 decode step (batch 2 = one utterance and its CFG pair), measured as ``cbx bench quant``
-  does (slope between two forced decode lengths, interleaved medians), all rows in bf16 (the
-  same dtype, so the ratio is what pruning buys): unpruned, 25% and 33% of the layers dropped,
-  25% of every layer's FFN channels removed, and 33% depth + INT4 weight-only.
-* T3 resident weight bytes of each.
+* T3 decode step (batch 2 = one utterance and its CFG pair), all rows in bf16 (the same dtype,
+  so the ratio is what pruning buys): unpruned, 25% and 33% of the layers dropped, 25% of every
+  layer's FFN channels removed, and 33% depth + INT4 weight-only. A step's time is measured
+  inside one forced decode of N2 tokens, from the start of step N1 to the start of step N2 - 1
+  (:func:`cbx.compress.bench._decode_window_fn`), median over ``--repeats`` runs interleaved
+  round-robin across the models. ``cbx bench quant``'s slope between two decode lengths also
+  cancels the prefill, but only in expectation: its noise (seconds of emulated bf16 matmuls
+  for a 150-position prompt) stays in each run: the 33%-depth ratio read 1.29x, 1.43x and
+  1.59x in three runs of that measurement on this machine.
+* T3 resident weight bytes of each. The int4 row quantizes, besides the default targets, the
+  learned position tables and the perceiver (``methods.T3_EXTRA_TARGETS``): the 21 MB of bf16
+  they hold otherwise are a tenth of that model.
 * CFM estimator time (``--cfm-steps`` Euler steps with CFG over ``--cfm-frames`` frames, fp32
   as upstream runs it) unpruned and with 25% / 33% of its transformer blocks dropped.
 
@@ -22,11 +29,14 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import statistics
 
 import torch
 
 from cbx.compress import prune as P
-from cbx.compress.bench import _decode_fn, _Holder, _interleaved_medians, _prompt_ids, _table as _quant_table
+from cbx.compress.bench import _decode_window_fn, _Holder, _prompt_ids, interleaved_runs
+from cbx.compress.bench import _table as _quant_table
+from cbx.compress.methods import T3_EXTRA_TARGETS, T3_TARGETS
 from cbx.compress.size import weight_bytes
 from cbx.errors import CbxError
 
@@ -37,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "a model source with a Llama T3")
     parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
     parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
-                        help="the two forced decode lengths whose time difference gives the step time")
+                        help="decode N2 forced tokens and time steps N1 .. N2-1 of it (default 8 40)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are printed")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     parser.add_argument("--cfm-frames", type=int, default=600, help="mel frames per CFM call (default 600)")
@@ -73,8 +83,10 @@ def _t3_rows(model, args) -> list[tuple[str, float, int]]:
 
     def int4(t3):
         _depth(t3, 1 / 3)
+        targets = [*T3_TARGETS[model.variant], *T3_EXTRA_TARGETS[model.variant]]
+        params = {"group_size": args.group_size, "targets": targets}
         apply_transforms(_Holder(model.variant, t3=t3),
-                         [("int4_weight_only", build_config("int4_weight_only", {"group_size": args.group_size}))])
+                         [("int4_weight_only", build_config("int4_weight_only", params))])
 
     def ffn(t3):
         for layer in t3.tfmr.layers:
@@ -89,17 +101,14 @@ def _t3_rows(model, args) -> list[tuple[str, float, int]]:
         "d33%+int4": make("d33%+int4", int4),
     }
     n1, n2 = args.tokens
-    fns = {}
-    for label, t3 in t3s.items():
-        fns[(label, n1)] = _decode_fn(model, t3, prompt, n1)
-        fns[(label, n2)] = _decode_fn(model, t3, prompt, n2)
-    print(f"  timing {len(fns)} decode runs x {args.repeats} (interleaved) ...", flush=True)
-    med = _interleaved_medians(fns, args.repeats)
-    rows = []
-    for label, t3 in t3s.items():
-        step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
-        rows.append((f"{label} ({len(t3.tfmr.layers)}L)", step, weight_bytes(t3)))
-    return rows
+    fns = {label: _decode_window_fn(model, t3, prompt, n1, n2) for label, t3 in t3s.items()}
+    print(f"  timing steps {n1}..{n2 - 1} of a {n2}-token decode, {len(fns)} models x {args.repeats} "
+          "(interleaved) ...", flush=True)
+    runs = interleaved_runs(fns, args.repeats)
+    for label, times in runs.items():
+        print(f"    {label}: " + " ".join(f"{t * 1e3:.1f}" for t in times) + " ms/step", flush=True)
+    return [(f"{label} ({len(t3.tfmr.layers)}L)", statistics.median(runs[label]), weight_bytes(t3))
+            for label, t3 in t3s.items()]
 
 
 def _cfm_rows(model, args) -> list[tuple[str, float, int]]:
@@ -126,8 +135,8 @@ def run(args: argparse.Namespace) -> int:
     from cbx.engine.model import BENCH_ALIASES, load_model
     from cbx.engine.timing import machine_description
 
-    if args.tokens[1] <= args.tokens[0] or args.tokens[0] < 1:
-        raise CbxError(f"--tokens: need 1 <= N1 < N2, got {args.tokens[0]} {args.tokens[1]}")
+    if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
+        raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1, got {args.tokens[0]} {args.tokens[1]}")
     if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
         raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
     torch.manual_seed(0)
@@ -145,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
         _table(f"CFM estimator (fp32), {args.cfm_steps} Euler steps with CFG (batch 2), {args.cfm_frames} frames",
                "seconds", cfm_rows, 1.0)
     if t3_rows:
-        _table(f"T3 decode step (bf16; int4 row: int4 weights, bf16 activations), batch 2 (CFG), "
-               f"KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}", "ms/step", t3_rows, 1e3)
+        _table(f"T3 decode step (bf16; int4 row: int4 weights incl. position tables and perceiver, bf16 "
+               f"activations), batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1] - 1}",
+               "ms/step", t3_rows, 1e3)
         d33 = t3_rows[2]
         print(f"t3 pruned 33% depth: decode speed-up {t3_rows[0][1] / d33[1]:.2f}x, weights {d33[2] / 1e9:.2f} GB")
     return 0

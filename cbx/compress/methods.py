@@ -4,7 +4,8 @@ One frozen config per method, validated in ``__post_init__`` (torchao's ``AOBase
 habit), one registered function ``model -> model`` each (no ``if method == ...`` chains over
 names). Modules are chosen by ``fnmatch`` globs with an explicit ``ignore`` list
 (llm-compressor's ``targets``/``ignore``); ``targets: null`` means the per-variant default
-below, which is the one place those defaults are written.
+below, which is the one place those defaults are written (``T3_EXTRA_TARGETS`` beside it lists
+what the default leaves in floating point and ``targets`` may add: position tables, perceiver).
 
 * ``int8_weight_only``: symmetric per-output-channel INT8 (RTN or GPTQ) of T3's linear layers
   (``nn.Linear`` and Turbo's GPT-2 ``Conv1D``) and of the embeddings matched by ``targets``.
@@ -53,6 +54,18 @@ T3_TARGETS = {
     "original": ("t3.tfmr.layers.*", "t3.speech_head", "t3.text_head", "t3.speech_emb", "t3.text_emb"),
     "multilingual": ("t3.tfmr.layers.*", "t3.speech_head", "t3.text_head", "t3.speech_emb", "t3.text_emb"),
     "turbo": ("t3.tfmr.h.*", "t3.speech_head", "t3.text_head", "t3.speech_emb", "t3.text_emb"),
+}
+# What the default leaves in floating point and ``targets`` may add to it (``targets:
+# [<T3_TARGETS>, <T3_EXTRA_TARGETS>]``; ``cbx bench prune``'s int4 row does): the learned
+# position embedding tables (Turbo: GPT-2's ``wpe``) and the perceiver's four linears. In a
+# full-size bf16 T3 they are 21 MB (positions 12.6, perceiver 8.4): one row per decode step and
+# one pass per utterance, so no decode time, but a tenth of a depth-pruned int4 T3's bytes.
+# Named, not default, so existing int4/int8 results and run ids keep their meaning. The speaker
+# projection (256 inputs, 0.5 MB) and the 1-input emotion layer are left out.
+T3_EXTRA_TARGETS = {
+    "original": ("t3.speech_pos_emb.emb", "t3.text_pos_emb.emb", "t3.cond_enc.perceiver.*"),
+    "multilingual": ("t3.speech_pos_emb.emb", "t3.text_pos_emb.emb", "t3.cond_enc.perceiver.*"),
+    "turbo": ("t3.tfmr.wpe",),
 }
 CFM_TARGETS = ("s3gen.flow.decoder.estimator.*",)
 METHODS = ("rtn", "gptq")

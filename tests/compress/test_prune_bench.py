@@ -26,3 +26,6 @@ def test_bench_prune_prints_every_row_and_the_depth_line_last(capsys):
 def test_bench_prune_rejects_bad_numbers(capsys):
     assert main(["bench", "prune", "--tokens", "5", "5"]) == 2
     assert "--tokens" in capsys.readouterr().err
+    # the timing window runs from step N1 to step N2 - 1: it must hold a step
+    assert main(["bench", "prune", "--tokens", "5", "6"]) == 2
+    assert "N1 < N2 - 1" in capsys.readouterr().err

@@ -107,6 +107,42 @@ def test_t3_teacher_forced_logits_equal_upstream(variant, tiny_model, tiny_turbo
 
 
 @pytest.mark.parametrize("variant", ["original", "turbo"])
+def test_t3_quantized_positions_and_perceiver_logits_equal_upstream(variant, tiny_copy):
+    """int4 position tables (upstream reads them through ``get_fixed_embedding`` and
+    ``LearnedPositionEmbeddings.forward``; Turbo through GPT-2's ``wpe``) and int4 perceiver
+    linears (``T3_EXTRA_TARGETS`` named beside the default): the engine's logits and greedy tokens
+    are still upstream's on the same modules, and differ from the default-targets model's."""
+    from cbx.compress.methods import T3_EXTRA_TARGETS, T3_TARGETS
+    from cbx.compress.modules import Int4Embedding
+    from cbx.compress.registry import apply_transforms, build_config
+
+    settings = ORIGINAL if variant == "original" else TURBO
+    models = {}
+    for extra in (False, True):
+        m = tiny_copy(variant)
+        params = {"group_size": 32, "targets": [*T3_TARGETS[variant], *(T3_EXTRA_TARGETS[variant] if extra else ())]}
+        models[extra] = apply_transforms(m, [("int4_weight_only", build_config("int4_weight_only", params))])
+    model = models[True]
+    pos = model.t3.tfmr.wpe if variant == "turbo" else model.t3.speech_pos_emb.emb
+    assert isinstance(pos, Int4Embedding)
+    ids = t3_text_tokens(model, TEXTS[0])
+    teacher = torch.randint(0, 6561, (16,), generator=torch.Generator().manual_seed(3)).tolist()
+    _, theirs = upstream_run(model, ids, model.builtin_conds.t3, settings, len(teacher), teacher=teacher)
+    ours = td.teacher_forced_logits(model, model.builtin_conds, ids, teacher, engine_settings(settings))
+    assert_logits_match(ours, theirs)
+    # the decode loop's position lookup (one row per step) too: greedy tokens are upstream's
+    up_tokens, _ = upstream_run(model, ids, model.builtin_conds.t3, settings, 30)
+    out = td.generate(model, [td.T3Row(ids, model.builtin_conds.t3, 0)],
+                      engine_settings(settings, temperature=0.0, max_new_tokens=30))
+    eos = model.t3.hp.stop_speech_token
+    assert out.tokens[0].tolist() == (up_tokens[:-1] if up_tokens[-1] == eos else up_tokens)
+    default = td.teacher_forced_logits(models[False], model.builtin_conds, ids, teacher, engine_settings(settings),
+                                       processed=False)
+    assert not torch.equal(default, td.teacher_forced_logits(model, model.builtin_conds, ids, teacher,
+                                                             engine_settings(settings), processed=False))
+
+
+@pytest.mark.parametrize("variant", ["original", "turbo"])
 def test_t3_greedy_tokens_equal_upstream(variant, tiny_model, tiny_turbo):
     model = tiny_model if variant == "original" else tiny_turbo
     settings = ORIGINAL if variant == "original" else TURBO
