@@ -245,16 +245,23 @@ def _decode_attention(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, sca
     SDPA's flash kernel was slower still (0.36 ms at 190 positions). Grouped-query attention
     folds each KV head's query group into the query axis instead of repeating keys.
     ``mask`` (rows, q, kv) bool.
+
+    Autocast is switched off inside: under ``torch.autocast(..., bfloat16)`` (how the synthesizer
+    runs a bf16 T3) ``matmul`` is on autocast's low-precision list, so the two float32 products
+    were silently cast back to bf16, which is both a different result from the same step without
+    autocast and the slow path above (CPU bf16 ``bmm`` loops over the 32 row-heads: 26.8 of
+    49.9 ms per token in a profile of the int4 stack decode, 2-core AVX2 CPU, loaded machine).
     """
     n, heads, q_len, d = q.shape
     kv_heads = k_all.shape[1]
     group = heads // kv_heads
-    qg = q.reshape(n, kv_heads, group * q_len, d).float()
-    scores = torch.matmul(qg, k_all.float().transpose(-1, -2))
-    scores = scores.view(n, kv_heads, group, q_len, -1).mul_(scale)
-    scores = scores.masked_fill_(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).view(n, kv_heads, group * q_len, -1)
-    return torch.matmul(probs, v_all.float()).view(n, heads, q_len, d).to(q.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        qg = q.reshape(n, kv_heads, group * q_len, d).float()
+        scores = torch.matmul(qg, k_all.float().transpose(-1, -2))
+        scores = scores.view(n, kv_heads, group, q_len, -1).mul_(scale)
+        scores = scores.masked_fill_(~mask[:, None, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(n, kv_heads, group * q_len, -1)
+        return torch.matmul(probs, v_all.float()).view(n, heads, q_len, d).to(q.dtype)
 
 
 def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,

@@ -163,6 +163,22 @@ def test_decode_attention_in_bf16_is_float32_attention_rounded_once():
     assert (out.float() - ref).abs().max() < (bf16_way - ref).abs().max()
 
 
+def test_decode_attention_under_bf16_autocast_is_the_float32_attention():
+    # The synthesizer decodes a bf16 T3 under torch.autocast(bf16), where matmul is cast to
+    # bf16: the attention must still be the float32 one, bit for bit what it is without autocast.
+    g = torch.Generator().manual_seed(2)
+    n, heads, d, kv = 2, 16, 64, 150
+    q = (torch.randn(n, heads, 1, d, generator=g) * 2).bfloat16()
+    k = (torch.randn(n, 8, kv, d, generator=g) * 2).bfloat16()
+    v = torch.randn(n, 8, kv, d, generator=g).bfloat16()
+    mask = torch.ones(n, 1, kv, dtype=torch.bool)
+    mask[0, :, :11] = False
+    plain = td._decode_attention(q, k, v, mask, 0.125)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = td._decode_attention(q, k, v, mask, 0.125)
+    assert torch.equal(under, plain)
+
+
 @pytest.mark.parametrize("temperature", [0.8, 1.0])
 def test_top_p_one_after_min_p_is_left_out_without_changing_the_logits(temperature):
     from transformers.generation.logits_process import TopPLogitsWarper
