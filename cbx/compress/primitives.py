@@ -228,31 +228,67 @@ def int4_cpu_layout_to_codes(packed: Tensor, n: int, k: int) -> Tensor:
     return codes.reshape(n, k)
 
 
-INT4_CPU_BLOCK_N = 64  # output rows per block of the CPU kernel's packing (a nibble pair = rows d, d + 32)
+@functools.lru_cache(maxsize=1)
+def int4_cpu_block_n() -> int:
+    """Output rows per block of the CPU kernel's packing on this machine: each block of ``B`` rows
+    is stored as ``[K, B/2]`` bytes, the low nibble of byte ``d`` holding row ``d`` and the high
+    nibble row ``d + B/2``. ``B`` follows the CPU's vector width (64 with AVX512, 32 with AVX2,
+    seen on torch 2.13), so it is found by packing a probe and reading it back, not assumed."""
+    probe = (torch.arange(128 * 64, dtype=torch.int64).reshape(128, 64) * 7 % 16).to(torch.uint8)
+    packed = codes_to_int4_cpu_layout(probe)
+    for b in (64, 32, 16):
+        view = packed.view(128 // b, 64, b // 2)
+        got = torch.cat([view & 0xF, view >> 4], dim=-1).permute(0, 2, 1).reshape(128, 64)
+        if torch.equal(got, probe):
+            return b
+    raise RuntimeError("int4 CPU packing has no row-block layout this code knows; cannot unpack it densely")
 
 
-def int4_cpu_layout_dense_t(packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
+def int4_cpu_layout_dense_t(packed: Tensor, scale: Tensor, zero: Tensor, dtype: torch.dtype = torch.bfloat16,
+                            block: int | None = None) -> Tensor:
     """The dequantized weight, transposed (``[K, N]`` bf16), straight from the CPU kernel's
-    packing, for a weight whose ``N`` is a whole number of 64-row blocks.
+    packing, for a weight whose ``N`` is a whole number of row blocks.
 
-    That packing stores each block of 64 output rows as ``[K, 32]`` bytes, the low nibble of
-    byte ``d`` holding row ``d`` and the high nibble row ``d + 32`` (checked against the generic
-    permutation :func:`int4_cpu_layout_to_codes` in the tests). Each weight is computed as the
+    That packing stores each block of ``B`` output rows (:func:`int4_cpu_block_n`: 64 with
+    AVX512, 32 with AVX2) as ``[K, B/2]`` bytes, the low nibble of byte ``d`` holding row ``d``
+    and the high nibble row ``d + B/2`` (checked against the generic permutation
+    :func:`int4_cpu_layout_to_codes` in the tests). Each weight is computed as the
     kernel does, ``(q - 8) * scale + zero`` in float32, and rounded once to bf16. The group size
     is ``K / scale.shape[1]``. Written as whole-tensor ops so that ``torch.compile`` fuses them
     into one pass (:class:`cbx.compress.modules.Int4Linear` compiles it): eagerly the float32
     temporaries make it memory-bound, ~24 ms for a full T3 layer against ~4.5 ms compiled.
+    ``dtype`` float32 keeps the float32 values (no rounding): the fp32 prefill's weights, which
+    :func:`int4_cpu_layout_dense_t_chunks` makes a few output columns at a time.
     """
     n, kg = scale.shape
     k = packed.shape[1] * 2
-    if n % INT4_CPU_BLOCK_N or packed.shape[0] != n or k % kg:
-        raise ValueError(f"dense unpacking needs whole {INT4_CPU_BLOCK_N}-row blocks, got packed "
+    block = block or int4_cpu_block_n()  # given by compiled callers: the probe does not trace
+    if n % block or packed.shape[0] != n or k % kg:
+        raise ValueError(f"dense unpacking needs whole {block}-row blocks, got packed "
                          f"{tuple(packed.shape)} for {n} rows")
-    b = packed.view(n // INT4_CPU_BLOCK_N, k, INT4_CPU_BLOCK_N // 2).transpose(0, 1)  # [K, blocks, 32]
+    b = packed.view(n // block, k, block // 2).transpose(0, 1)  # [K, blocks, B/2]
     codes = torch.cat([b & 0xF, b >> 4], dim=-1).reshape(kg, k // kg, n)
     s = scale.float().t()[:, None, :]
     z = zero.float().t()[:, None, :]
-    return ((codes.float() - 8.0) * s + z).to(torch.bfloat16).reshape(k, n)
+    return ((codes.float() - 8.0) * s + z).to(dtype).reshape(k, n)
+
+
+def int4_cpu_layout_dense_t_chunks(packed: Tensor, scale: Tensor, zero: Tensor, cols: int):
+    """Yield ``(start, w_t)``: :func:`int4_cpu_layout_dense_t` in float32 for output columns
+    ``start .. start + w_t.shape[1]``, ``cols`` (a multiple of 64) at a time.
+
+    Why chunks: the whole float32 weight of a T3 gate/up projection is 32 MiB; made at once, each
+    temporary is a fresh allocation the C heap maps and the kernel zero-fills (100 ms for that
+    layer on the 2-core CPU, more than the matrix product); a chunk of a few MiB stays in cache
+    and is multiplied while there.
+    """
+    n = scale.shape[0]
+    if cols % int4_cpu_block_n() or cols <= 0:
+        raise ValueError(f"cols must be a positive multiple of {int4_cpu_block_n()}, got {cols}")
+    for start in range(0, n, cols):
+        stop = min(n, start + cols)
+        yield start, int4_cpu_layout_dense_t(packed[start:stop], scale[start:stop], zero[start:stop], torch.float32,
+                                             int4_cpu_block_n())
 
 
 # --------------------------------------------------------------------------- FP8

@@ -251,7 +251,7 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 r = rows[idx]
                 states[idx] = _RowState(row_noise(r.seed, p_frames[r.voice_key], max_new, model.device), r.seed)
             t3rows = [T3Row(rows[i].text_tokens, conds[rows[i].voice_key].t3, rows[i].seed) for i in group]
-            it = generate_stream(t3, t3rows, dsettings, chunk_steps=bounds)
+            it = generate_stream(t3, t3rows, dsettings, chunk_steps=bounds, prefix_cache=syn.prefix_cache)
         while True:
             with torch.inference_mode(), autocast(model.device, _float_dtype(t3)):
                 part = next(it, None)

@@ -73,6 +73,28 @@ def auto_dtype(device: torch.device | str) -> str:
     return "bf16" if cpu_has_native_bf16(flags) else "fp32"
 
 
+def auto_prefill_dtype(dtype: str, device: torch.device | str, model: Any = None) -> str:
+    """What ``prefill_dtype: auto`` means: ``fp32`` on a CPU without native bf16 (its emulated
+    bf16 matrix products are 3-5x slower than fp32 when compute-bound, as T3's prefill of a few
+    hundred rows is; :mod:`cbx.engine.t3_prefill`), else ``dtype`` (CUDA, AMX, AVX512-BF16
+    keep the prefill in bf16). A model with a module that has no fp32 path (library quantizers,
+    FP8) keeps ``dtype``, and the log says so."""
+    if dtype == "fp32" or torch.device(device).type != "cpu" or auto_dtype(device) == "bf16":
+        return dtype
+    why = _fp32_prefill_unsupported(model) if model is not None else None
+    if why:
+        log.info("prefill in %s, not fp32: %s", dtype, why)
+        return dtype
+    return "fp32"
+
+
+def _fp32_prefill_unsupported(model: Any) -> str | None:
+    from cbx.engine.t3_prefill import fp32_prefill_unsupported
+
+    t3 = getattr(model, "t3", None)
+    return fp32_prefill_unsupported(t3) if t3 is not None else None
+
+
 def cpu_has_native_bf16(cpuinfo: str) -> bool:
     """AMX or AVX512-BF16 in ``/proc/cpuinfo``'s flags: bf16 matrix products run natively (the
     memory-bound T3 decode gains most); without them bf16 is emulated and slower than fp32."""
@@ -97,6 +119,10 @@ class SynthSettings:
     ``s3gen_bf16`` runs HiFT's convolution stacks and the flow's conformer encoder in bf16
     (cached copies, :func:`cbx.engine.s3gen_batch.low_precision_hift` / ``low_precision_encoder``;
     the CFM estimator follows ``dtype``); its measured error bounds are in docs/CONTRACTS.md.
+    ``prefill_dtype`` (``auto``, ``fp32``, ``bf16``): the arithmetic of T3's prefill
+    (:mod:`cbx.engine.t3_prefill`); ``auto`` (:func:`auto_prefill_dtype`) is fp32 on a CPU
+    without native bf16, where emulated bf16 products are slower than fp32, else ``dtype``. The
+    decode steps keep ``dtype`` either way; the resolved value is what the run record shows.
     The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: about
     48 s for compiling plus one run); on that CPU the bf16 T3 stage then ran 1.02x-1.24x faster
     in two single-repeat runs, within its noise. ``cbx bench engine --compile inductor`` prints
@@ -121,6 +147,7 @@ class SynthSettings:
     crossfade_ms: float = 30.0
     compile: str | None = None
     s3gen_bf16: bool = False
+    prefill_dtype: str = AUTO_DTYPE
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> CbxError:
@@ -162,6 +189,10 @@ class SynthSettings:
                 raise bad(name, "must be true or false")
         if self.dtype not in (AUTO_DTYPE, *DTYPES):
             raise bad("dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))}")
+        if self.prefill_dtype not in (AUTO_DTYPE, *DTYPES):
+            raise bad("prefill_dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))}")
+        if self.prefill_dtype == "bf16" and self.dtype == "fp32":
+            raise bad("prefill_dtype", "bf16 needs dtype bf16 (the prefill runs in the T3 dtype or in fp32)")
         if self.compile is not None:
             backends = _compile_backends()
             if self.compile not in backends:
@@ -188,10 +219,18 @@ class SynthSettings:
         if meta.get("cfm_steps") is not None:
             defaults["cfm_steps"] = int(meta["cfm_steps"])
         fill = {k: v for k, v in defaults.items() if getattr(self, k) is None}
+        if device is None:
+            device = getattr(model_or_variant, "device", None) if not isinstance(model_or_variant, str) else None
+        device = device if device is not None else "cpu"
         if self.dtype == AUTO_DTYPE:
-            if device is None:
-                device = getattr(model_or_variant, "device", None) if not isinstance(model_or_variant, str) else None
-            fill["dtype"] = auto_dtype(device if device is not None else "cpu")
+            fill["dtype"] = auto_dtype(device)
+        if self.prefill_dtype == AUTO_DTYPE:
+            fill["prefill_dtype"] = auto_prefill_dtype(fill.get("dtype", self.dtype), device,
+                                                       None if isinstance(model_or_variant, str) else model_or_variant)
+        elif self.prefill_dtype == "fp32" and not isinstance(model_or_variant, str):
+            why = _fp32_prefill_unsupported(model_or_variant)
+            if why:
+                raise bad("prefill_dtype", f"fp32 cannot run on this model: {why}")
         return replace(self, **fill)
 
     def to_dict(self) -> dict[str, Any]:
@@ -334,13 +373,20 @@ class Synthesizer:
             model.to(self.device)
         self._conds: dict[Any, Any] = {}
         self._casts: dict[Any, Any] = {}
+        from cbx.engine.t3_prefill import PrefixCache
+
+        # T3 voice-prefix keys/values (cbx.engine.t3_prefill), reused by every sentence and call
+        # with the same voice and exaggeration.
+        self.prefix_cache = PrefixCache()
 
     def clear_voices(self) -> None:
-        """Forget cached voice conditioning (here and in the conditioning module), e.g. so that a
-        benchmark pays for conditioning on every run as upstream's ``generate`` does."""
+        """Forget cached voice conditioning (here, in the conditioning module and T3's voice-prefix
+        keys/values), e.g. so that a benchmark pays for conditioning on every run as upstream's
+        ``generate`` does."""
         from cbx.engine.conditioning import clear_cache
 
         self._conds.clear()
+        self.prefix_cache.clear()
         clear_cache(self.model)
 
     # -- pieces ---------------------------------------------------------------------------
@@ -418,7 +464,8 @@ class Synthesizer:
         return DecodeSettings(temperature=s.temperature, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k,
                               repetition_penalty=s.repetition_penalty, cfg_weight=s.cfg_weight,
                               exaggeration=s.exaggeration, max_new_tokens=s.max_speech_tokens,
-                              force_tokens=s.force_tokens, compile_backend=s.compile)
+                              force_tokens=s.force_tokens, compile_backend=s.compile,
+                              prefill_dtype=torch.float32 if s.prefill_dtype == "fp32" else None)
 
     def _low_precision(self, module: torch.nn.Module, s: SynthSettings) -> torch.nn.Module:
         """``module`` itself at fp32, else a cached copy cast to ``settings.dtype``.
@@ -488,7 +535,7 @@ class Synthesizer:
         t3 = self._low_precision(self.model.t3, s)
         with timer.stage("t3") as lap, autocast(self.device, _float_dtype(t3)):
             out = generate(t3, [T3Row(r.text_tokens, conds[r.voice_key].t3, r.seed) for r in group],
-                           self._decode_settings(s))
+                           self._decode_settings(s), prefix_cache=self.prefix_cache)
         for r, toks in zip(group, out.tokens):
             r.tokens = toks.reshape(-1).cpu()
         t3_shares = apportion(lap.seconds, [max(1, r.tokens.numel()) for r in group])

@@ -10,6 +10,9 @@ embeddings, ``speech_head``), following gpt-fast's ``generate.py``:
   different lengths are LEFT-padded; every row carries its own position ids (RoPE for Llama,
   absolute ``wpe`` for GPT-2) and a key-padding mask, so each row computes what its unpadded
   single run computes (up to floating-point summation order).
+* The prefill (:mod:`cbx.engine.t3_prefill`) computes each voice's conditioning prefix once
+  (for both CFG rows, every row with that voice, and across calls through a ``PrefixCache``)
+  and prefills only the rest of each prompt; rows are laid out ``[prefix | pad | suffix]``.
 * The KV cache is preallocated (:class:`StaticKVCache`) and written with ``index_copy_`` at a
   position tensor; the per-token function :func:`_backbone` has fixed shapes when called with
   ``kv_len=None`` and no data-dependent Python control flow, so it can be wrapped by
@@ -116,6 +119,10 @@ class DecodeSettings:
     compute_dtype: torch.dtype | None = None
     static_shapes: bool = False
     compile_backend: str | None = None
+    # Prefill (cbx.engine.t3_prefill): compute each voice prefix's keys/values once and prefill
+    # only the rest of each prompt; run the prefill in this dtype (None: the decode's own).
+    share_prefix: bool = True
+    prefill_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -132,6 +139,9 @@ class DecodeSettings:
         for name, ok in checks:
             if not ok:
                 raise CbxError(f"decode setting '{name}'={getattr(self, name)!r} is out of range")
+        if self.prefill_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise CbxError(f"decode setting 'prefill_dtype'={self.prefill_dtype!r}: must be None, float32, "
+                           "bfloat16 or float16")
 
     @property
     def greedy(self) -> bool:
@@ -457,6 +467,12 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
     original/multilingual: cond | text (+pos; zeros before pos for the uncond row) | start
     speech (+pos 0) | BOS (+pos 0, the extra BOS of ``T3.inference``). Turbo: cond | text | start.
     """
+    cond_emb = t3.prepare_conditioning(_row_cond(t3, row.cond, exaggeration))[:1]
+    return torch.cat([cond_emb[0], _suffix_embeds(t3, row, uncond)], dim=0)
+
+
+def _checked_text(t3: Any, row: T3Row) -> Tensor:
+    """A row's text token ids as a ``(1, T)`` tensor on the model's device, checked."""
     hp = t3.hp
     device = t3.speech_emb.weight.device
     text = torch.as_tensor(row.text_tokens, dtype=torch.long, device=device).view(1, -1)
@@ -466,7 +482,15 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
                        "long text at sentence and clause ends)")
     if text.numel() and (int(text.min()) < 0 or int(text.max()) >= hp.text_tokens_dict_size):
         raise CbxError(f"text token ids must lie in [0, {hp.text_tokens_dict_size})")
-    cond_emb = t3.prepare_conditioning(_row_cond(t3, row.cond, exaggeration))[:1]
+    return text
+
+
+def _suffix_embeds(t3: Any, row: T3Row, uncond: bool) -> Tensor:
+    """The part of a row's prompt after the voice prefix (:func:`_prompt_embeds`): text | start
+    (| BOS), ``(S, d)``; it does not depend on the voice."""
+    hp = t3.hp
+    device = t3.speech_emb.weight.device
+    text = _checked_text(t3, row)
     text_emb = t3.text_emb(text)
     if uncond:
         text_emb = torch.zeros_like(text_emb)
@@ -475,7 +499,7 @@ def _prompt_embeds(t3: Any, row: T3Row, exaggeration: float | None, uncond: bool
     if hp.input_pos_emb == "learned":
         text_emb = text_emb + t3.text_pos_emb(text)
         speech_emb = speech_emb + t3.speech_pos_emb(start)
-    parts = [cond_emb[0], text_emb[0], speech_emb[0]]
+    parts = [text_emb[0], speech_emb[0]]
     if not t3.is_gpt:
         parts.append(speech_emb[0])  # T3.inference appends BOS + pos 0 once more
     return torch.cat(parts, dim=0)
@@ -563,21 +587,26 @@ def _t3_of(model: Any) -> Any:
     return model.t3 if hasattr(model, "t3") else model
 
 
-def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None) -> DecodeOutput:
-    """Decode speech tokens for every row in one loop (see the module docstring)."""
+def generate(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None,
+             prefix_cache: Any = None) -> DecodeOutput:
+    """Decode speech tokens for every row in one loop (see the module docstring).
+    ``prefix_cache``: a :class:`cbx.engine.t3_prefill.PrefixCache` keeping voice-prefix
+    keys/values across calls (None: shared inside this call only)."""
     out = DecodeOutput([], [], 0)
-    for out in generate_stream(model, rows, settings):
+    for out in generate_stream(model, rows, settings, prefix_cache=prefix_cache):
         pass
     return out
 
 
 @torch.inference_mode()
 def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings | None = None,
-                    chunk_steps: Sequence[int] = ()) -> Iterator[DecodeOutput]:
+                    chunk_steps: Sequence[int] = (), prefix_cache: Any = None) -> Iterator[DecodeOutput]:
     """:func:`generate` that also yields what is decoded so far after each step count in
     ``chunk_steps`` (streaming: S3Gen renders those tokens while T3 waits). Every yield is a
     :class:`DecodeOutput` (``finished[i]``: row i has met EOS); the last one has ``final=True``
     and equals what :func:`generate` returns. A partial yield costs one host sync."""
+    from cbx.engine import t3_prefill
+
     s = settings or DecodeSettings()
     t3 = _t3_of(model)
     if not rows:
@@ -593,18 +622,16 @@ def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings 
     max_new = min(s.force_tokens or s.max_new_tokens, hp.max_speech_tokens)
     eos = hp.stop_speech_token
 
-    prompts = [_prompt_embeds(t3, r, s.exaggeration, uncond=(g == 1)) for r in rows for g in range(group)]
-    lens = torch.tensor([p.shape[0] for p in prompts], device=device)
-    p_max = int(max(p.shape[0] for p in prompts))
+    # Voice prefixes looked up / shared, the rest of each prompt embedded (cbx.engine.t3_prefill):
+    # row r's prompt sits in slots [0, P_r) and, right-aligned, [width - S_r, width).
+    prompts = t3_prefill.build_prompts(t3, rows, s, group, prefix_cache)
+    lens = prompts.lens()
+    p_max = prompts.width
     if t3.is_gpt and p_max + max_new > t3.cfg.n_positions:
         # GPT-2 has absolute positions: prompt + speech must fit its position table.
         max_new = t3.cfg.n_positions - p_max
         if max_new < 1:
             raise CbxError(f"prompt of {p_max} positions leaves no room in the model's {t3.cfg.n_positions}")
-    pad = p_max - lens  # (rows,)
-    x = torch.zeros(n_rows, p_max, prompts[0].shape[1], dtype=prompts[0].dtype, device=device)
-    for i, p in enumerate(prompts):
-        x[i, p_max - p.shape[0]:] = p
 
     n_layers, kv_heads, head_dim = _backbone_dims(t3)
     static = s.static_shapes or s.compile_backend is not None
@@ -615,14 +642,8 @@ def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings 
     else:
         capacity = min(p_max + max_new, p_max + CACHE_CHUNK)
     cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, capacity, cdtype, device)
-    ar = torch.arange(p_max, device=device)
-    key_valid = ar[None, :] >= pad[:, None]  # (rows, p_max)
-    causal = ar[None, :, None] >= ar[None, None, :]
-    # Pad queries may see themselves, so no softmax row is empty (no NaN); nothing real sees them.
-    prefill_mask = (causal & key_valid[:, None, :]) | torch.eye(p_max, dtype=torch.bool, device=device)[None]
-    pos_ids = (ar[None, :] - pad[:, None]).clamp(min=0)
     kv_mask = torch.zeros(n_rows, capacity, dtype=torch.bool, device=device)
-    kv_mask[:, :p_max] = key_valid
+    kv_mask[:, :p_max] = prompts.key_valid()
     # Device-side slot indices, made once: a per-step torch.tensor(...) would be a host copy.
     slots = torch.arange(p_max, p_max + max_new, device=device)
     speech_positions = torch.arange(max_new + 1, device=device)
@@ -642,8 +663,7 @@ def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings 
     many_rows = _COMPILE_MANY_ROWS.set(s.compile_backend is not None)
     try:
         with autocast(device, s.compute_dtype):
-            hidden = _backbone(t3, x.to(cdtype), pos_ids, ar, prefill_mask, cache, p_max, plan)
-            logits = t3.speech_head(hidden[:, -1])
+            logits = t3_prefill.prefill(t3, prompts, cache, plan, s)
     finally:
         _COMPILE_MANY_ROWS.reset(many_rows)
     steps = 0

@@ -121,7 +121,10 @@ def _engine_once(syn: Any, voice: str, settings: Any, cold: bool) -> dict[str, f
     row = dict(out.run.stages)
     row["work_mem"] = max(0.0, out.run.peak_mem_bytes - out.run.extra.get("mem_start_bytes", 0.0))
     row["audio_s"] = out.run.audio_s
-    # T3 prefill: a one-token decode of the same row (conditioning cached by now).
+    # T3 prefill: a one-token decode of the same row (conditioning cached by now; the voice
+    # prefix's keys/values cached for a warm voice, computed again for a cold one).
+    if cold:
+        syn.prefix_cache.clear()
     s = out.settings
     t3 = syn._low_precision(syn.model.t3, s)
     rows = syn._rows(req, s)
@@ -130,7 +133,7 @@ def _engine_once(syn: Any, voice: str, settings: Any, cold: bool) -> dict[str, f
     ds.force_tokens = ds.max_new_tokens = 1
     with torch.inference_mode(), autocast(syn.device, next(p for p in t3.parameters() if p.is_floating_point()).dtype):
         t0 = time.perf_counter()
-        generate(t3, [T3Row(rows[0].text_tokens, conds.t3, rows[0].seed)], ds)
+        generate(t3, [T3Row(rows[0].text_tokens, conds.t3, rows[0].seed)], ds, prefix_cache=syn.prefix_cache)
         prefill = time.perf_counter() - t0
     row["t3_prefill"] = min(prefill, row["t3"])
     row["t3_decode"] = row["t3"] - row["t3_prefill"]

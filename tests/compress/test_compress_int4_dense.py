@@ -47,7 +47,7 @@ def test_unpacked_weight_is_the_kernels_dequantization_rounded_once(n, k, group)
 
 def test_unpacking_refuses_rows_that_do_not_fill_blocks():
     q = _int4(80, 256)  # padded to 80 rows: the packing's last block is laid out differently
-    with pytest.raises(ValueError, match="64-row blocks"):
+    with pytest.raises(ValueError, match=f"{P.int4_cpu_block_n()}-row blocks"):
         P.int4_cpu_layout_dense_t(q.packed, q.scale, q.zero)
 
 
@@ -98,8 +98,9 @@ def test_decode_allows_the_dense_path_in_its_prefill_only_when_compiling(tiny_mo
     monkeypatch.setattr(td, "_step_function", lambda b: recording)  # the step itself not compiled here
     row = td.T3Row([1, 5, 9, 14, 2], tiny_model.builtin_conds.t3, 0)
     td.generate(tiny_model.t3, [row], td.DecodeSettings(force_tokens=3, temperature=0, compile_backend=backend))
-    assert [q for q, _ in seen] == [seen[0][0], 1, 1] and seen[0][0] > 1  # prefill, then two steps
-    assert [allowed for _, allowed in seen] == [backend is not None, False, False]
+    # prefill (the voice prefix, then the rest of the prompt: cbx.engine.t3_prefill), then two steps
+    assert [q for q, _ in seen] == [seen[0][0], 7, 1, 1] and seen[0][0] > 1
+    assert [allowed for _, allowed in seen] == [backend is not None] * 2 + [False, False]
     assert not td.compile_many_rows()
 
 
