@@ -283,12 +283,31 @@ def int4_cpu_layout_dense_t_chunks(packed: Tensor, scale: Tensor, zero: Tensor, 
     and is multiplied while there.
     """
     n = scale.shape[0]
-    if cols % int4_cpu_block_n() or cols <= 0:
-        raise ValueError(f"cols must be a positive multiple of {int4_cpu_block_n()}, got {cols}")
+    block = int4_cpu_block_n()
+    if cols % block or cols <= 0:
+        raise ValueError(f"cols must be a positive multiple of {block}, got {cols}")
+    if n % block or packed.shape[0] != n:
+        raise ValueError(f"dense unpacking needs whole {block}-row blocks, got packed {tuple(packed.shape)} for {n} rows")
     for start in range(0, n, cols):
         stop = min(n, start + cols)
-        yield start, int4_cpu_layout_dense_t(packed[start:stop], scale[start:stop], zero[start:stop], torch.float32,
-                                             int4_cpu_block_n())
+        yield start, _int4_cpu_layout_dense_t_fp32(packed[start:stop], scale[start:stop], zero[start:stop], block)
+
+
+def _int4_cpu_layout_dense_t_fp32(packed: Tensor, scale: Tensor, zero: Tensor, block: int) -> Tensor:
+    """:func:`int4_cpu_layout_dense_t` in float32 in three passes instead of seven: the nibbles
+    are converted straight into their places of the output, then one ``addcmul`` computes
+    ``q * scale + (zero - 8 * scale)`` in place (the kernel's ``(q - 8) * scale + zero`` up to
+    float32 rounding). Eagerly 25 -> 16 ms for a 1024x8192 weight in 1M-element chunks here."""
+    n, kg = scale.shape
+    k = packed.shape[1] * 2
+    b = packed.view(n // block, k, block // 2).transpose(0, 1)  # [K, blocks, B/2]
+    out = torch.empty(k, n // block, block, dtype=torch.float32, device=packed.device)
+    out[..., : block // 2].copy_(b & 0xF)
+    out[..., block // 2:].copy_(b >> 4)
+    w = out.view(kg, k // kg, n)
+    s = scale.float().t()[:, None, :]
+    torch.addcmul(zero.float().t()[:, None, :] - 8.0 * s, w, s, out=w)
+    return out.view(k, n)
 
 
 # --------------------------------------------------------------------------- FP8
