@@ -30,7 +30,10 @@ SETTING_FLAGS: dict[str, tuple[str, type, str]] = {
     "--max-speech-tokens": ("max_speech_tokens", int, "cap on speech tokens per text chunk"),
     "--cfm-steps": ("cfm_steps", int, "flow-matching steps (default: 10, Turbo 2)"),
     "--dtype": ("dtype", str, "auto (bf16 where the device runs it natively), fp32 or bf16"),
+    "--cfm-dtype": ("cfm_dtype", str, "the CFM estimator's dtype: auto, fp32 or bf16 (default: --dtype's)"),
     "--batch-size": ("batch_size", int, "text chunks decoded together"),
+    "--s3gen-prompt-s": ("s3gen_prompt_s", float, "opt-in, off by default: cut S3Gen's reference prompt to its first N "
+                         "seconds (faster flow and first audio, less faithful voice; docs/CONTRACTS.md)"),
     "--language-id": ("language_id", str, "language code for the multilingual model"),
 }
 
@@ -70,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stream: write the audio piece by piece while T3 decodes (to OUT.partial.wav, renamed "
                              "to OUT at the end) and print the time to first audio")
     parser.add_argument("--first-chunk-tokens", type=int, default=None,
-                        help="with --stream: speech tokens decoded before the first piece is rendered (default 10)")
+                        help="with --stream: speech tokens decoded before the first piece is rendered (default 8: its piece holds 60 ms; below 7 the first piece waits for the next chunk)")
     parser.add_argument("--chunk-tokens", type=int, default=None,
                         help="with --stream: speech tokens per later piece (default 25)")
     add_settings_arguments(parser)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 MEL_BINS = 80
+TOKEN_RATE = 25  # S3 speech tokens per second
 TOKEN_MEL_RATIO = 2
 
 
@@ -67,6 +68,35 @@ def _s3gen(model):
 def _gen_dict(c) -> dict:
     """Accept upstream ``Conditionals`` (``.gen``) or its ``gen`` dict."""
     return c.gen if hasattr(c, "gen") else c
+
+
+def cap_prompt(c, seconds: float | None) -> dict:
+    """The S3Gen prompt of ``c`` (upstream ``Conditionals`` or its ``gen`` dict) cut to its first
+    ``seconds``: ``TOKEN_RATE * seconds`` prompt tokens (rounded down, at least 1) and twice as many
+    mel frames; the speaker embedding stays the whole reference's. ``None`` or a cap at least as
+    long as the prompt returns it unchanged.
+
+    Opt-in speed for quality (``SynthSettings.s3gen_prompt_s``): the flow attends over the prompt
+    in every render, so its cost grows with the prompt. It is close to what a user giving a
+    shorter reference clip gets upstream (whose mels are the same frames; its tokens and
+    x-vector come from the shorter clip), not equal to it."""
+    gen = _gen_dict(c)
+    if seconds is None:
+        return gen
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise ValueError(f"prompt cap must be a positive number of seconds, got {seconds!r}")
+    plen = int(torch.as_tensor(gen["prompt_token_len"]).reshape(-1)[0])
+    n = max(1, int(seconds * TOKEN_RATE))
+    if n >= plen:
+        return gen
+    out = dict(gen)
+    out["prompt_token"] = torch.as_tensor(gen["prompt_token"])[..., :n]
+    out["prompt_token_len"] = torch.full_like(torch.as_tensor(gen["prompt_token_len"]), n)
+    feat = torch.as_tensor(gen["prompt_feat"])
+    out["prompt_feat"] = feat[..., : TOKEN_MEL_RATIO * n, :]
+    if out.get("prompt_feat_len") is not None:
+        out["prompt_feat_len"] = torch.full_like(torch.as_tensor(gen["prompt_feat_len"]), TOKEN_MEL_RATIO * n)
+    return out
 
 
 def _encode(encoder, xs: torch.Tensor, xs_lens: torch.Tensor):

@@ -50,7 +50,12 @@ LOOKAHEAD_TOKENS = 3  # upstream flow.pre_lookahead_len
 CONTEXT_FRAMES = 12
 HOLD_FRAMES = 6
 CROSSFADE_SAMPLES = 480
-FIRST_CHUNK_TOKENS = 10
+# The first pause emits 2 * (first - LOOKAHEAD_TOKENS) - HOLD_FRAMES mel frames' audio less the
+# crossfade tail (:func:`first_piece_samples`): nothing below 7 tokens, 20 ms at 7. 8 is the
+# fewest whose first piece holds a whole token's audio (60 ms); each token fewer before the first
+# render saves one decode step of the time to first audio (10 -> 8: full-size stack on the 2-core
+# CPU, see docs/CONTRACTS.md). Later chunks are long: every render pays the flow over the prompt.
+FIRST_CHUNK_TOKENS = 8
 CHUNK_TOKENS = 25
 
 
@@ -64,6 +69,14 @@ class StreamPiece:
     wav: np.ndarray
     final: bool
     t: float
+
+
+def first_piece_samples(first_tokens: int) -> int:
+    """Samples of audio the first pause emits after ``first_tokens`` tokens of a row that goes
+    on (what :func:`render` and :func:`_vocode_new` give; 0 = the first audio waits for the
+    next pause): the look-ahead tokens' frames, ``HOLD_FRAMES`` and the crossfade tail wait."""
+    frames = 2 * (int(first_tokens) - LOOKAHEAD_TOKENS) - HOLD_FRAMES
+    return max(0, frames * SAMPLES_PER_FRAME - CROSSFADE_SAMPLES) if frames > 0 else 0
 
 
 def chunk_boundaries(first: int, every: int, limit: int) -> list[int]:
@@ -206,12 +219,14 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 conds[key] = syn._conditioning(req.voice, key, float(s.exaggeration))
     model = syn.model
     t3 = syn._low_precision(model.t3, s)
-    estimator = syn._low_precision(model.s3gen.flow.decoder.estimator, s)
+    syn.prepare(s)  # cast copies built (once) before the clock matters; stage dtypes logged
+    estimator = syn._estimator(s)
     s3gen_low = syn._s3gen_low(s)
     dsettings = syn._decode_settings(s)
     max_new = min(dsettings.force_tokens or dsettings.max_new_tokens, t3.hp.max_speech_tokens)
     bounds = chunk_boundaries(first_tokens, chunk_tokens, max_new)
-    p_frames = {k: int(torch.as_tensor(c.gen["prompt_feat"]).reshape(-1, 80).shape[0]) for k, c in conds.items()}
+    s3conds = {k: syn._s3gen_conds(c, s) for k, c in conds.items()}
+    p_frames = {k: int(torch.as_tensor(c["prompt_feat"]).reshape(-1, 80).shape[0]) for k, c in s3conds.items()}
     # Per request: which row (sentence) plays now; later rows' pieces wait in their state.
     n_rows = {i: sum(1 for r in rows if r.request == i) for i in range(len(requests))}
     playing = {i: 0 for i in range(len(requests))}
@@ -272,7 +287,7 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 work = [(j, t, f) for j, t, f in new if t.numel() > 0]
                 if work:
                     pieces = render(model, estimator, [states[group[j]] for j, _, _ in work], [t for _, t, _ in work],
-                                    [f for _, _, f in work], [conds[rows[group[j]].voice_key] for j, _, _ in work],
+                                    [f for _, _, f in work], [s3conds[rows[group[j]].voice_key] for j, _, _ in work],
                                     int(s.cfm_steps), *s3gen_low)
                     for (j, _, f), piece in zip(work, pieces):
                         st = states[group[j]]

@@ -95,6 +95,18 @@ def _fp32_prefill_unsupported(model: Any) -> str | None:
     return fp32_prefill_unsupported(t3) if t3 is not None else None
 
 
+def stage_dtypes(settings: "SynthSettings") -> dict[str, str]:
+    """The dtype each stage runs in under resolved ``settings``: T3's prefill (``prefill_dtype``)
+    and decode steps (``dtype``; float parts: quantized weights keep their own format), the flow
+    encoder and HiFT (``s3gen_bf16``), the CFM estimator (``cfm_dtype``). What
+    :meth:`Synthesizer.prepare` logs and benchmarks print."""
+    if AUTO_DTYPE in (settings.dtype, settings.prefill_dtype) or settings.cfm_dtype in (None, AUTO_DTYPE):
+        raise CbxError("stage_dtypes needs resolved settings (SynthSettings.resolved)")
+    low = "bf16" if settings.s3gen_bf16 else "fp32"
+    return {"t3_prefill": settings.prefill_dtype, "t3_decode": settings.dtype, "flow_encoder": low,
+            "cfm_estimator": settings.cfm_dtype, "hift": low}
+
+
 def cpu_has_native_bf16(cpuinfo: str) -> bool:
     """AMX or AVX512-BF16 in ``/proc/cpuinfo``'s flags: bf16 matrix products run natively (the
     memory-bound T3 decode gains most); without them bf16 is emulated and slower than fp32."""
@@ -118,11 +130,21 @@ class SynthSettings:
     by :meth:`resolved`); the engine's faithfulness to upstream is checked at fp32.
     ``s3gen_bf16`` runs HiFT's convolution stacks and the flow's conformer encoder in bf16
     (cached copies, :func:`cbx.engine.s3gen_batch.low_precision_hift` / ``low_precision_encoder``;
-    the CFM estimator follows ``dtype``); its measured error bounds are in docs/CONTRACTS.md.
+    the CFM estimator follows ``cfm_dtype``); its measured error bounds are in docs/CONTRACTS.md.
     ``prefill_dtype`` (``auto``, ``fp32``, ``bf16``): the arithmetic of T3's prefill
     (:mod:`cbx.engine.t3_prefill`); ``auto`` (:func:`auto_prefill_dtype`) is fp32 on a CPU
     without native bf16, where emulated bf16 products are slower than fp32, else ``dtype``. The
     decode steps keep ``dtype`` either way; the resolved value is what the run record shows.
+    ``cfm_dtype``: the CFM estimator's dtype, ``None`` = ``dtype``'s (the default), ``auto``
+    (:func:`auto_dtype`: fp32 on a CPU without native bf16, where the bf16 estimator ran 8x
+    slower at full size), ``fp32`` or ``bf16``; filled in by :meth:`resolved`, so the run's
+    record says what ran. :func:`stage_dtypes` names each stage's dtype (logged by
+    :meth:`Synthesizer.prepare`).
+    ``s3gen_prompt_s`` (off by default; trades quality for speed): S3Gen's reference prompt cut to
+    its first that many seconds (:func:`cbx.engine.s3gen_batch.cap_prompt`; about what a user
+    giving a shorter reference clip gets upstream). The flow runs over prompt + speech in every
+    CFM solve and every streamed render, so a 10 s prompt costs more than 2 s of speech; logged
+    as a warning when set.
     The first decode of each new shape pays the compilation (full T3 on the 2-core CPU: about
     48 s for compiling plus one run); on that CPU the bf16 T3 stage then ran 1.02x-1.24x faster
     in two single-repeat runs, within its noise. ``cbx bench engine --compile inductor`` prints
@@ -148,6 +170,8 @@ class SynthSettings:
     compile: str | None = None
     s3gen_bf16: bool = False
     prefill_dtype: str = AUTO_DTYPE
+    cfm_dtype: str | None = None
+    s3gen_prompt_s: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> CbxError:
@@ -184,6 +208,7 @@ class SynthSettings:
         integer("batch_size", 1, allow_none=False)
         integer("force_tokens", 1)
         number("crossfade_ms", 0.0, 1000.0, allow_none=False)
+        number("s3gen_prompt_s", 0.0, 30.0, lo_open=True)
         for name in ("watermark", "s3gen_bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
@@ -193,6 +218,8 @@ class SynthSettings:
             raise bad("prefill_dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))}")
         if self.prefill_dtype == "bf16" and self.dtype == "fp32":
             raise bad("prefill_dtype", "bf16 needs dtype bf16 (the prefill runs in the T3 dtype or in fp32)")
+        if self.cfm_dtype is not None and self.cfm_dtype not in (AUTO_DTYPE, *DTYPES):
+            raise bad("cfm_dtype", f"must be one of {', '.join((AUTO_DTYPE, *DTYPES))} (or null: dtype's)")
         if self.compile is not None:
             backends = _compile_backends()
             if self.compile not in backends:
@@ -231,6 +258,10 @@ class SynthSettings:
             why = _fp32_prefill_unsupported(model_or_variant)
             if why:
                 raise bad("prefill_dtype", f"fp32 cannot run on this model: {why}")
+        if self.cfm_dtype == AUTO_DTYPE:
+            fill["cfm_dtype"] = auto_dtype(device)
+        elif self.cfm_dtype is None:
+            fill["cfm_dtype"] = fill.get("dtype", self.dtype)
         return replace(self, **fill)
 
     def to_dict(self) -> dict[str, Any]:
@@ -378,6 +409,7 @@ class Synthesizer:
         # T3 voice-prefix keys/values (cbx.engine.t3_prefill), reused by every sentence and call
         # with the same voice and exaggeration.
         self.prefix_cache = PrefixCache()
+        self._said: set[Any] = set()
 
     def clear_voices(self) -> None:
         """Forget cached voice conditioning (here, in the conditioning module and T3's voice-prefix
@@ -467,15 +499,15 @@ class Synthesizer:
                               force_tokens=s.force_tokens, compile_backend=s.compile,
                               prefill_dtype=torch.float32 if s.prefill_dtype == "fp32" else None)
 
-    def _low_precision(self, module: torch.nn.Module, s: SynthSettings) -> torch.nn.Module:
-        """``module`` itself at fp32, else a cached copy cast to ``settings.dtype``.
+    def _low_precision(self, module: torch.nn.Module, s: SynthSettings, dtype: str | None = None) -> torch.nn.Module:
+        """``module`` itself at fp32, else a cached copy cast to ``dtype`` (default ``settings.dtype``).
 
         A cast copy rather than autocast over fp32 weights: autocast re-casts every weight at
         every call, which for T3's memory-bound decode costs more than it saves (measured on
         this CPU: bf16 weights 3.6x faster than fp32 per decode GEMV, autocast only 1.6x).
         The copy costs the module's size in bf16 once (about 1 GB for the full T3).
         """
-        want = DTYPES[s.dtype]
+        want = DTYPES[dtype or s.dtype]
         if want == torch.float32 or _float_dtype(module) == want:
             return module
         key = (id(module), want)
@@ -490,8 +522,37 @@ class Synthesizer:
         stage pays for them; :meth:`synthesize` calls it before its timer starts."""
         s = (settings or SynthSettings()).resolved(self.model, self.device)
         self._low_precision(self.model.t3, s)
-        self._low_precision(self.model.s3gen.flow.decoder.estimator, s)
+        self._estimator(s)
         self._s3gen_low(s)
+        self._say_choices(s)
+
+    def _say_choices(self, s: SynthSettings) -> None:
+        """Log, once per distinct choice, the dtype each stage runs in; warn where a stage runs
+        bf16 on a CPU without native bf16 (emulated there: slower than fp32), and when the S3Gen
+        prompt is capped (quality traded for speed)."""
+        dt = stage_dtypes(s)
+        key = ("choices", tuple(dt.items()), s.s3gen_prompt_s)
+        if key in self._said:
+            return
+        self._said.add(key)
+        if s.s3gen_prompt_s is not None:
+            log.warning("S3Gen reference prompt capped to its first %g s (settings.s3gen_prompt_s: faster, less "
+                        "faithful to the voice)", s.s3gen_prompt_s)
+        log.info("stage dtypes: %s", ", ".join(f"{k} {v}" for k, v in dt.items()))
+        slow = [k for k, v in dt.items() if v == "bf16"]
+        if slow and self.device.type == "cpu" and auto_dtype(self.device) != "bf16":
+            log.warning("bf16 on a CPU without native bf16 (AMX/AVX512-BF16) for %s: emulated here, slower than "
+                        "fp32 (settings dtype / cfm_dtype / s3gen_bf16 choose)", ", ".join(slow))
+
+    def _s3gen_conds(self, conds: Any, s: SynthSettings) -> dict:
+        """The S3Gen half of a voice's conditioning, its prompt capped by ``s3gen_prompt_s``."""
+        from cbx.engine.s3gen_batch import cap_prompt
+
+        return cap_prompt(conds, s.s3gen_prompt_s)
+
+    def _estimator(self, s: SynthSettings) -> torch.nn.Module:
+        """The CFM estimator in ``settings.cfm_dtype`` (the model's own at fp32, else a cached copy)."""
+        return self._low_precision(self.model.s3gen.flow.decoder.estimator, s, s.cfm_dtype)
 
     def _s3gen_low(self, s: SynthSettings) -> tuple[Any, Any]:
         """(flow encoder, HiFT) copies to run in bf16 when ``settings.s3gen_bf16``, else (None, None)."""
@@ -554,10 +615,10 @@ class Synthesizer:
         with timer.stage("cfm") as lap:
             encoder, hift = self._s3gen_low(s)
             inputs = sb.cfm_inputs(self.model, [self._s3gen_tokens(r.tokens).to(self.device) for r in live],
-                                   [conds[r.voice_key] for r in live], encoder=encoder)
+                                   [self._s3gen_conds(conds[r.voice_key], s) for r in live], encoder=encoder)
             noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
             cfg_rate = s3.flow.decoder.inference_cfg_rate
-            estimator = self._low_precision(s3.flow.decoder.estimator, s)
+            estimator = self._estimator(s)
             with autocast(self.device, _float_dtype(estimator)):
                 mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]
@@ -594,9 +655,9 @@ class Synthesizer:
             s3 = self.model.s3gen
             meanflow = bool(getattr(s3, "meanflow", False))
             encoder, hift = self._s3gen_low(s)
-            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [conds], encoder=encoder)
+            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [self._s3gen_conds(conds, s)], encoder=encoder)
             noise = sb.cfm_noise(inputs, [seed], meanflow, dtype=inputs.mu.dtype)
-            estimator = self._low_precision(s3.flow.decoder.estimator, s)
+            estimator = self._estimator(s)
             with autocast(self.device, _float_dtype(estimator)):
                 mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
             mels = [m.float() for m in sb.crop_mels(mels, inputs)]

@@ -7,10 +7,14 @@ weights (real sizes and costs, meaningless audio), built once, in ONE process an
 * ``upstream``: upstream's own path at fp32, step by step as ``ChatterboxTTS.generate`` runs
   it (:func:`cbx.engine.bench.upstream_once`: its conditioning, HF-cache T3 loop, 10 CFG steps
   of CFM, HiFT, watermark). Its whole time is the reference.
-* the stack: the engine with an experiment's compression steps (default: bf16, HiFT and the
-  flow encoder in bf16 too (``s3gen_bf16``), T3 int4 RTN g128, a CFM student made from the teacher estimator as ``cbx distill`` makes it, with its
-  untrained weights, which cost exactly what trained ones do) at each student step count
+* the stack: the engine with an experiment's compression steps (default: T3 bf16 with int4 RTN
+  g128 weights, a CFM student made from the teacher estimator as ``cbx distill`` makes it, with
+  its untrained weights, which cost exactly what trained ones do) at each student step count
   (default 1 and 2), cold voice (conditioning paid, caches emptied) and warm voice (cached).
+  The default stack's S3Gen stages (flow encoder, CFM estimator, HiFT) run in ``auto_dtype``
+  of the device: bf16 where bf16 is native, fp32 on a CPU without it, where each of them
+  measured slower in bf16 (full size, 2-core AVX2 EPYC: encoder 10x, 1-step student
+  estimator 8x, HiFT 37x; ``scripts/s3gen_bf16_error.py``, docs/CONTRACTS.md). The header line names each stage's dtype.
 
 Per path: stage seconds (T3 split into prefill and decode: the prefill is timed apart as a
 one-token decode of the same rows and subtracted), RTF, time to first audio (a streamed run,
@@ -68,7 +72,22 @@ def default_stack(model: Any) -> str:
 
     apply_transforms(model, [("int4_weight_only", build_config("int4_weight_only", {"group_size": 128}))])
     _swap_student(model)
-    return "bf16 (HiFT and flow encoder too) + T3 int4 RTN g128 + CFM student (untrained weights)"
+    return "T3 int4 RTN g128 + CFM student (untrained weights)"
+
+
+def default_settings(device: torch.device) -> Any:
+    """The default stack's settings: T3 bf16 (its int4 kernels take bf16 activations), the S3Gen
+    stages in ``auto_dtype(device)`` (bf16 only where it is native; see the module docstring)."""
+    from cbx.engine.synth import SynthSettings, auto_dtype
+
+    return SynthSettings(dtype="bf16", cfm_dtype="auto", s3gen_bf16=auto_dtype(device) == "bf16")
+
+
+def dtype_label(settings: Any) -> str:
+    """``stage dtypes: t3 bf16, flow_encoder fp32, ...`` for resolved ``settings``."""
+    from cbx.engine.synth import stage_dtypes
+
+    return "stage dtypes: " + ", ".join(f"{k} {v}" for k, v in stage_dtypes(settings).items())
 
 
 def _swap_student(model: Any) -> None:
@@ -98,10 +117,7 @@ def _experiment_stack(model: Any, path: str) -> tuple[str, Any]:
 def _settings(base: Any, tokens: int, steps: int | None, seed: int, compile: str | None = None) -> Any:
     from dataclasses import replace
 
-    from cbx.engine.synth import SynthSettings
-
-    # The default stack runs HiFT and the flow encoder in bf16 too (settings.s3gen_bf16)
-    s = base or SynthSettings(dtype="bf16", s3gen_bf16=True)
+    s = base or default_settings(torch.device("cpu"))
     return replace(s, force_tokens=tokens, max_speech_tokens=tokens, seed=seed, batch_size=1,
                    **({"cfm_steps": steps} if steps is not None else {}),
                    **({"compile": compile} if compile is not None else {}))
@@ -184,11 +200,13 @@ def run(args: argparse.Namespace) -> int:
         label, synth = _experiment_stack(stack, args.experiment)
         steps = [None]
     else:
-        label, synth = default_stack(stack), None
+        label, synth = default_stack(stack), default_settings(device)
         steps = list(args.steps)
         if auto_dtype(device) != "bf16":
-            print("note: this CPU has no native bf16 (AMX/AVX512-BF16); the stack still runs bf16", flush=True)
+            print("note: this CPU has no native bf16 (AMX/AVX512-BF16): the stack's T3 runs bf16 (int4 kernels), "
+                  "its S3Gen stages fp32 (measured faster here)", flush=True)
     gc.collect()
+    label += "; " + dtype_label(_settings(synth, args.tokens, steps[0], args.seed).resolved(stack, device))
     print(f"model: {args.model} original, random weights, built and compressed in {time.perf_counter() - t0:.1f} s; "
           f"stack: {label}" + (f"; T3 compiled ({args.compile})" if args.compile else ""), flush=True)
     from cbx.engine import upstream as U

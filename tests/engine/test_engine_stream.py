@@ -134,6 +134,22 @@ def test_generate_stream_ends_with_what_generate_returns(tiny_model):
             assert torch.equal(a, b[: a.numel()])
 
 
+def test_first_piece_holds_what_the_first_chunk_determines(quiet_model):
+    """The first pause emits first_piece_samples(first) samples (60 ms at the default 8 tokens,
+    20 ms at 7); below 7 it emits nothing and the first audio comes with the next pause."""
+    syn = Synthesizer(quiet_model)
+    s = _settings(force_tokens=40, max_speech_tokens=40)
+    req = [SynthRequest(TEXT, None, id="a")]
+    assert st.FIRST_CHUNK_TOKENS == 8 and st.first_piece_samples(8) == 3 * st.SAMPLES_PER_FRAME
+    assert st.first_piece_samples(7) == st.SAMPLES_PER_FRAME and st.first_piece_samples(6) == 0
+    for first in (8, 7):
+        pieces = [p for p in syn.stream(req, s, first_tokens=first, chunk_tokens=100)]
+        assert len(pieces) == 2 and not pieces[0].final
+        assert pieces[0].wav.size == st.first_piece_samples(first)
+    late = [p for p in syn.stream(req, s, first_tokens=6, chunk_tokens=100)]
+    assert len(late) == 1 and late[0].final  # nothing at the first pause: one piece, at the end
+
+
 def test_bad_chunk_sizes_are_refused(tiny_model):
     from cbx.errors import CbxError
 

@@ -340,6 +340,92 @@ def test_dtype_auto_is_resolved_per_device():
     assert resolved.dtype == auto_dtype("cpu") and resolved.dtype in ("fp32", "bf16")
     assert SynthSettings(dtype="fp32").resolved("original").dtype == "fp32"
 
+
+def test_cfm_dtype_is_chosen_apart_from_t3_and_recorded(model, voices, caplog):
+    """``cfm_dtype`` picks the CFM estimator's dtype apart from ``dtype`` (T3): None follows
+    ``dtype``, ``auto`` is the device's; the resolved settings and the log name every stage's."""
+    import logging
+
+    import torch
+
+    from cbx.engine.synth import auto_dtype, stage_dtypes
+    from cbx.errors import CbxError
+    from cbx.lab.bench_stack import default_settings
+
+    assert SynthSettings(dtype="bf16").resolved("original").cfm_dtype == "bf16"
+    assert SynthSettings(dtype="fp32", cfm_dtype="auto").resolved("original").cfm_dtype == auto_dtype("cpu")
+    mixed = SynthSettings(dtype="bf16", cfm_dtype="fp32").resolved("original")
+    assert mixed.to_dict()["cfm_dtype"] == "fp32"
+    assert stage_dtypes(mixed) == {"t3_prefill": mixed.prefill_dtype, "t3_decode": "bf16", "flow_encoder": "fp32",
+                                   "cfm_estimator": "fp32", "hift": "fp32"}
+    with pytest.raises(CbxError, match="cfm_dtype"):
+        SynthSettings(cfm_dtype="fp16")
+    with pytest.raises(CbxError, match="resolved"):
+        stage_dtypes(SynthSettings())
+    # bench stack's default: T3 bf16, every S3Gen stage in the device's own choice
+    auto = auto_dtype("cpu")
+    assert set(stage_dtypes(default_settings(torch.device("cpu")).resolved("original")).values()) == {"bf16", auto}
+    assert stage_dtypes(default_settings(torch.device("cpu")).resolved("original"))["hift"] == auto
+    # the decoder alone (no T3): an fp32 estimator under a bf16 T3 is the all-fp32 decoder, bit for bit
+    tokens = np.arange(1, 40) * 37 % 6561
+    base = dict(seed=2, watermark=False, **{k: v for k, v in FAST.items() if k != "dtype"})
+    syn = Synthesizer(model)
+    with caplog.at_level(logging.INFO, logger="cbx.engine.synth"):
+        a = syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="bf16", cfm_dtype="fp32", **base))
+        syn.prepare(SynthSettings(dtype="bf16", cfm_dtype="fp32", **base))
+    assert "t3_decode bf16, flow_encoder fp32, cfm_estimator fp32, hift fp32" in caplog.text
+    np.testing.assert_array_equal(a, syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="fp32", **base)))
+    b = syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="fp32", cfm_dtype="bf16", **base))
+    assert b.shape == a.shape and not np.array_equal(a, b)
+    assert [next(m.parameters()).dtype for m in syn.cast_copies()] == [torch.bfloat16, torch.bfloat16]
+
+def test_s3gen_prompt_cap_is_opt_in_recorded_and_cuts_the_flow_prompt(model, voices, caplog):
+    """``s3gen_prompt_s`` (off by default) cuts S3Gen's prompt to its first seconds: the flow's
+    prompt is 50 frames a second, the speech keeps its length, the audio is the decoder's given
+    that cut prompt exactly, and the log and the resolved settings say so."""
+    import logging
+
+    import torch
+
+    from cbx.engine import s3gen_batch as sb
+    from cbx.engine.conditioning import prepare_voice
+    from cbx.errors import CbxError
+
+    assert SynthSettings().s3gen_prompt_s is None
+    with pytest.raises(CbxError, match="s3gen_prompt_s"):
+        SynthSettings(s3gen_prompt_s=0)
+    gen = prepare_voice(model, voices[1]).gen  # a 4 s reference: 100 prompt tokens, 200 frames
+    assert int(gen["prompt_token_len"].reshape(-1)[0]) == 100
+    cut = sb.cap_prompt(gen, 1.5)
+    assert cut["prompt_token"].shape[-1] == int(cut["prompt_token_len"].reshape(-1)[0]) == 37
+    assert cut["prompt_feat"].shape[-2] == 74 and torch.equal(cut["prompt_feat"], gen["prompt_feat"][:, :74])
+    assert torch.equal(cut["prompt_token"], gen["prompt_token"][..., :37]) and cut["embedding"] is gen["embedding"]
+    assert sb.cap_prompt(gen, 10.0) is gen and sb.cap_prompt(gen, None) is gen
+    with pytest.raises(ValueError):
+        sb.cap_prompt(gen, -1.0)
+    base = dict(seed=2, watermark=False, **FAST)
+    tokens = np.arange(1, 40) * 37 % 6561
+    syn = Synthesizer(model)
+    with caplog.at_level(logging.WARNING, logger="cbx.engine.synth"):
+        syn.prepare(SynthSettings(s3gen_prompt_s=1.5, **base))
+    assert "prompt capped to its first 1.5 s" in caplog.text
+    capped = syn.decode_tokens(voices[1], tokens, SynthSettings(s3gen_prompt_s=1.5, **base))
+    whole = syn.decode_tokens(voices[1], tokens, SynthSettings(**base))
+    assert capped.shape == whole.shape and not np.array_equal(capped, whole)
+    with torch.inference_mode():  # the decoder given the cut prompt, by hand
+        inputs = sb.cfm_inputs(model, [torch.as_tensor(tokens)], [cut])
+        assert inputs.prompt_lens == [74]
+        mel = sb.solve_cfm(model.s3gen.flow.decoder.estimator, inputs, sb.cfm_noise(inputs, [2], False), 2,
+                           model.s3gen.flow.decoder.inference_cfg_rate, False)
+        by_hand = sb.vocode(model, sb.crop_mels(mel, inputs), seeds=[2])[0]
+    np.testing.assert_array_equal(capped, by_hand)
+    req = [SynthRequest("A capped prompt.", voices[1])]
+    out = syn.synthesize(req, SynthSettings(s3gen_prompt_s=1.5, **base), progress=False)
+    assert out.settings.to_dict()["s3gen_prompt_s"] == 1.5 and out.results[0].wav.size > 0
+    pieces = list(syn.stream(req, SynthSettings(s3gen_prompt_s=1.5, **base), first_tokens=8, chunk_tokens=12))
+    assert pieces[-1].final and sum(p.wav.size for p in pieces) > 0
+
+
 def test_decode_tokens_redoes_the_decoder_of_a_synthesized_utterance_exactly(model, voices):
     """S3Gen alone on an utterance's own tokens, with the engine's seeding, gives its audio back
     bit for bit (no watermark): the aligned-fidelity path decodes what synthesis decodes."""
