@@ -203,8 +203,8 @@ def run(args: argparse.Namespace) -> int:
         label, synth = default_stack(stack), default_settings(device)
         steps = list(args.steps)
         if auto_dtype(device) != "bf16":
-            print("note: this CPU has no native bf16 (AMX/AVX512-BF16): the stack's T3 runs bf16 (int4 kernels), "
-                  "its S3Gen stages fp32 (measured faster here)", flush=True)
+            print("note: this CPU has no native bf16 (AMX/AVX512-BF16): the stack's T3 decode runs bf16 (int4 "
+                  "kernels), its prefill and S3Gen stages fp32 (measured faster here; stage dtypes below)", flush=True)
     gc.collect()
     label += "; " + dtype_label(_settings(synth, args.tokens, steps[0], args.seed).resolved(stack, device))
     print(f"model: {args.model} original, random weights, built and compressed in {time.perf_counter() - t0:.1f} s; "
