@@ -151,11 +151,14 @@ def interleaved_runs(fns: dict, repeats: int) -> dict:
 def step_bytes(t3, rows: int, kv_len: int) -> int:
     """Bytes one decode step must read from memory: the weights it multiplies by (transformer
     layers and the speech head; embeddings are row lookups) and the KV cache of ``rows`` rows
-    at ``kv_len`` positions (bf16). Divided by the memory bandwidth this is the step's floor."""
-    from cbx.engine.t3_decode import _backbone_dims
+    at ``kv_len`` positions, in the dtype the decoder keeps it in (:func:`kv_cache_dtype`: float32
+    on CPU). Divided by the memory bandwidth this is the step's floor."""
+    from cbx.engine.t3_decode import _backbone_dims, kv_cache_dtype
 
     _, kv_heads, head_dim = _backbone_dims(t3)  # KV heads per layer (a pruned T3 differs per layer)
-    kv = 2 * rows * sum(kv_heads) * kv_len * head_dim * 2
+    w = t3.speech_emb.weight
+    kv_item = torch.empty((), dtype=kv_cache_dtype(w.dtype, w.device)).element_size()
+    kv = 2 * rows * sum(kv_heads) * kv_len * head_dim * kv_item
     return weight_bytes(t3.tfmr) + weight_bytes(t3.speech_head) + kv
 
 

@@ -233,8 +233,11 @@ def _backbone_dims(t3: Any) -> tuple[int, list[int], int]:
 
 
 def _attend(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Attention of ``q`` over the cache ``k_all``/``v_all``, which may be wider than ``q``
+    (:func:`kv_cache_dtype`): decode steps widen to float32 anyway, SDPA gets ``q``'s dtype."""
     if q.shape[2] <= DECODE_ATTENTION_MAX_Q:
         return _decode_attention(q, k_all, v_all, mask, scale)
+    k_all, v_all = k_all.to(q.dtype), v_all.to(q.dtype)
     # enable_gqa: grouped-query attention (fewer KV heads) without materialising repeated keys.
     return F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask[:, None], scale=scale,
                                           enable_gqa=k_all.shape[1] != q.shape[1])
@@ -425,6 +428,21 @@ def fusion_plan(t3: Any) -> list[_FusedLayer] | None:
     return plan
 
 
+def kv_cache_dtype(compute_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype :func:`generate_stream` keeps its KV cache in: float32 on CPU, else the compute dtype.
+
+    Decode steps attend in float32 (:func:`_decode_attention`), so a bf16 cache was widened to
+    float32 whole, in every layer, at every step (the cache of 2 rows x 480 heads at 190
+    positions is 23M values a step). A float32 cache holds the same values (a bf16 key or value
+    widens exactly) and is read as it is: the same attention, bit for bit, without the
+    widening pass, for twice the cache memory. CPU only: on CUDA the widening costs little
+    beside the GPU's bandwidth, while the cache of a large batch is what limits throughput.
+    """
+    if device.type == "cpu" and compute_dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return compute_dtype
+
+
 def _cached_attention(cache: StaticKVCache, layer: int, q: Tensor, k: Tensor, v: Tensor, cache_pos: Tensor,
                       mask: Tensor, kv_len: int | None, scale: float) -> Tensor:
     kc, vc = cache.k[layer], cache.v[layer]
@@ -432,7 +450,7 @@ def _cached_attention(cache: StaticKVCache, layer: int, q: Tensor, k: Tensor, v:
     vc.index_copy_(2, cache_pos, v.to(vc.dtype))
     if kv_len is not None:
         kc, vc = kc[:, :, :kv_len], vc[:, :, :kv_len]
-    return _attend(q, kc.to(q.dtype), vc.to(q.dtype), mask, scale)
+    return _attend(q, kc, vc, mask, scale)
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -641,7 +659,7 @@ def generate_stream(model: Any, rows: Sequence[T3Row], settings: DecodeSettings 
         capacity = -(-(p_max + max_new) // CACHE_CHUNK) * CACHE_CHUNK
     else:
         capacity = min(p_max + max_new, p_max + CACHE_CHUNK)
-    cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, capacity, cdtype, device)
+    cache = StaticKVCache(n_layers, n_rows, kv_heads, head_dim, capacity, kv_cache_dtype(cdtype, device), device)
     kv_mask = torch.zeros(n_rows, capacity, dtype=torch.bool, device=device)
     kv_mask[:, :p_max] = prompts.key_valid()
     # Device-side slot indices, made once: a per-step torch.tensor(...) would be a host copy.

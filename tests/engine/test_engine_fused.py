@@ -117,6 +117,40 @@ def test_decoding_with_fused_projections_gives_the_same_tokens(tiny_model, trans
         assert getattr(gate, "cbx_kernel", None) in ("int8pack-cpu", "int4pack-cpu")
 
 
+@pytest.mark.parametrize("under_autocast", [False, True])
+def test_float32_kv_cache_gives_the_bf16_cache_tokens(tiny_model, monkeypatch, under_autocast):
+    # A bf16 T3 on CPU keeps its KV cache in float32 (td.kv_cache_dtype): the same values as a
+    # bf16 cache, read without widening, so sampling draws the same tokens.
+    model = copy.deepcopy(tiny_model)
+    apply_transforms(model, [("int4_weight_only", build_config("int4_weight_only", {}))])
+    t3 = model.t3.to(torch.bfloat16)
+    cond = model.builtin_conds.t3
+    rows = [td.T3Row([1, 5, 9, 14, 2], cond, 3), td.T3Row([1, 7, 2], cond, 4)]
+    settings = td.DecodeSettings(force_tokens=24)
+    made = []
+
+    class Spy(td.StaticKVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self.k[0].dtype)
+
+    monkeypatch.setattr(td, "StaticKVCache", Spy)
+
+    def run():
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if under_autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            return td.generate(t3, rows, settings)
+
+    wide = run()
+    made_wide = set(made)
+    made.clear()
+    monkeypatch.setattr(td, "kv_cache_dtype", lambda dtype, device: dtype)
+    narrow = run()
+    assert made_wide == {torch.float32} and set(made) == {torch.bfloat16}
+    for a, b in zip(wide.tokens, narrow.tokens):
+        assert torch.equal(a, b)
+
+
 def test_fusion_plan_is_rebuilt_when_a_projection_changes(tiny_model):
     model = copy.deepcopy(tiny_model)
     first = td.fusion_plan(model.t3)
