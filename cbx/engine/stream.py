@@ -219,7 +219,7 @@ def stream(syn: Any, requests: Sequence[Any], settings: Any = None, first_tokens
                 conds[key] = syn._conditioning(req.voice, key, float(s.exaggeration))
     model = syn.model
     t3 = syn._low_precision(model.t3, s)
-    syn.prepare(s)  # cast copies built (once) before the clock matters; stage dtypes logged
+    syn.prepare(s)  # cast copies (built once per Synthesizer: a warm caller has them) and stage dtypes logged
     estimator = syn._estimator(s)
     s3gen_low = syn._s3gen_low(s)
     dsettings = syn._decode_settings(s)

@@ -527,9 +527,9 @@ class Synthesizer:
         self._say_choices(s)
 
     def _say_choices(self, s: SynthSettings) -> None:
-        """Log, once per distinct choice, the dtype each stage runs in; warn where a stage runs
-        bf16 on a CPU without native bf16 (emulated there: slower than fp32), and when the S3Gen
-        prompt is capped (quality traded for speed)."""
+        """Log, once per distinct choice, the dtype each stage runs in; warn where a compute-bound
+        stage (prefill, S3Gen) runs bf16 on a CPU without native bf16 (emulated there: slower than
+        fp32), and when the S3Gen prompt is capped (quality traded for speed)."""
         dt = stage_dtypes(s)
         key = ("choices", tuple(dt.items()), s.s3gen_prompt_s)
         if key in self._said:
@@ -539,10 +539,11 @@ class Synthesizer:
             log.warning("S3Gen reference prompt capped to its first %g s (settings.s3gen_prompt_s: faster, less "
                         "faithful to the voice)", s.s3gen_prompt_s)
         log.info("stage dtypes: %s", ", ".join(f"{k} {v}" for k, v in dt.items()))
-        slow = [k for k, v in dt.items() if v == "bf16"]
+        # The T3 decode step is memory-bound: narrow weights pay there even with emulated bf16.
+        slow = [k for k, v in dt.items() if v == "bf16" and k != "t3_decode"]
         if slow and self.device.type == "cpu" and auto_dtype(self.device) != "bf16":
             log.warning("bf16 on a CPU without native bf16 (AMX/AVX512-BF16) for %s: emulated here, slower than "
-                        "fp32 (settings dtype / cfm_dtype / s3gen_bf16 choose)", ", ".join(slow))
+                        "fp32 (settings prefill_dtype / cfm_dtype / s3gen_bf16 choose)", ", ".join(slow))
 
     def _s3gen_conds(self, conds: Any, s: SynthSettings) -> dict:
         """The S3Gen half of a voice's conditioning, its prompt capped by ``s3gen_prompt_s``."""

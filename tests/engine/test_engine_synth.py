@@ -374,6 +374,12 @@ def test_cfm_dtype_is_chosen_apart_from_t3_and_recorded(model, voices, caplog):
         a = syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="bf16", cfm_dtype="fp32", **base))
         syn.prepare(SynthSettings(dtype="bf16", cfm_dtype="fp32", **base))
     assert "t3_decode bf16, flow_encoder fp32, cfm_estimator fp32, hift fp32" in caplog.text
+    # a memory-bound bf16 decode is no warning; a bf16 S3Gen stage is, where bf16 is emulated
+    assert not any("emulated" in r.getMessage() and "t3_decode" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cbx.engine.synth"):
+        syn.prepare(SynthSettings(dtype="fp32", cfm_dtype="bf16", **base))
+    assert ("emulated here" in caplog.text and "cfm_estimator" in caplog.text) == (auto_dtype("cpu") != "bf16")
     np.testing.assert_array_equal(a, syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="fp32", **base)))
     b = syn.decode_tokens(voices[0], tokens, SynthSettings(dtype="fp32", cfm_dtype="bf16", **base))
     assert b.shape == a.shape and not np.array_equal(a, b)
