@@ -254,10 +254,13 @@ class SynthSettings:
         if self.prefill_dtype == AUTO_DTYPE:
             fill["prefill_dtype"] = auto_prefill_dtype(fill.get("dtype", self.dtype), device,
                                                        None if isinstance(model_or_variant, str) else model_or_variant)
-        elif self.prefill_dtype == "fp32" and not isinstance(model_or_variant, str):
+        elif (self.prefill_dtype == "fp32" and fill.get("dtype", self.dtype) != "fp32"
+              and not isinstance(model_or_variant, str)):
+            # Only a low-precision model needs the fp32 prefill path; an fp32 model's prefill
+            # is fp32 whatever its modules (so resolving resolved settings changes nothing).
             why = _fp32_prefill_unsupported(model_or_variant)
             if why:
-                raise bad("prefill_dtype", f"fp32 cannot run on this model: {why}")
+                raise CbxError(f"synth setting 'prefill_dtype'='fp32': fp32 cannot run on this model: {why}")
         if self.cfm_dtype == AUTO_DTYPE:
             fill["cfm_dtype"] = auto_dtype(device)
         elif self.cfm_dtype is None:

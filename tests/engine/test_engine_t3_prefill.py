@@ -218,3 +218,26 @@ def test_prefill_dtype_setting_resolves_by_device(tiny_model, monkeypatch):
         SynthSettings(dtype="fp32", prefill_dtype="bf16")
     with pytest.raises(CbxError, match="prefill_dtype"):
         SynthSettings(prefill_dtype="fp16")
+
+
+def test_prefill_dtype_with_a_module_without_fp32_path(tiny_model, monkeypatch):
+    """A library-quantized T3 (no fp32 prefill path): an fp32 model resolves, and resolves again
+    (the runner re-resolves recorded settings), to an fp32 prefill; a bf16 model keeps bf16 under
+    auto and refuses an explicit fp32 prefill in one CbxError naming the setting and the module."""
+    import copy
+
+    from cbx.compress.registry import apply_transforms, build_config
+    from cbx.engine import synth
+    from cbx.engine.synth import SynthSettings
+    from cbx.errors import CbxError
+
+    model = copy.deepcopy(tiny_model)
+    apply_transforms(model, [("torchao_int8_weight_only", build_config("torchao_int8_weight_only", {}))])
+    assert synth._fp32_prefill_unsupported(model)  # the library module has no fp32 path
+    monkeypatch.setattr(synth, "auto_dtype", lambda device: "fp32")  # a CPU without native bf16
+    once = SynthSettings().resolved(model)
+    assert (once.dtype, once.prefill_dtype) == ("fp32", "fp32")
+    assert once.resolved(model) == once
+    assert SynthSettings(dtype="bf16").resolved(model).prefill_dtype == "bf16"
+    with pytest.raises(CbxError, match=r"prefill_dtype.*no float32 path"):
+        SynthSettings(dtype="bf16", prefill_dtype="fp32").resolved(model)
