@@ -83,19 +83,19 @@ def _sync() -> None:
 
 
 def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, float]:
-    """Median seconds of each function, timed round-robin (one warm-up call each first) so
-    that every candidate sees the same drift in machine load."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for key, fn in fns.items():
+    """Median seconds of each function, timed round-robin by :func:`interleaved_runs` (one
+    warm-up call each first) so that every candidate sees the same drift in machine load."""
+    def timed(fn):
+        def run() -> float:
             _sync()
             t0 = time.perf_counter()
             fn()
             _sync()
-            times[key].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            return time.perf_counter() - t0
+        return run
+
+    runs = interleaved_runs({k: timed(fn) for k, fn in fns.items()}, repeats)
+    return {k: statistics.median(v) for k, v in runs.items()}
 
 
 def _decode_fn(model, t3, prompt_ids, n, compile_backend=None):
