@@ -554,6 +554,25 @@ class Synthesizer:
 
         return cap_prompt(conds, s.s3gen_prompt_s)
 
+    def _flow_mels(self, tokens: list, conds: list, seeds: list[int], s: SynthSettings) -> tuple[list, Any]:
+        """The CFM mels (float32, cropped) of rows of S3Gen tokens in their voices' conditioning
+        (prompt capped by ``s3gen_prompt_s``), each row's noise from its seed, the estimator in
+        ``cfm_dtype``, and the CFM inputs (their lengths apportion the stage's time). One path for
+        :meth:`synthesize` and :meth:`decode_tokens`, so fidelity measures what synthesis runs."""
+        from cbx.engine import s3gen_batch as sb
+        from cbx.engine.t3_decode import autocast
+
+        s3 = self.model.s3gen
+        meanflow = bool(getattr(s3, "meanflow", False))
+        encoder = self._s3gen_low(s)[0]
+        inputs = sb.cfm_inputs(self.model, [t.to(self.device) for t in tokens],
+                               [self._s3gen_conds(c, s) for c in conds], encoder=encoder)
+        noise = sb.cfm_noise(inputs, seeds, meanflow, dtype=inputs.mu.dtype)
+        estimator = self._estimator(s)
+        with autocast(self.device, _float_dtype(estimator)):
+            mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
+        return [m.float() for m in sb.crop_mels(mels, inputs)], inputs
+
     def _estimator(self, s: SynthSettings) -> torch.nn.Module:
         """The CFM estimator in ``settings.cfm_dtype`` (the model's own at fp32, else a cached copy)."""
         return self._low_precision(self.model.s3gen.flow.decoder.estimator, s, s.cfm_dtype)
@@ -614,18 +633,10 @@ class Synthesizer:
                 r.shares.update(cfm=0.0, vocoder=0.0)
         if not live:
             return
-        s3 = self.model.s3gen
-        meanflow = bool(getattr(s3, "meanflow", False))
         with timer.stage("cfm") as lap:
-            encoder, hift = self._s3gen_low(s)
-            inputs = sb.cfm_inputs(self.model, [self._s3gen_tokens(r.tokens).to(self.device) for r in live],
-                                   [self._s3gen_conds(conds[r.voice_key], s) for r in live], encoder=encoder)
-            noise = sb.cfm_noise(inputs, [r.seed for r in live], meanflow, dtype=inputs.mu.dtype)
-            cfg_rate = s3.flow.decoder.inference_cfg_rate
-            estimator = self._estimator(s)
-            with autocast(self.device, _float_dtype(estimator)):
-                mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), cfg_rate, meanflow)
-            mels = [m.float() for m in sb.crop_mels(mels, inputs)]
+            hift = self._s3gen_low(s)[1]
+            mels, inputs = self._flow_mels([self._s3gen_tokens(r.tokens) for r in live],
+                                           [conds[r.voice_key] for r in live], [r.seed for r in live], s)
         for r, sh in zip(live, apportion(lap.seconds, inputs.total_lens)):
             r.shares["cfm"] = sh
         with timer.stage("vocoder") as lap:
@@ -646,7 +657,6 @@ class Synthesizer:
         only by what compression did to the decoder (T3 sampling is out of the picture). The
         path is the one :meth:`synthesize` runs (same precision casts, same seeding)."""
         from cbx.engine import s3gen_batch as sb
-        from cbx.engine.t3_decode import autocast
 
         s = (settings or SynthSettings()).resolved(self.model, self.device)
         tokens = self._s3gen_tokens(torch.as_tensor(np.asarray(speech_tokens, dtype=np.int64)))
@@ -656,16 +666,8 @@ class Synthesizer:
         with torch.inference_mode():
             key = self._voice_key(voice, float(s.exaggeration))
             conds = self._conditioning(voice, key, float(s.exaggeration))
-            s3 = self.model.s3gen
-            meanflow = bool(getattr(s3, "meanflow", False))
-            encoder, hift = self._s3gen_low(s)
-            inputs = sb.cfm_inputs(self.model, [tokens.to(self.device)], [self._s3gen_conds(conds, s)], encoder=encoder)
-            noise = sb.cfm_noise(inputs, [seed], meanflow, dtype=inputs.mu.dtype)
-            estimator = self._estimator(s)
-            with autocast(self.device, _float_dtype(estimator)):
-                mels = sb.solve_cfm(estimator, inputs, noise, int(s.cfm_steps), s3.flow.decoder.inference_cfg_rate, meanflow)
-            mels = [m.float() for m in sb.crop_mels(mels, inputs)]
-            wav = sb.vocode(self.model, mels, seeds=[seed], hift=hift)[0]
+            mels, _ = self._flow_mels([tokens], [conds], [seed], s)
+            wav = sb.vocode(self.model, mels, seeds=[seed], hift=self._s3gen_low(s)[1])[0]
         return sb.trim_last_token(self.model, np.asarray(wav, dtype=np.float32), tokens.numel())
 
     # -- the call ---------------------------------------------------------------------------
