@@ -7,8 +7,11 @@ real sizes and costs, meaningless outputs), built once:
   positions plus the tokens decoded so far), through the engine's decoder
   (:func:`cbx.engine.t3_decode.generate`) for fp32 (upstream's weights as they are), bf16,
   int8 and int4 (RTN; embeddings and heads quantized as the transforms' defaults say, the rest
-  of T3 in bf16). A step's time is the slope between two forced decode lengths, so prefill
-  and setup cancel out: ``(t(N2) - t(N1)) / (N2 - N1)``, median over ``--repeats``.
+  of T3 in bf16). A step's time is the mean over steps ``N1 .. N2-1`` of ONE forced ``N2``-token
+  decode, timed between two of its streaming yields (:func:`_decode_window_fn`), so the
+  prefill and its noise never enter the figure; median over ``--repeats`` interleaved runs.
+  (Until session 6 it was the slope ``(t(N2) - t(N1)) / (N2 - N1)`` of two whole decodes,
+  which carried the prefill's run-to-run noise: seconds on a CPU that emulates bf16.)
 * T3 resident weight bytes: every parameter and buffer of T3 (unique storages), after the
   float weights of quantized layers were dropped.
 * CFM estimator: ``--cfm-steps`` Euler steps with CFG (batch 2) over ``--cfm-frames`` mel
@@ -60,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "any model source (random:turbo, a folder, a Hub id)")
     parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
     parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
-                        help="the two forced decode lengths whose time difference gives the step time")
+                        help="decode N2 forced tokens and time steps N1 .. N2-1 of it (default 8 40)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are printed")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     parser.add_argument("--cfm-frames", type=int, default=600,
@@ -98,30 +101,22 @@ def _interleaved_medians(fns: dict[str, callable], repeats: int) -> dict[str, fl
     return {k: statistics.median(v) for k, v in runs.items()}
 
 
-def _decode_fn(model, t3, prompt_ids, n, compile_backend=None):
-    from cbx.engine.t3_decode import DecodeSettings, T3Row, generate
-
-    # The engine copies the T3Cond to the model's device but not to its dtype: cast it here so
-    # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
-    dtype = next(t3.cond_enc.parameters()).dtype
-    rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
-    settings = DecodeSettings(force_tokens=n, cfg_weight=0.5, compile_backend=compile_backend)
-    return lambda: generate(t3, rows, settings)
-
-
-def _decode_window_fn(model, t3, prompt_ids, n1, n2):
+def _decode_window_fn(model, t3, prompt_ids, n1, n2, compile_backend=None):
     """A function that decodes ``n2`` forced tokens once and returns the seconds from the start
     of decode step ``n1`` to the start of step ``n2 - 1`` (``generate_stream`` yields at both):
     ``n2 - 1 - n1`` whole steps (pick, feed, forward, head) of ONE run. Unlike the slope between
     two runs of different lengths, the prefill and its run-to-run noise (seconds of emulated bf16
-    matmuls here, against a window of about one second) never enter the figure."""
+    matmuls here, against a window of about one second) never enter the figure. ``compile_backend``
+    compiles the decode step (the first call compiles: call once before timing)."""
     from cbx.engine.t3_decode import DecodeSettings, T3Row, generate_stream
 
     if n2 - 1 <= n1 or n1 < 1:
         raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 for a timing window, got {n1} {n2}")
-    dtype = next(t3.cond_enc.parameters()).dtype  # as _decode_fn: bf16 conditioning for a bf16 T3
+    # The engine copies the T3Cond to the model's device but not to its dtype: cast it here so
+    # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
+    dtype = next(t3.cond_enc.parameters()).dtype
     rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
-    settings = DecodeSettings(force_tokens=n2, cfg_weight=0.5)
+    settings = DecodeSettings(force_tokens=n2, cfg_weight=0.5, compile_backend=compile_backend)
 
     def run() -> float:
         marks = []
@@ -216,25 +211,18 @@ def _t3_rows(model, args) -> tuple[list[tuple[str, float, int]], dict[str, int]]
         t3s[label] = holder.t3.to(torch.bfloat16)
         gc.collect()
     n1, n2 = args.tokens
-    fns = {}
-    for label, t3 in t3s.items():
-        fns[(label, n1)] = _decode_fn(model, t3, prompt, n1)
-        fns[(label, n2)] = _decode_fn(model, t3, prompt, n2)
+    fns = {label: _decode_window_fn(model, t3, prompt, n1, n2) for label, t3 in t3s.items()}
     if args.compile:
         label = f"int4+{args.compile}"
         t3s[label] = t3s["int4"]
-        fns[(label, n1)] = _decode_fn(model, t3s["int4"], prompt, n1, args.compile)
-        fns[(label, n2)] = _decode_fn(model, t3s["int4"], prompt, n2, args.compile)
+        fns[label] = _decode_window_fn(model, t3s["int4"], prompt, n1, n2, args.compile)
         t0 = time.perf_counter()
-        fns[(label, n2)]()  # one graph serves both lengths (static cache rounded to 256 slots)
+        fns[label]()
         print(f"  compiling the int4 decode step ({args.compile}) + one run: {time.perf_counter() - t0:.1f} s",
               flush=True)
-    print(f"  timing {len(fns)} decode runs x {args.repeats} (interleaved) ...", flush=True)
-    med = _interleaved_medians(fns, args.repeats)
-    rows = []
-    for label, t3 in t3s.items():
-        step = max(med[(label, n2)] - med[(label, n1)], 1e-9) / (n2 - n1)
-        rows.append((label, step, weight_bytes(t3)))
+    print(f"  timing {len(fns)} decodes x {args.repeats} (interleaved; steps {n1}..{n2 - 1} of each) ...", flush=True)
+    runs = interleaved_runs(fns, args.repeats)
+    rows = [(label, statistics.median(runs[label]), weight_bytes(t3)) for label, t3 in t3s.items()]
     _last_t3s.clear()
     _last_t3s.update(t3s)
     n_prompt = len(prompt) + _cond_positions(model)
@@ -316,8 +304,9 @@ def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: flo
 def run(args: argparse.Namespace) -> int:
     from cbx.engine.timing import machine_description
 
-    if args.tokens[1] <= args.tokens[0] or args.tokens[0] < 1:
-        raise CbxError(f"--tokens: need 1 <= N1 < N2, got {args.tokens[0]} {args.tokens[1]}")
+    if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
+        raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 (steps N1 .. N2-1 are timed), got {args.tokens[0]} "
+                       f"{args.tokens[1]}")
     if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
         raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
     from cbx.engine.cli_synth import resolve_device
@@ -357,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
         for label, why in getattr(args, "cfm_skipped", []):
             print(f"{label:<14} skipped: {why}")
     if t3_rows:
-        _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1]}",
+        _table(f"T3 decode step, batch 2 (CFG), KV cache {args.prompt} + {args.tokens[0]}..{args.tokens[1] - 1}",
                "ms/step", t3_rows, 1e3)
         from cbx.compress.kernels import kernel_summary
 
@@ -369,13 +358,13 @@ def run(args: argparse.Namespace) -> int:
         bw = read_bandwidth()
         print(f"\nT3 decode step against the memory floor (bytes read per step: weights multiplied + KV cache; "
               f"measured read bandwidth {bw / 1e9:.1f} GB/s)")
-        print(f"{'variant':<14} {'ms/step':>8} {'floor ms':>9} {'x floor':>8} {'GB/step':>8}")
+        print(f"{'variant':<14} {'ms/step':>8} {'floor ms':>9} {'x floor':>8} {'MB/step':>8}")
         for label, t, _ in t3_rows:
             b = per_step[label]
-            print(f"{label:<14} {t * 1e3:>8.2f} {b / bw * 1e3:>9.2f} {t / (b / bw):>7.2f}x {b / 1e9:>8.3f}")
+            print(f"{label:<14} {t * 1e3:>8.2f} {b / bw * 1e3:>9.3f} {t / (b / bw):>7.2f}x {b / 1e6:>8.1f}")
         int4 = dict((r[0], r) for r in t3_rows)["int4"]
         floor = per_step["int4"] / bw
-        print(f"t3 int4 step {int4[1] * 1e3:.2f} ms, memory floor {floor * 1e3:.2f} ms ({int4[1] / floor:.2f}x floor)")
+        print(f"t3 int4 step {int4[1] * 1e3:.2f} ms, memory floor {floor * 1e3:.3f} ms ({int4[1] / floor:.2f}x floor)")
     if t3_rows:
         int4 = dict((r[0], r) for r in t3_rows)["int4"]
         print(f"t3 int4 decode speed-up vs fp32: {t3_rows[0][1] / int4[1]:.2f}x, weights {int4[2] / 1e9:.2f} GB")

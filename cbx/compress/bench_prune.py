@@ -7,10 +7,10 @@ On the full-size original architecture with random weights (no download), built 
   layer's FFN channels removed, and 33% depth + INT4 weight-only. A step's time is measured
   inside one forced decode of N2 tokens, from the start of step N1 to the start of step N2 - 1
   (:func:`cbx.compress.bench._decode_window_fn`), median over ``--repeats`` runs interleaved
-  round-robin across the models. ``cbx bench quant``'s slope between two decode lengths also
-  cancels the prefill, but only in expectation: its noise (seconds of emulated bf16 matmuls
-  for a 150-position prompt) stays in each run: the 33%-depth ratio read 1.29x, 1.43x and
-  1.59x in three runs of that measurement on this machine.
+  round-robin across the models (as ``cbx bench quant`` now times its steps). The slope between
+  two decode lengths used before cancels the prefill only in expectation: its noise (seconds of
+  emulated bf16 matmuls for a 150-position prompt) stayed in each run: the 33%-depth ratio read
+  1.29x, 1.43x and 1.59x in three runs of that measurement on the AVX2 CPU.
 * T3 resident weight bytes of each. The int4 row quantizes, besides the default targets, the
   learned position tables and the perceiver (``methods.T3_EXTRA_TARGETS``): the 21 MB of bf16
   they hold otherwise are a tenth of that model.
