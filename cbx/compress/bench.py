@@ -116,7 +116,8 @@ def _decode_window_fn(model, t3, prompt_ids, n1, n2, compile_backend=None):
     # a bf16 T3 gets bf16 conditioning (integer fields stay integer).
     dtype = next(t3.cond_enc.parameters()).dtype
     rows = [T3Row(prompt_ids, _fresh(model.builtin_conds.t3).to(dtype=dtype), seed=0)]
-    settings = DecodeSettings(force_tokens=n2, cfg_weight=0.5, compile_backend=compile_backend)
+    settings = DecodeSettings(force_tokens=n2, cfg_weight=0.5, compile_backend=compile_backend,
+                              prefill_dtype=_prefill_dtype(t3, dtype))
 
     def run() -> float:
         marks = []
@@ -128,6 +129,20 @@ def _decode_window_fn(model, t3, prompt_ids, n1, n2, compile_backend=None):
         return (marks[1] - marks[0]) / (n2 - 1 - n1)
 
     return run
+
+
+def _prefill_dtype(t3, dtype: torch.dtype) -> torch.dtype:
+    """The prefill dtype the synthesizer's ``prefill_dtype: auto`` gives this T3 (float32 on a CPU
+    that emulates bf16): outside the timed window, but a bf16 prefill there costs each run
+    seconds (:func:`cbx.engine.synth.auto_prefill_dtype`)."""
+    from types import SimpleNamespace
+
+    from cbx.engine.synth import DTYPES, auto_prefill_dtype
+
+    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    if name is None:
+        return dtype
+    return DTYPES[auto_prefill_dtype(name, t3.speech_emb.weight.device, SimpleNamespace(t3=t3))]
 
 
 def interleaved_runs(fns: dict, repeats: int) -> dict:

@@ -261,9 +261,21 @@ class Int8Linear(_RowScaled, _Quantized):
         return self._finish(self._reference(x.reshape(-1, self.in_features).to(_DTYPES[self.compute_dtype])), x)
 
 
-# The compiled unpacking of the CPU int4 layout (one graph per weight shape), or False once
+# "fn": the compiled unpacking of the CPU int4 layout (one graph per weight shape), or False once
 # compiling failed in this process (no C++ compiler): the int4 kernel then serves every input.
-_DENSE: dict[str, Any] = {"fn": None}
+# "native_bf16": whether this CPU multiplies bf16 natively (None: read from its flags once, as
+# ``dtype: auto`` does). Without it a bf16 x bf16 GEMM falls to ATen's own single-threaded
+# loop (measured on the 2-core AVX2 CPU: a compiled bench quant's int4 prefill sat minutes in
+# ``cpublas_gemm_impl``), so the dense path is only taken where bf16 is native.
+_DENSE: dict[str, Any] = {"fn": None, "native_bf16": None}
+
+
+def _native_bf16_cpu() -> bool:
+    if _DENSE["native_bf16"] is None:
+        from cbx.engine.synth import auto_dtype
+
+        _DENSE["native_bf16"] = auto_dtype("cpu") == "bf16"
+    return _DENSE["native_bf16"]
 
 
 def _dense_weight_t(packed: Tensor, scale: Tensor, zero: Tensor) -> Tensor | None:
@@ -448,13 +460,16 @@ class Int4Linear(_GroupScaled, _Quantized):
     # (:func:`_dense_weight_t`); otherwise, and for fewer rows (decode steps), the int4 kernel.
     # Measured on the 2-core CPU, full T3 (bf16 + int4 RTN g128), 262-row prefill: 1.27 s with
     # the kernel, 0.84 s unpacked; the unpacking compiles once per weight shape (~7 s for T3's
-    # four shapes). None: always the kernel.
+    # four shapes). None: always the kernel. Only on a CPU with native bf16 (:func:`_native_bf16_cpu`);
+    # elsewhere the synthesizer's prefill runs in float32 (``int4-dense-fp32``) and a bf16 prefill
+    # keeps the kernel.
     dense_min_rows: int | None = 128
 
     def _dense_ok(self, x2: Tensor) -> bool:
         return (self.layout == "cpu" and self.dense_min_rows is not None and x2.shape[0] >= self.dense_min_rows
                 and self.packed.shape[0] == self.out_features and self.out_features % P.int4_cpu_block_n() == 0
-                and not torch.is_grad_enabled() and _DENSE["fn"] is not False and compile_many_rows())
+                and not torch.is_grad_enabled() and _DENSE["fn"] is not False and compile_many_rows()
+                and _native_bf16_cpu())
 
     def dense_weight_t(self) -> Tensor | None:
         """The weight as the CPU kernel dequantizes it, rounded to bf16, transposed: ``[K, N]``

@@ -53,8 +53,10 @@ def test_unpacking_refuses_rows_that_do_not_fill_blocks():
 
 @pytest.fixture
 def eager_unpacking(monkeypatch):
-    """The unpacking without torch.compile (the same function; compiling is tested apart)."""
+    """The unpacking without torch.compile (the same function; compiling is tested apart), on a
+    CPU taken to have native bf16 (the dense bf16 path is only chosen there; tested apart)."""
     monkeypatch.setitem(M._DENSE, "fn", P.int4_cpu_layout_dense_t)
+    monkeypatch.setitem(M._DENSE, "native_bf16", True)
 
 
 def _with_permission(fn):
@@ -85,6 +87,25 @@ def test_many_rows_take_the_dense_path_only_when_allowed(eager_unpacking):
     assert odd.cbx_kernel == "int4pack-cpu"
 
 
+def test_no_dense_bf16_path_without_native_bf16(eager_unpacking, monkeypatch):
+    """Where bf16 is emulated a bf16 GEMM is ATen's single-threaded loop: many rows keep the kernel."""
+    monkeypatch.setitem(M._DENSE, "native_bf16", False)
+    q = _int4(128, 256)
+    with torch.inference_mode():
+        _with_permission(lambda: q(torch.randn(160, 256)))
+    assert q.cbx_kernel == "int4pack-cpu"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags_once(monkeypatch):
+    from cbx.engine import synth
+
+    monkeypatch.setitem(M._DENSE, "native_bf16", None)
+    calls = []
+    monkeypatch.setattr(synth, "auto_dtype", lambda device: calls.append(device) or "bf16")
+    assert M._native_bf16_cpu() and M._native_bf16_cpu()
+    assert calls == ["cpu"]
+
+
 @pytest.mark.parametrize("backend", [None, "inductor"])
 def test_decode_allows_the_dense_path_in_its_prefill_only_when_compiling(tiny_model, monkeypatch, backend):
     seen = []
@@ -109,6 +130,7 @@ def test_a_failed_compile_is_said_once_and_the_kernel_serves(monkeypatch, caplog
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setitem(M._DENSE, "fn", broken)
+    monkeypatch.setitem(M._DENSE, "native_bf16", True)
     q = _int4(128, 256)
     x = torch.randn(160, 256)
     with caplog.at_level(logging.WARNING), torch.inference_mode():

@@ -38,3 +38,18 @@ def test_bench_quant_rejects_bad_numbers(capsys):
     # the timing window runs from step N1 to step N2 - 1: it must hold a step
     assert main(["bench", "quant", "--tokens", "5", "6"]) == 2
     assert "N1 < N2 - 1" in capsys.readouterr().err
+
+
+def test_decode_windows_prefill_as_the_synthesizer_would(tiny_model, monkeypatch):
+    """A bf16 T3's prefill runs in float32 where bf16 is emulated (outside the timed window, but
+    seconds per run there), in bf16 where it is native; an fp32 T3 stays fp32."""
+    import torch
+
+    from cbx.compress.bench import _prefill_dtype
+    from cbx.engine import synth
+
+    monkeypatch.setattr(synth, "auto_dtype", lambda device: "fp32")
+    assert _prefill_dtype(tiny_model.t3, torch.bfloat16) == torch.float32
+    assert _prefill_dtype(tiny_model.t3, torch.float32) == torch.float32
+    monkeypatch.setattr(synth, "auto_dtype", lambda device: "bf16")
+    assert _prefill_dtype(tiny_model.t3, torch.bfloat16) == torch.bfloat16
