@@ -72,7 +72,7 @@ import dataclasses
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -277,14 +277,19 @@ def _decode_attention(q: Tensor, k_all: Tensor, v_all: Tensor, mask: Tensor, sca
         return torch.matmul(probs, v_all.float()).view(n, heads, q_len, d).to(q.dtype)
 
 
-def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tensor, cache: StaticKVCache,
-              kv_len: int | None, plan: list[Any] | None = None) -> Tensor:
+def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor | None, mask: Tensor | None,
+              cache: StaticKVCache | None, kv_len: int | None, plan: list[Any] | None = None,
+              attention: Callable[[int, Tensor, Tensor, Tensor, float], Tensor] | None = None) -> Tensor:
     """Run the upstream backbone layers on ``x`` (rows, q, d); returns the final-norm hidden states.
 
     ``pos_ids`` (rows, q): each row's own positions; ``cache_pos`` (q,): cache slots to write;
     ``mask`` (rows, q, kv) bool: which cache slots each query may attend to; ``kv_len``: how
     much of the cache to read (None: all of it, fixed shapes for compiled steps); ``plan``:
     :func:`fusion_plan` (Llama), one matrix product for q/k/v and one for gate/up per layer.
+    ``attention``: ``(layer, q, k, v, scale) -> out`` (each ``(rows, heads, q, head_dim)``) in
+    place of the cached attention over ``cache`` (``cache_pos``, ``mask``, ``cache`` and
+    ``kv_len`` then unused): the prefill runs two row layouts in one pass this way
+    (:func:`cbx.engine.t3_prefill.prefill`).
     """
     n, q_len, _ = x.shape
     tf = t3.tfmr
@@ -295,7 +300,8 @@ def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tens
             h = block.ln_1(x)
             q, k, v = attn.c_attn(h).split(attn.split_size, dim=2)
             q, k, v = (t.view(n, q_len, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            o = _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling)
+            o = (attention(i, q, k, v, attn.scaling) if attention is not None
+                 else _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling))
             x = x + attn.c_proj(o.transpose(1, 2).reshape(n, q_len, -1))
             x = x + block.mlp(block.ln_2(x))
         return tf.ln_f(x)
@@ -313,7 +319,8 @@ def _backbone(t3: Any, x: Tensor, pos_ids: Tensor, cache_pos: Tensor, mask: Tens
             q, k, v = attn.q_proj(h), attn.k_proj(h), attn.v_proj(h)
         q, k, v = (t.reshape(n, q_len, -1, attn.head_dim).transpose(1, 2) for t in (q, k, v))
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        o = _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling)
+        o = (attention(i, q, k, v, attn.scaling) if attention is not None
+             else _cached_attention(cache, i, q, k, v, cache_pos, mask, kv_len, attn.scaling))
         x = x + attn.o_proj(o.transpose(1, 2).reshape(n, q_len, -1))
         h = layer.post_attention_layernorm(x)
         if fused is not None and fused.gate_up is not None:

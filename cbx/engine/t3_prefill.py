@@ -14,13 +14,28 @@ pair), every sentence spoken with that voice, every later call with it. :func:`p
    dtype); a :class:`PrefixCache` (the synthesizer holds one, emptied by ``clear_voices``)
    keeps entries per T3 module and drops them when that module's weights change (another
    tensor, or an in-place edit: tensor version counters);
-2. runs the backbone over each prefix it does not hold, alone (one batch per prefix length),
-   and keeps the per-layer keys/values;
-3. lays every row out as ``[prefix slots | left pad | suffix]`` (prefix at slots
-   ``0..P_r-1``, the suffix right-aligned after the widest prefix), copies the prefix K/V into
-   the row's cache slots, and prefills only the suffix queries with explicit positions
+2. lays every row out as ``[prefix slots | left pad | suffix]`` (prefix at slots
+   ``0..P_r-1``, the suffix right-aligned after the widest prefix) and copies the held prefixes'
+   keys/values into their rows' prefix slots;
+3. runs one backbone pass over the suffix queries of every row, with explicit positions
    (``P_r, P_r + 1, ...``: RoPE and GPT-2's absolute ``wpe`` alike) and a mask that lets them
-   see their own prefix and the causal part of their suffix.
+   see their own prefix and the causal part of their suffix, and, in the same pass, over each
+   prefix it does not hold (once per distinct prefix: both rows of a CFG pair and every row
+   with that voice share it): per layer, the new prefixes' keys/values are computed first and
+   copied into the prefix slots of the rows that carry them before those rows attend. The new
+   prefixes' keys/values are then kept in the :class:`PrefixCache`.
+
+Why one pass (step 3): the prefill's tokens of both layouts are laid end to end as one row
+for everything but attention (embeddings, norms, projections, MLP work token by token), so each
+weight is read, and for int4/int8 under the fp32 prefill unpacked, once for all of them; each
+layout attends over its own cache (``attention`` of :func:`cbx.engine.t3_decode._backbone`).
+A new prefix alone is ~34 rows, too few for the dense fp32 path of int4/int8 modules
+(``FP32_MIN_ROWS``): run as a pass of its own (as before), it took the slow low-bit kernel and
+the weights were unpacked a second time for the suffix pass, so a cold voice's prefill was
+slower than the plain prefill (4.69 s against 4.29 s, full-size int4, fp32 prefill, this 2-core
+AVX2 CPU). The keys/values of a prefix computed alongside other rows differ from a lone
+prefix pass only in float summation order (matrix products over more rows): tests hold them
+within 1e-5 of a lone pass (fp32 tiny models) and a warm call from either to the same tokens.
 
 The decode loop that follows sees what it saw before: a prompt ``width`` of slots, each row's
 real length ``lens`` (its next position) and which slots hold keys. With ``share_prefix`` off
@@ -263,24 +278,17 @@ def build_prompts(t3: Any, rows: Sequence[Any], s: Any, group: int, cache: Prefi
 def prefill(t3: Any, prompts: Prompts, cache: Any, plan: Any, s: Any) -> Tensor:
     """Fill ``cache``'s prompt slots for every row and return the next-token logits ``(rows, V)``.
 
-    Missing prefixes are computed first (and kept in the :class:`PrefixCache`, if any), copied
-    into each row's prefix slots, then only the suffix queries run (module docstring).
+    Held prefixes are copied into their rows' prefix slots; one backbone pass computes the new
+    prefixes (kept in the :class:`PrefixCache`, if any) and every row's suffix (module docstring).
     """
     device = prompts.device
     with _precision(t3, s) as x_dtype:
-        entries = dict(prompts.held)
-        entries.update(_compute_prefixes(t3, prompts.new, plan, x_dtype, cache.k[0].dtype))
-        if prompts.store is not None:
-            for key in prompts.new:
-                prompts.store[key] = entries[key]
-            prompts.cache.trim(prompts.store)
         rows_of: dict[str, list[int]] = {}
         for r, key in enumerate(prompts.keys):
             if key is not None:
                 rows_of.setdefault(key, []).append(r)
-        for key, rows in rows_of.items():
-            e = entries[key]
-            idx = torch.tensor(rows, device=device)
+        for key, e in prompts.held.items():
+            idx = torch.tensor(rows_of[key], device=device)
             for layer in range(len(cache.k)):
                 cache.k[layer][idx, :, : e.length] = e.k[layer]
                 cache.v[layer][idx, :, : e.length] = e.v[layer]
@@ -299,28 +307,80 @@ def prefill(t3: Any, prompts: Prompts, cache: Any, plan: Any, s: Any) -> Tensor:
         causal = c[None, None, :] <= slots[None, :, None]
         # Pad queries may see themselves, so no softmax row is empty (no NaN); nothing real sees them.
         mask = (causal & prompts.key_valid()[:, None, :]) | (c[None, None, :] == slots[None, :, None])
-        hidden = td._backbone(t3, x, pos_ids, slots, mask, cache, wp + ws, plan)
-        return t3.speech_head(hidden[:, -1])
+        if not prompts.new:
+            hidden = td._backbone(t3, x, pos_ids, slots, mask, cache, wp + ws, plan)
+            return t3.speech_head(hidden[:, -1])
+
+        new = _NewPrefixes(t3, prompts.new, {k: rows_of[k] for k in prompts.new}, x_dtype, cache)
+        na, pa = new.x.shape[:2]
+
+        def attention(layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+            # Tokens [new prefixes (na x pa) | rows (n x ws)]: the prefixes attend first, then
+            # their keys/values fill the prefix slots of the rows that carry them.
+            pre = [_unflat(t[:, :, : na * pa], na) for t in (q, k, v)]
+            rest = [_unflat(t[:, :, na * pa:], n) for t in (q, k, v)]
+            o_pre = td._cached_attention(new.cache, layer, *pre, new.slots, new.mask, pa, scale)
+            new.copy_into(cache, layer)
+            o = td._cached_attention(cache, layer, *rest, slots, mask, wp + ws, scale)
+            return torch.cat([_flat(o_pre), _flat(o)], dim=2)
+
+        d = x.shape[-1]
+        hidden = td._backbone(t3, torch.cat([new.x.reshape(1, -1, d), x.reshape(1, -1, d)], 1),
+                              torch.cat([new.pos_ids.reshape(1, -1), pos_ids.reshape(1, -1)], 1),
+                              None, None, None, None, plan, attention=attention)
+        if prompts.store is not None:
+            for key, entry in new.entries().items():
+                prompts.store[key] = entry
+            prompts.cache.trim(prompts.store)
+        return t3.speech_head(hidden[0, na * pa:].view(n, ws, -1)[:, -1])
 
 
-def _compute_prefixes(t3: Any, new: dict[str, Tensor], plan: Any, x_dtype: torch.dtype,
-                      kv_dtype: torch.dtype) -> dict[str, PrefixKV]:
-    """Backbone runs over each new prefix alone (batched by length): its per-layer K/V."""
-    out: dict[str, PrefixKV] = {}
-    by_len: dict[int, list[str]] = {}
-    for key, emb in new.items():
-        by_len.setdefault(emb.shape[0], []).append(key)
-    n_layers, kv_heads, head_dim = td._backbone_dims(t3)
-    for length, keys in by_len.items():
-        x = torch.stack([new[k] for k in keys]).to(x_dtype)
-        device = x.device
-        tmp = td.StaticKVCache(n_layers, len(keys), kv_heads, head_dim, length, kv_dtype, device)
-        ar = torch.arange(length, device=device)
-        mask = (ar[:, None] >= ar[None, :])[None].expand(len(keys), -1, -1)
-        td._backbone(t3, x, ar[None].expand(len(keys), -1), ar, mask, tmp, length, plan)
-        for i, key in enumerate(keys):
-            out[key] = PrefixKV([k[i: i + 1].clone() for k in tmp.k], [v[i: i + 1].clone() for v in tmp.v], length)
-    return out
+def _unflat(t: Tensor, rows: int) -> Tensor:
+    """``(1, heads, rows * q, dim)`` tokens laid end to end -> ``(rows, heads, q, dim)``."""
+    _, heads, tokens, dim = t.shape
+    return t[0].reshape(heads, rows, tokens // rows, dim).transpose(0, 1)
+
+
+def _flat(t: Tensor) -> Tensor:
+    """:func:`_unflat`'s inverse."""
+    rows, heads, q, dim = t.shape
+    return t.transpose(0, 1).reshape(1, heads, rows * q, dim)
+
+
+class _NewPrefixes:
+    """The prefixes a prefill computes (cache misses): one row each, right-padded to the widest
+    (causal: a pad follows every real position, so no real query sees one), positions from 0, in
+    a cache of their own; :meth:`copy_into` fills the prefix slots of the rows that carry them."""
+
+    def __init__(self, t3: Any, new: dict[str, Tensor], rows_of: dict[str, list[int]], x_dtype: torch.dtype,
+                 cache: Any):
+        self.keys = list(new)
+        self.lengths = [new[k].shape[0] for k in self.keys]
+        first = new[self.keys[0]]
+        device = first.device
+        pa = max(self.lengths)
+        self.x = torch.zeros(len(new), pa, first.shape[1], dtype=x_dtype, device=device)
+        for i, k in enumerate(self.keys):
+            self.x[i, : self.lengths[i]] = new[k]
+        ar = torch.arange(pa, device=device)
+        self.pos_ids = ar[None].expand(len(new), -1)
+        self.slots = ar
+        self.mask = (ar[:, None] >= ar[None, :])[None].expand(len(new), -1, -1)
+        n_layers, kv_heads, head_dim = td._backbone_dims(t3)
+        self.cache = td.StaticKVCache(n_layers, len(new), kv_heads, head_dim, pa, cache.k[0].dtype, device)
+        self.targets = [torch.tensor(rows_of[k], device=device) for k in self.keys]
+
+    def copy_into(self, cache: Any, layer: int) -> None:
+        """This layer's new-prefix keys/values into the prefix slots of their rows in ``cache``."""
+        for i, (length, idx) in enumerate(zip(self.lengths, self.targets)):
+            cache.k[layer][idx, :, :length] = self.cache.k[layer][i: i + 1, :, :length]
+            cache.v[layer][idx, :, :length] = self.cache.v[layer][i: i + 1, :, :length]
+
+    def entries(self) -> dict[str, PrefixKV]:
+        """Each new prefix's per-layer keys/values (cloned: the pass's cache is dropped)."""
+        return {key: PrefixKV([k[i: i + 1, :, :length].clone() for k in self.cache.k],
+                              [v[i: i + 1, :, :length].clone() for v in self.cache.v], length)
+                for i, (key, length) in enumerate(zip(self.keys, self.lengths))}
 
 
 # ----------------------------------------------------------------------------- fp32 prefill

@@ -119,9 +119,10 @@ def test_decode_allows_the_dense_path_in_its_prefill_only_when_compiling(tiny_mo
     monkeypatch.setattr(td, "_step_function", lambda b: recording)  # the step itself not compiled here
     row = td.T3Row([1, 5, 9, 14, 2], tiny_model.builtin_conds.t3, 0)
     td.generate(tiny_model.t3, [row], td.DecodeSettings(force_tokens=3, temperature=0, compile_backend=backend))
-    # prefill (the voice prefix, then the rest of the prompt: cbx.engine.t3_prefill), then two steps
-    assert [q for q, _ in seen] == [seen[0][0], 7, 1, 1] and seen[0][0] > 1
-    assert [allowed for _, allowed in seen] == [backend is not None] * 2 + [False, False]
+    # one prefill pass (the new voice prefix and both CFG rows' 7 other prompt tokens, laid end to
+    # end: cbx.engine.t3_prefill), then two steps
+    assert [q for q, _ in seen] == [seen[0][0], 1, 1] and seen[0][0] > 2 * 7
+    assert [allowed for _, allowed in seen] == [backend is not None] + [False, False]
     assert not td.compile_many_rows()
 
 

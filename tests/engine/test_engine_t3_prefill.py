@@ -3,9 +3,12 @@ float32 prefill, against the plain left-padded prefill on tiny models.
 
 Bounds: reusing the prefix changes only the float summation order (products over fewer rows),
 so every step's logits agree within 1e-4 (fp32 tiny models; measured ~1e-6) and greedy tokens
-are identical. The fp32 prefill of a bf16 model is held against the same model run in fp32
-(its bf16 weights widened, fp32 KV cache): within 0.1 of the first logits and no farther than
-the bf16 prefill (measured 0.068 vs 0.101 original, 0.027 vs 0.071 Turbo; the prompt embeddings
+are identical. A cold voice's prefix is computed in the prefill's one backbone pass, alongside
+the rows' suffixes: its keys/values differ from a lone prefix pass only in float summation
+order, held within 1e-5 (measured 0 to 1.4e-6), and a warm call from either gives the same
+tokens. The fp32 prefill of a bf16 model is held against the same model run in fp32 (its bf16
+weights widened, fp32 KV cache): within 0.1 of the first logits and no farther than the bf16
+prefill (measured 0.068 vs 0.101 original, 0.027 vs 0.071 Turbo; the prompt embeddings
 and the KV cache stay bf16). Quantized modules' fp32 path: within 1e-5 of the float64 product
 with the dequantized weight, ten times closer than the bf16 kernel.
 """
@@ -70,6 +73,102 @@ def test_prefix_reuse_equals_plain_prefill(variant, tiny_model, tiny_turbo, tiny
     assert sum(len(t) for t in plain.tokens) >= 20  # real sequences, not immediate EOS
     if variant == "turbo":  # the two prefixes differ in width: the [prefix | pad | suffix] layout
         assert len({td._prompt_embeds(model.t3, r, None, False).shape[0] - len(r.text_tokens) for r in rows}) == 2
+
+
+def _prefill_passes(monkeypatch):
+    """Counts the backbone passes of more than one query per row (prefills; decode steps run one)."""
+    passes = []
+    inner = td._backbone
+
+    def counting(t3, x, *args, **kwargs):
+        if x.shape[1] > 1:
+            passes.append(x.shape)
+        return inner(t3, x, *args, **kwargs)
+
+    monkeypatch.setattr(td, "_backbone", counting)
+    return passes
+
+
+def _lone_prefix(model, cond, s):
+    """A voice prefix's keys/values from a backbone pass over the prefix alone (the prefill's
+    former way: a pass of its own before the suffixes)."""
+    t3 = model.t3
+    emb = t3.prepare_conditioning(td._row_cond(t3, cond, s.exaggeration))[0]
+    length = emb.shape[0]
+    n_layers, kv_heads, head_dim = td._backbone_dims(t3)
+    dtype = td.kv_cache_dtype(s.compute_dtype or t3.speech_emb.weight.dtype, emb.device)
+    tmp = td.StaticKVCache(n_layers, 1, kv_heads, head_dim, length, dtype, emb.device)
+    ar = torch.arange(length, device=emb.device)
+    td._backbone(t3, emb[None], ar[None], ar, (ar[:, None] >= ar[None, :])[None], tmp, length, td.fusion_plan(t3))
+    return tp.PrefixKV([k.clone() for k in tmp.k], [v.clone() for v in tmp.v], length)
+
+
+def _store(model, cache, s):
+    return cache.entries(model.t3, tp.weights_signature(model.t3))
+
+
+def _key(model, cond, s):
+    return tp.prefix_key(td._row_cond(model.t3, cond, s.exaggeration), tp.compute_context(model.t3, s))
+
+
+@pytest.mark.parametrize("variant", ["original", "turbo", "multilingual"])
+def test_cold_voice_prefix_computed_in_the_one_prefill_pass(variant, tiny_model, tiny_turbo, tiny_multilingual,
+                                                            monkeypatch):
+    """A cold call runs one prefill pass; the prefixes it keeps match a lone prefix pass within
+    1e-5, and a warm call from them gives the tokens a cache of lone-pass prefixes gives."""
+    model = {"original": tiny_model, "turbo": tiny_turbo, "multilingual": tiny_multilingual}[variant]
+    voices = _voices(model)
+    rows = _rows(model, voices, "en" if variant == "multilingual" else None)
+    s = td.DecodeSettings(temperature=0.0, max_new_tokens=24)
+    plain, _ = _decode(model, rows, share_prefix=False)
+    passes = _prefill_passes(monkeypatch)
+    cache = tp.PrefixCache()
+    cold, _ = _decode(model, rows, cache)
+    assert len(passes) == 1  # prefixes and suffixes in one pass
+    assert (cache.misses, cache.hits) == (2, 0) and len(cache) == 2  # two voices, each stored once
+    store = _store(model, cache, s)
+    lone = tp.PrefixCache()
+    lone_store = _store(model, lone, s)
+    with torch.inference_mode():
+        for v in voices:
+            key = _key(model, v, s)
+            ref = _lone_prefix(model, v, s)
+            got = store[key]
+            assert got.length == ref.length and all(t.shape == r.shape for t, r in zip(got.k, ref.k))
+            assert all(t.dtype == r.dtype for t, r in zip(got.k + got.v, ref.k + ref.v))  # the cache dtype
+            err = max((t - r).abs().max().item() for t, r in zip(got.k + got.v, ref.k + ref.v))
+            assert err < 1e-5, err
+            lone_store[key] = ref
+    passes.clear()
+    warm, _ = _decode(model, rows, cache)
+    from_lone, _ = _decode(model, rows, lone)
+    assert len(passes) == 2 and (cache.misses, cache.hits) == (2, 2) and (lone.misses, lone.hits) == (0, 2)
+    for out in (cold, warm, from_lone):
+        assert [t.tolist() for t in out.tokens] == [t.tolist() for t in plain.tokens]
+
+
+@pytest.mark.parametrize("variant", ["original", "turbo"])
+def test_held_and_new_voices_in_one_call(variant, tiny_model, tiny_turbo, monkeypatch):
+    """One voice held, another new, in one batch: one prefill pass, the plain prefill's logits
+    (within 1e-4 at every step) and tokens, the new prefix stored once (a CFG pair, two rows)."""
+    model = {"original": tiny_model, "turbo": tiny_turbo}[variant]
+    voices = _voices(model)
+    rows = _rows(model, voices)  # voices 0, 1, 0
+    plain, plain_logits = _decode(model, rows, share_prefix=False)
+    cache = tp.PrefixCache()
+    _decode(model, rows[:1], cache)  # voice 0 held from here
+    assert (cache.misses, cache.hits, len(cache)) == (1, 0, 1)
+    passes = _prefill_passes(monkeypatch)
+    mixed, mixed_logits = _decode(model, rows, cache)
+    assert len(passes) == 1
+    assert (cache.misses, cache.hits, len(cache)) == (2, 1, 2)
+    assert [t.tolist() for t in mixed.tokens] == [t.tolist() for t in plain.tokens]
+    err = max((a - b).abs().max().item() for a, b in zip(mixed_logits, plain_logits))
+    assert len(mixed_logits) == len(plain_logits) and err < LOGIT_TOL, err
+    warm, warm_logits = _decode(model, rows, cache)  # both held now
+    assert (cache.misses, cache.hits) == (2, 3)
+    assert [t.tolist() for t in warm.tokens] == [t.tolist() for t in plain.tokens]
+    assert max((a - b).abs().max().item() for a, b in zip(warm_logits, plain_logits)) < LOGIT_TOL
 
 
 def test_prefix_cache_hits_and_misses(tiny_model):
