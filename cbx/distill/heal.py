@@ -42,8 +42,6 @@ import copy
 import hashlib
 import json
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -297,25 +295,16 @@ def trainable_parameters(t3, which: str) -> list[torch.nn.Parameter]:
 def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = True, teacher=None) -> dict[str, Any]:
     """Prune a copy of the teacher, heal it (resuming from the newest checkpoint), evaluate,
     write ``<out_dir>/healed``. Returns a summary dict."""
-    from tqdm.auto import tqdm
-
     from cbx.compress.calibration import calibration_voices
     from cbx.compress.checkpoint import save_compressed
     from cbx.compress.registry import apply_transforms, build_config
-    from cbx.distill.train import (TRAINER_STATE, _append_jsonl, _checkpoints, _lr_lambda, batch_indices, optimizer_step,
+    from cbx.distill.train import (METRICS, _append_jsonl, _lr_lambda, resumable_checkpoint, resume, run_steps,
                                    start_accelerator)
 
     t_cfg = cfg.train
     out_dir = Path(t_cfg.out_dir)
-    if t_cfg.mixed_precision == "fp16" and (t_cfg.device == "cpu" or not torch.cuda.is_available()):
-        raise CbxError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     fingerprint = cfg.training_fingerprint()
-    ckpts = _checkpoints(out_dir)
-    if ckpts:
-        state = json.loads((ckpts[-1][1] / TRAINER_STATE).read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise CbxError(f"{ckpts[-1][1]}: checkpoint was made with other healing settings "
-                           f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use another train.out_dir")
+    checkpoint = resumable_checkpoint(t_cfg, out_dir, fingerprint, "healing")
     # One start for every trainer (W&B: one project per results folder, as cbx distill and runs)
     accelerator = start_accelerator(cfg, t_cfg, out_dir)
     main = accelerator.is_main_process
@@ -366,14 +355,9 @@ def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = Tru
     if accelerator.num_processes > 1:
         raise CbxError("cbx heal runs as one process (one CPU or GPU); launch it without accelerate's multi-process mode")
 
-    start = 0
-    if ckpts:
-        accelerator.load_state(str(ckpts[-1][1]))
-        start = json.loads((ckpts[-1][1] / TRAINER_STATE).read_text())["step"]
-        if main:
-            print(f"cbx heal: resumed from {ckpts[-1][1]} (step {start})", file=sys.stderr)
+    start = resume(accelerator, checkpoint, "cbx heal")
 
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS
     unhealed = unhealed_cfg = None
     state_file = out_dir / "unhealed.json"
     if main:
@@ -390,51 +374,34 @@ def heal(cfg: HealConfig, *, stop_after: int | None = None, progress: bool = Tru
             state_file.write_text(json.dumps(rec) + "\n")
         unhealed, unhealed_cfg = rec["heldout_kl"], rec["heldout_kl_cfg"]
 
-    def save(step: int) -> None:
-        path = out_dir / "checkpoints" / f"step-{step:06d}"
-        accelerator.save_state(str(path))
-        if main:
-            (path / TRAINER_STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}) + "\n")
-            for _, old in _checkpoints(out_dir)[: -t_cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
     ocfg = cfg.objective
-    end = t_cfg.max_steps if stop_after is None else min(t_cfg.max_steps, stop_after)
-    bar = tqdm(total=t_cfg.max_steps, initial=start, desc="heal", unit="step",
-               disable=not (progress and main), file=sys.stderr)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    window: list[float] = []
-    t0 = time.time()
+
+    def micro_step(step: int, micro: int, rows: list[int]) -> float:
+        loss_sum = 0.0
+        for j in rows:
+            it = train_items[j]
+            with torch.no_grad():
+                t_log, t_h = forward(teacher, it, voices[it["voice"]], t_layers, device)
+            with accelerator.autocast():
+                s_log, s_h = forward(student, it, voices[it["voice"]], s_layers, device)
+                loss = ocfg.kl_weight * kl(t_log, s_log, ocfg.temperature)
+                if ocfg.hidden_weight:
+                    loss = loss + ocfg.hidden_weight * hidden_loss(t_h, s_h)
+            accelerator.backward(loss / (len(rows) * t_cfg.grad_accum))
+            loss_sum += float(loss.detach())
+        return loss_sum / len(rows)
+
+    def eval_line(step: int) -> str:
+        student.t3.eval()
+        ev = heldout_kl(teacher, student, held_items, voices, device)
+        student.t3.train()
+        _append_jsonl(metrics_path, {"step": step, "eval/heldout_kl": ev})
+        return f"step {step}: held-out KL {ev:.4f} (unhealed {unhealed:.4f})"
+
     student.t3.train()
-    for step in range(start + 1, end + 1):
-        for micro in range(t_cfg.grad_accum):
-            idx = batch_indices(len(train_items), t_cfg.seed, step, micro, t_cfg.grad_accum, t_cfg.batch_size,
-                                rank, world)
-            loss_sum = 0.0
-            for j in idx:
-                it = train_items[j]
-                with torch.no_grad():
-                    t_log, t_h = forward(teacher, it, voices[it["voice"]], t_layers, device)
-                with accelerator.autocast():
-                    s_log, s_h = forward(student, it, voices[it["voice"]], s_layers, device)
-                    loss = ocfg.kl_weight * kl(t_log, s_log, ocfg.temperature)
-                    if ocfg.hidden_weight:
-                        loss = loss + ocfg.hidden_weight * hidden_loss(t_h, s_h)
-                accelerator.backward(loss / (len(idx) * t_cfg.grad_accum))
-                loss_sum += float(loss.detach())
-            window.append(loss_sum / len(idx))
-        window = optimizer_step(accelerator, optimizer, scheduler, params, t_cfg, step, end,
-                                window, t0, bar, metrics_path if main else None)
-        if main and t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
-            student.t3.eval()
-            ev = heldout_kl(teacher, student, held_items, voices, device)
-            student.t3.train()
-            _append_jsonl(metrics_path, {"step": step, "eval/heldout_kl": ev})
-            bar.write(f"step {step}: held-out KL {ev:.4f} (unhealed {unhealed:.4f})", file=sys.stderr)
-        if (t_cfg.save_every and step % t_cfg.save_every == 0) or step == end:
-            save(step)
-    bar.close()
+    end = run_steps(accelerator, optimizer, scheduler, params, t_cfg, out_dir, fingerprint, start=start,
+                    stop_after=stop_after, n_rows=len(train_items), micro_step=micro_step, evaluate_line=eval_line,
+                    desc="heal", progress=progress)
     summary: dict[str, Any] = {"step": end, "out_dir": str(out_dir), "finished": end == t_cfg.max_steps}
     if end < t_cfg.max_steps:
         accelerator.end_training()

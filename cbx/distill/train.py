@@ -14,6 +14,10 @@ way, and the checkpoint holds the student, the optimizer and the scheduler (acce
 ``save_state``) plus the step and a fingerprint of the training settings
 (``trainer_state.json``), which must match to resume.
 
+The step loop, the checkpoints and the resume (:func:`run_steps`, :func:`save_checkpoint`,
+:func:`resumable_checkpoint`, :func:`resume`) serve ``cbx heal`` (:mod:`cbx.distill.heal`) as
+well: a trainer gives its micro-batch step (forward, backward, loss) and its evaluation line.
+
 Evaluation compares the student with the teacher *at equal steps* on held-out examples: mel L1
 (generated frames only) to the teacher's 10-step CFG output, for the student at each of
 ``student.eval_steps`` and the teacher at the same step counts (and at its own step count,
@@ -34,7 +38,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -44,6 +48,7 @@ from cbx.errors import CbxError
 
 CHECKPOINTS = "checkpoints"
 TRAINER_STATE = "trainer_state.json"
+METRICS = "metrics.jsonl"
 EVAL_BATCH = 16
 
 
@@ -197,14 +202,93 @@ def _append_jsonl(path: Path, row: dict) -> None:
         f.write(json.dumps(row) + "\n")
 
 
+def resumable_checkpoint(t_cfg: Any, out_dir: Path, fingerprint: str, settings: str = "training") -> Path | None:
+    """What a trainer (distill or heal) checks before it starts: ``train.mixed_precision: fp16``
+    needs a CUDA GPU, and the newest checkpoint in ``out_dir`` (returned, None when there is
+    none) must have been made with the same settings (``fingerprint``; ``settings`` names them in
+    the refusal)."""
+    if t_cfg.mixed_precision == "fp16" and (t_cfg.device == "cpu" or not torch.cuda.is_available()):
+        raise CbxError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
+    ckpts = _checkpoints(out_dir)
+    if not ckpts:
+        return None
+    state = json.loads((ckpts[-1][1] / TRAINER_STATE).read_text())
+    if state.get("fingerprint") != fingerprint:
+        raise CbxError(
+            f"{ckpts[-1][1]}: checkpoint was made with other {settings} settings "
+            f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use another train.out_dir"
+        )
+    return ckpts[-1][1]
+
+
+def resume(accelerator, checkpoint: Path | None, command: str) -> int:
+    """Restore the state accelerate saved in ``checkpoint`` (the prepared models, optimizer and
+    scheduler, and what was registered for checkpointing) and return its step; 0 without one.
+    The main process says so on stderr (``<command>: resumed from <checkpoint> (step N)``)."""
+    if checkpoint is None:
+        return 0
+    accelerator.load_state(str(checkpoint))
+    start = json.loads((checkpoint / TRAINER_STATE).read_text())["step"]
+    if accelerator.is_main_process:
+        print(f"{command}: resumed from {checkpoint} (step {start})", file=sys.stderr)
+    return start
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int, fingerprint: str, keep: int) -> None:
+    """``out_dir/checkpoints/step-NNNNNN``: accelerate's state plus ``trainer_state.json`` (the
+    step and the settings fingerprint) written by the main process, which then deletes all but
+    the newest ``keep`` checkpoints."""
+    path = out_dir / CHECKPOINTS / f"step-{step:06d}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        (path / TRAINER_STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}) + "\n")
+        for _, old in _checkpoints(out_dir)[: -keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def run_steps(accelerator, optimizer, scheduler, params: list, t_cfg: Any, out_dir: Path, fingerprint: str, *,
+              start: int, stop_after: int | None, n_rows: int, micro_step: Callable[[int, int, list[int]], float],
+              evaluate_line: Callable[[int], str], desc: str, progress: bool) -> int:
+    """The step loop of a trainer (distill or heal): optimizer steps ``start + 1`` .. ``end``
+    (``train.max_steps``, or ``stop_after`` when sooner), returns ``end``.
+
+    Each step runs ``train.grad_accum`` micro-batches, ``micro_step(step, micro, rows)`` with
+    the rows of :func:`batch_indices` for this process (it runs forward and backward and
+    returns the micro-batch's loss), then :func:`optimizer_step` (loss logged to
+    ``out_dir/metrics.jsonl`` by the main process). Every ``train.eval_every`` steps but the
+    last, the main process writes ``evaluate_line(step)`` under the progress bar; every
+    ``train.save_every`` steps and at ``end`` a checkpoint is saved (:func:`save_checkpoint`)."""
+    from tqdm.auto import tqdm
+
+    main = accelerator.is_main_process
+    metrics_path = out_dir / METRICS if main else None
+    end = t_cfg.max_steps if stop_after is None else min(t_cfg.max_steps, stop_after)
+    bar = tqdm(total=t_cfg.max_steps, initial=start, desc=desc, unit="step",
+               disable=not (progress and main), file=sys.stderr)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    window: list[float] = []
+    t0 = time.time()
+    for step in range(start + 1, end + 1):
+        for micro in range(t_cfg.grad_accum):
+            rows = batch_indices(n_rows, t_cfg.seed, step, micro, t_cfg.grad_accum, t_cfg.batch_size, rank, world)
+            window.append(micro_step(step, micro, rows))
+        window = optimizer_step(accelerator, optimizer, scheduler, params, t_cfg, step, end,
+                                window, t0, bar, metrics_path)
+        if main and t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps:
+            bar.write(evaluate_line(step), file=sys.stderr)
+        if (t_cfg.save_every and step % t_cfg.save_every == 0) or step == end:
+            save_checkpoint(accelerator, out_dir, step, fingerprint, t_cfg.keep_checkpoints)
+    bar.close()
+    return end
+
+
 def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool = True,
           model=None, record_only: bool = False) -> dict[str, Any]:
     """Record teacher data if needed (split across processes), train (resuming from the newest
     checkpoint), evaluate, write ``<out_dir>/student``. ``stop_after``: save a checkpoint after
     that many steps and return early (what a preempted job leaves behind); ``record_only``:
     stop once the teacher data is complete. Returns a summary dict."""
-    from tqdm.auto import tqdm
-
     from cbx.distill.data import TeacherExamples, record_teacher_data
     from cbx.distill.objectives import get_objective
     from cbx.distill.student import architecture_fingerprint, make_student, save_student
@@ -215,17 +299,8 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
     ocfg = cfg.objective_config()
     if spec.needs_trajectory and not cfg.data.trajectory:
         raise CbxError(f"objective.name: {cfg.objective.name} needs the teacher trajectory; set data.trajectory: true")
-    if t_cfg.mixed_precision == "fp16" and (t_cfg.device == "cpu" or not torch.cuda.is_available()):
-        raise CbxError("train.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on CPU")
     fingerprint = cfg.training_fingerprint()
-    ckpts = _checkpoints(out_dir)
-    if ckpts:
-        state = json.loads((ckpts[-1][1] / TRAINER_STATE).read_text())
-        if state.get("fingerprint") != fingerprint:
-            raise CbxError(
-                f"{ckpts[-1][1]}: checkpoint was made with other training settings "
-                f"(fingerprint {state.get('fingerprint')} != {fingerprint}); use another train.out_dir"
-            )
+    checkpoint = resumable_checkpoint(t_cfg, out_dir, fingerprint)
 
     accelerator = start_accelerator(cfg, t_cfg, out_dir)
     main = accelerator.is_main_process
@@ -261,15 +336,10 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
     student, optimizer, scheduler = accelerator.prepare(student, optimizer, scheduler)
 
-    start = 0
-    if ckpts:
-        accelerator.load_state(str(ckpts[-1][1]))
-        start = json.loads((ckpts[-1][1] / TRAINER_STATE).read_text())["step"]
-        if main:
-            print(f"cbx distill: resumed from {ckpts[-1][1]} (step {start})", file=sys.stderr)
+    start = resume(accelerator, checkpoint, "cbx distill")
 
     steps = tuple(cfg.student.eval_steps)
-    metrics_path = out_dir / "metrics.jsonl"
+    metrics_path = out_dir / METRICS
     teacher_ev: dict[str, float] = {}
     if main:
         teacher_ev = evaluate(held_ex, None, teacher_est, steps, cfg.teacher.cfg_rate, device,
@@ -293,15 +363,6 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
             print("pruned student before training: " + ", ".join(f"{k} {v:.4f}" for k, v in untrained.items()),
                   file=sys.stderr)
 
-    def save(step: int) -> None:
-        path = out_dir / CHECKPOINTS / f"step-{step:06d}"
-        accelerator.save_state(str(path))
-        if main:
-            (path / TRAINER_STATE).write_text(json.dumps({"step": step, "fingerprint": fingerprint}) + "\n")
-            for _, old in _checkpoints(out_dir)[: -t_cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
-
     def run_eval(step: int) -> dict[str, float]:
         ev = dict(teacher_ev)
         ev.update(evaluate(held_ex, accelerator.unwrap_model(student), None, steps, device=device))
@@ -310,34 +371,25 @@ def train(cfg: DistillConfig, *, stop_after: int | None = None, progress: bool =
         accelerator.log({f"eval/{k}": v for k, v in ev.items()}, step=step)
         return ev
 
-    end = t_cfg.max_steps if stop_after is None else min(t_cfg.max_steps, stop_after)
-    bar = tqdm(total=t_cfg.max_steps, initial=start, desc="distill", unit="step",
-               disable=not (progress and main), file=sys.stderr)
+    def eval_line(step: int) -> str:
+        return f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in run_eval(step).items())
+
     rank, world = accelerator.process_index, accelerator.num_processes
-    window: list[float] = []
-    t0 = time.time()
-    ev = None
-    for step in range(start + 1, end + 1):
-        for micro in range(t_cfg.grad_accum):
-            idx = batch_indices(len(train_ex), t_cfg.seed, step, micro, t_cfg.grad_accum,
-                                t_cfg.batch_size, rank, world)
-            batch = train_ex.batch(idx, device=device, with_states=spec.needs_trajectory)
-            gen = torch.Generator().manual_seed(_seed_of(t_cfg.seed, "objective", step, micro, rank))
-            last = micro == t_cfg.grad_accum - 1
-            ctx = accelerator.no_sync(student) if (not last and world > 1) else _null()
-            with ctx:
-                with accelerator.autocast():
-                    loss = spec.fn(student, batch, ocfg, gen)
-                accelerator.backward(loss / t_cfg.grad_accum)
-            window.append(float(loss.detach()))
-        window = optimizer_step(accelerator, optimizer, scheduler, student.parameters(), t_cfg, step, end,
-                                window, t0, bar, metrics_path if main else None)
-        if main and ((t_cfg.eval_every and step % t_cfg.eval_every == 0 and step != t_cfg.max_steps)):
-            ev = run_eval(step)
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in ev.items()), file=sys.stderr)
-        if (t_cfg.save_every and step % t_cfg.save_every == 0) or step == end:
-            save(step)
-    bar.close()
+
+    def micro_step(step: int, micro: int, rows: list[int]) -> float:
+        batch = train_ex.batch(rows, device=device, with_states=spec.needs_trajectory)
+        gen = torch.Generator().manual_seed(_seed_of(t_cfg.seed, "objective", step, micro, rank))
+        last = micro == t_cfg.grad_accum - 1
+        ctx = accelerator.no_sync(student) if (not last and world > 1) else _null()
+        with ctx:
+            with accelerator.autocast():
+                loss = spec.fn(student, batch, ocfg, gen)
+            accelerator.backward(loss / t_cfg.grad_accum)
+        return float(loss.detach())
+
+    end = run_steps(accelerator, optimizer, scheduler, list(student.parameters()), t_cfg, out_dir, fingerprint,
+                    start=start, stop_after=stop_after, n_rows=len(train_ex), micro_step=micro_step,
+                    evaluate_line=eval_line, desc="distill", progress=progress)
 
     summary: dict[str, Any] = {"step": end, "out_dir": str(out_dir), "finished": end == t_cfg.max_steps}
     if end < t_cfg.max_steps:
