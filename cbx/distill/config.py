@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from cbx.config import TrackingConfig, from_mapping, read_yaml_file, to_plain
 from cbx.errors import CbxError
@@ -168,9 +168,7 @@ class DistillConfig:
 
 
 def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
-    if isinstance(data.get("tracking"), str):  # `tracking: none` / `tracking: wandb`
-        data = {**data, "tracking": {"backend": data["tracking"]}}
-    cfg = from_mapping(DistillConfig, data, where)
+    cfg = training_from_mapping(DistillConfig, data, where)
     try:
         cfg.objective_config()
     except CbxError as e:
@@ -191,8 +189,25 @@ def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
     """Config from a YAML file; ``overrides`` maps dotted keys (``train.out_dir``) to values."""
+    return load_training_config(path, "teacher, data, student, objective, train, tracking", from_dict, overrides)
+
+
+def training_from_mapping(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """A training config (distill or heal: dataclass ``cls``) from its mapping, checked by
+    :func:`cbx.config.from_mapping`; ``tracking: none`` / ``tracking: wandb`` is short for
+    ``tracking: {backend: ...}``."""
+    if isinstance(data.get("tracking"), str):
+        data = {**data, "tracking": {"backend": data["tracking"]}}
+    return from_mapping(cls, data, where)
+
+
+def load_training_config(path: str | Path, expected: str, from_dict: Callable[[dict[str, Any]], Any],
+                         overrides: dict[str, Any] | None = None) -> Any:
+    """A training config (distill or heal) from a YAML file: its mapping
+    (:func:`read_config_mapping`, ``overrides`` applied) checked by ``from_dict``, whose refusal
+    is prefixed with the file's path."""
     path = Path(path)
-    data = read_config_mapping(path, "teacher, data, student, objective, train, tracking", overrides)
+    data = read_config_mapping(path, expected, overrides)
     try:
         return from_dict(data)
     except CbxError as e:

@@ -49,8 +49,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from cbx.config import TrackingConfig, from_mapping, to_plain
-from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig, read_config_mapping
+from cbx.config import TrackingConfig, to_plain
+from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig, load_training_config, training_from_mapping
 from cbx.errors import CbxError
 
 HEALED = "healed"
@@ -121,9 +121,7 @@ class HealConfig:
 
 
 def from_dict(data: dict[str, Any], where: str = "") -> HealConfig:
-    if isinstance(data.get("tracking"), str):
-        data = {**data, "tracking": {"backend": data["tracking"]}}
-    cfg = from_mapping(HealConfig, data, where)
+    cfg = training_from_mapping(HealConfig, data, where)
     if not cfg.prune:
         raise CbxError(f"{where + ': ' if where else ''}prune: list at least one pruning step (e.g. prune_depth)")
     from cbx.compress.registry import build_config
@@ -134,12 +132,7 @@ def from_dict(data: dict[str, Any], where: str = "") -> HealConfig:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> HealConfig:
-    path = Path(path)
-    data = read_config_mapping(path, "teacher, prune, data, objective, train, tracking", overrides)
-    try:
-        return from_dict(data)
-    except CbxError as e:
-        raise CbxError(f"{path}: {e}") from None
+    return load_training_config(path, "teacher, prune, data, objective, train, tracking", from_dict, overrides)
 
 
 def estimate_seconds(cfg: HealConfig, device: str) -> float | None:
