@@ -57,18 +57,33 @@ BENCH_TEXT = ("The quick brown fox jumps over the lazy dog, and then it runs far
               "while the birds sing and the river flows gently past the old stone mill by the hill.")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="full",
-                        help="full (= random:original: full-size, random weights; default) | tiny (smoke test) | "
-                             "any model source (random:turbo, a folder, a Hub id)")
+def add_timing_arguments(parser: argparse.ArgumentParser, model_help: str, cfm_frames_help: str) -> None:
+    """The options ``cbx bench quant`` and ``cbx bench prune`` share (the model, the T3 decode
+    window and the CFM solve they time, int4's group size), their defaults written once; each
+    bench words the help of ``--model`` and ``--cfm-frames``. Checked by
+    :func:`check_timing_numbers` (``--tokens`` by each bench, in its own words)."""
+    parser.add_argument("--model", default="full", help=model_help)
     parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
     parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
                         help="decode N2 forced tokens and time steps N1 .. N2-1 of it (default 8 40)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are printed")
     parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    parser.add_argument("--cfm-frames", type=int, default=600,
-                        help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
+    parser.add_argument("--cfm-frames", type=int, default=600, help=cfm_frames_help)
     parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
+
+
+def check_timing_numbers(args: argparse.Namespace) -> None:
+    """Refuse ``--repeats``, ``--cfm-steps``, ``--cfm-frames`` and ``--prompt`` values that
+    cannot be timed (:func:`add_timing_arguments`)."""
+    if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
+        raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_timing_arguments(parser,
+                         model_help="full (= random:original: full-size, random weights; default) | "
+                                    "tiny (smoke test) | any model source (random:turbo, a folder, a Hub id)",
+                         cfm_frames_help="mel frames per CFM call (default 600: 10 s prompt + 2 s speech)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda[:N] | auto (default cpu)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
     parser.add_argument("--no-libraries", dest="libraries", action="store_false",
@@ -322,8 +337,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
         raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 (steps N1 .. N2-1 are timed), got {args.tokens[0]} "
                        f"{args.tokens[1]}")
-    if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
-        raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
+    check_timing_numbers(args)
     from cbx.engine.cli_synth import resolve_device
     from cbx.engine.model import BENCH_ALIASES, load_model
 

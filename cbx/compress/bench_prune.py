@@ -34,7 +34,8 @@ import statistics
 import torch
 
 from cbx.compress import prune as P
-from cbx.compress.bench import _decode_window_fn, _Holder, _prompt_ids, interleaved_runs
+from cbx.compress.bench import (_decode_window_fn, _Holder, _prompt_ids, add_timing_arguments, check_timing_numbers,
+                                interleaved_runs)
 from cbx.compress.bench import _table as _quant_table
 from cbx.compress.methods import T3_EXTRA_TARGETS, T3_TARGETS
 from cbx.compress.size import weight_bytes
@@ -42,16 +43,10 @@ from cbx.errors import CbxError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="full",
-                        help="full (= random:original, full size, random weights; default) | tiny (smoke test) | "
-                             "a model source with a Llama T3")
-    parser.add_argument("--prompt", type=int, default=150, help="prompt positions in the KV cache (default 150)")
-    parser.add_argument("--tokens", type=int, nargs=2, default=(8, 40), metavar=("N1", "N2"),
-                        help="decode N2 forced tokens and time steps N1 .. N2-1 of it (default 8 40)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; medians are printed")
-    parser.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
-    parser.add_argument("--cfm-frames", type=int, default=600, help="mel frames per CFM call (default 600)")
-    parser.add_argument("--cfm-steps", type=int, default=2, help="Euler steps timed per CFM figure (default 2)")
+    add_timing_arguments(parser,
+                         model_help="full (= random:original, full size, random weights; default) | "
+                                    "tiny (smoke test) | a model source with a Llama T3",
+                         cfm_frames_help="mel frames per CFM call (default 600)")
     parser.add_argument("--skip", nargs="*", default=[], choices=["t3", "cfm"], help="parts to leave out")
 
 
@@ -137,8 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
         raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1, got {args.tokens[0]} {args.tokens[1]}")
-    if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
-        raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
+    check_timing_numbers(args)
     torch.manual_seed(0)
     print(f"machine: {machine_description()}", flush=True)
     source = BENCH_ALIASES.get(args.model, args.model)
