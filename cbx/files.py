@@ -77,6 +77,22 @@ def read_json_file(path: str | os.PathLike, missing: str) -> Any:
         raise CbxError(f"{path}: not valid JSON ({e})") from None
 
 
+def audio_file(path: str | os.PathLike) -> Path:
+    """``path`` as an audio file to read; CbxError naming it when it is a folder, missing or
+    empty (0 bytes), before a decoder gets the chance to fail less clearly (the engine's and
+    the eval suite's audio readers both start this way)."""
+    from cbx.errors import CbxError
+
+    path = Path(path)
+    if path.is_dir():
+        raise CbxError(f"{path}: is a folder, not an audio file")
+    if not path.is_file():
+        raise CbxError(f"{path}: audio file not found")
+    if path.stat().st_size == 0:
+        raise CbxError(f"{path}: audio file is empty (0 bytes)")
+    return path
+
+
 def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()

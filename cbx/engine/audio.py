@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cbx.errors import CbxError
-from cbx.files import atomic_write_audio
+from cbx.files import atomic_write_audio, audio_file
 
 # A file whose peak stays below -60 dBFS, or whose RMS stays below -70 dBFS, carries no usable
 # voice (real speech prompts peak well above -30 dBFS).
@@ -86,13 +86,7 @@ def load_audio(path: str | os.PathLike, sr: int | None = None, *, min_seconds: f
 
 def load_audio_native(path: str | os.PathLike, *, min_seconds: float = 0.0) -> tuple[np.ndarray, int]:
     """Read ``path`` as mono float32 at its own rate: ``(wav, sr)``; validated as :func:`load_audio`."""
-    path = Path(path)
-    if path.is_dir():
-        raise CbxError(f"{path}: is a folder, not an audio file")
-    if not path.is_file():
-        raise CbxError(f"{path}: audio file not found")
-    if path.stat().st_size == 0:
-        raise CbxError(f"{path}: audio file is empty (0 bytes)")
+    path = audio_file(path)
     data, file_sr = _read(path)
     if file_sr <= 0:
         raise CbxError(f"{path}: bad sample rate {file_sr}")

@@ -10,25 +10,18 @@ missing, unreadable or empty file) raise :class:`CbxError` naming the file.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
 from cbx.errors import CbxError
-from cbx.files import atomic_write_audio
+from cbx.files import atomic_write_audio, audio_file
 
 
 def read_audio(path: str | os.PathLike) -> tuple[np.ndarray, int]:
     """Return ``(mono float32 samples, sample rate)``; channels are averaged."""
     import soundfile as sf
 
-    p = Path(path)
-    if p.is_dir():
-        raise CbxError(f"{p}: is a folder, not an audio file")
-    if not p.is_file():
-        raise CbxError(f"{p}: audio file not found")
-    if p.stat().st_size == 0:
-        raise CbxError(f"{p}: audio file is empty (0 bytes)")
+    p = audio_file(path)
     try:
         data, sr = sf.read(str(p), dtype="float32", always_2d=True)
     except Exception as e:  # libsndfile reports every format problem as a plain RuntimeError
