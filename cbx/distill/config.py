@@ -159,12 +159,29 @@ class DistillConfig:
     def training_fingerprint(self) -> str:
         """Hash of what determines the trained weights (not cadence, tracking or max_steps),
         so a resumed run can check it continues the same training."""
-        d = self.resolved()
-        d.pop("tracking")
-        for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "out_dir"):
-            d["train"].pop(k)
+        d = without_cadence(self.resolved())
+        d["train"].pop("max_steps")
         d["data"].pop("dir")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return settings_hash(d)
+
+
+# train: keys that say where and how often a run logs, evaluates and saves, not what it trains
+TRAIN_CADENCE = ("out_dir", "log_every", "eval_every", "save_every", "keep_checkpoints")
+
+
+def without_cadence(resolved: dict[str, Any]) -> dict[str, Any]:
+    """A training config's plain record (distill or heal: ``resolved()``, changed in place)
+    without ``tracking`` and the ``train`` cadence keys (:data:`TRAIN_CADENCE`): what its
+    settings fingerprint and train-on-demand's identity of it are made from."""
+    resolved.pop("tracking")
+    for k in TRAIN_CADENCE:
+        resolved["train"].pop(k)
+    return resolved
+
+
+def settings_hash(d: dict[str, Any]) -> str:
+    """The 16-hex-digit fingerprint of a settings record (``trainer_state.json``'s ``fingerprint``)."""
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def from_dict(data: dict[str, Any], where: str = "") -> DistillConfig:

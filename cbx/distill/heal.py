@@ -39,7 +39,6 @@ experiment's ``steps``.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -50,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from cbx.config import TrackingConfig, to_plain
-from cbx.distill.config import PruneStep, TeacherConfig, TrainConfig, load_training_config, training_from_mapping
+from cbx.distill.config import (PruneStep, TeacherConfig, TrainConfig, load_training_config, settings_hash,
+                                training_from_mapping, without_cadence)
 from cbx.errors import CbxError
 
 HEALED = "healed"
@@ -113,11 +113,9 @@ class HealConfig:
         return to_plain(self)
 
     def training_fingerprint(self) -> str:
-        d = self.resolved()
-        d.pop("tracking")
-        for k in ("max_steps", "log_every", "eval_every", "save_every", "keep_checkpoints", "out_dir"):
-            d["train"].pop(k)
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        d = without_cadence(self.resolved())
+        d["train"].pop("max_steps")
+        return settings_hash(d)
 
 
 def from_dict(data: dict[str, Any], where: str = "") -> HealConfig:

@@ -97,11 +97,10 @@ class CfmStudentTrainer:
         return load_config(path, overrides)
 
     def resolved(self, config) -> dict[str, Any]:
-        d = config.resolved()
-        d.pop("tracking")
+        from cbx.distill.config import without_cadence
+
+        d = without_cadence(config.resolved())
         d["data"].pop("dir")
-        for k in ("out_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"):
-            d["train"].pop(k)
         return d
 
     def teacher(self, config) -> str:
@@ -190,10 +189,9 @@ class HealTrainer:
         from cbx.compress.registry import build_config
         from cbx.lab.schema import to_plain
 
-        d = config.resolved()
-        d.pop("tracking")
-        for k in ("out_dir", "log_every", "eval_every", "save_every", "keep_checkpoints"):
-            d["train"].pop(k)
+        from cbx.distill.config import without_cadence
+
+        d = without_cadence(config.resolved())
         # the pruning steps with every default filled in (a changed default prunes otherwise)
         d["prune"] = [{"transform": s.transform, "params": to_plain(build_config(s.transform, s.params))}
                       for s in config.prune]
