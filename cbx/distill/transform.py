@@ -187,8 +187,7 @@ class HealTrainer:
 
     def resolved(self, config) -> dict[str, Any]:
         from cbx.compress.registry import build_config
-        from cbx.lab.schema import to_plain
-
+        from cbx.config import to_plain
         from cbx.distill.config import without_cadence
 
         d = without_cadence(config.resolved())
