@@ -10,8 +10,8 @@ real sizes and costs, meaningless outputs), built once:
   of T3 in bf16). A step's time is the mean over steps ``N1 .. N2-1`` of ONE forced ``N2``-token
   decode, timed between two of its streaming yields (:func:`_decode_window_fn`), so the
   prefill and its noise never enter the figure; median over ``--repeats`` interleaved runs.
-  (Until session 6 it was the slope ``(t(N2) - t(N1)) / (N2 - N1)`` of two whole decodes,
-  which carried the prefill's run-to-run noise: seconds on a CPU that emulates bf16.)
+  (It used to be the slope ``(t(N2) - t(N1)) / (N2 - N1)`` of two whole decodes, which
+  carried the prefill's run-to-run noise: seconds on a CPU that emulates bf16.)
 * T3 resident weight bytes: every parameter and buffer of T3 (unique storages), after the
   float weights of quantized layers were dropped.
 * CFM estimator: ``--cfm-steps`` Euler steps with CFG (batch 2) over ``--cfm-frames`` mel
@@ -73,8 +73,11 @@ def add_timing_arguments(parser: argparse.ArgumentParser, model_help: str, cfm_f
 
 
 def check_timing_numbers(args: argparse.Namespace) -> None:
-    """Refuse ``--repeats``, ``--cfm-steps``, ``--cfm-frames`` and ``--prompt`` values that
-    cannot be timed (:func:`add_timing_arguments`)."""
+    """Refuse ``--tokens``, ``--repeats``, ``--cfm-steps``, ``--cfm-frames`` and ``--prompt``
+    values that cannot be timed (:func:`add_timing_arguments`)."""
+    if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
+        raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 (steps N1 .. N2-1 are timed), got {args.tokens[0]} "
+                       f"{args.tokens[1]}")
     if args.repeats < 1 or args.cfm_frames < 10 or args.cfm_steps < 1 or args.prompt < 8:
         raise CbxError("--repeats, --cfm-steps must be >= 1, --cfm-frames >= 10, --prompt >= 8")
 
@@ -334,9 +337,6 @@ def _table(title: str, unit: str, rows: list[tuple[str, float, int]], scale: flo
 def run(args: argparse.Namespace) -> int:
     from cbx.engine.timing import machine_description
 
-    if args.tokens[1] - 1 <= args.tokens[0] or args.tokens[0] < 1:
-        raise CbxError(f"--tokens: need 1 <= N1 < N2 - 1 (steps N1 .. N2-1 are timed), got {args.tokens[0]} "
-                       f"{args.tokens[1]}")
     check_timing_numbers(args)
     from cbx.engine.cli_synth import resolve_device
     from cbx.engine.model import BENCH_ALIASES, load_model
