@@ -157,7 +157,7 @@ def _prefill_dtype(t3, dtype: torch.dtype) -> torch.dtype:
 
     from cbx.engine.synth import DTYPES, auto_prefill_dtype
 
-    name = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(dtype)
+    name = {v: k for k, v in DTYPES.items()}.get(dtype)
     if name is None:
         return dtype
     return DTYPES[auto_prefill_dtype(name, t3.speech_emb.weight.device, SimpleNamespace(t3=t3))]

@@ -173,9 +173,12 @@ class SynthSettings:
     cfm_dtype: str | None = None
     s3gen_prompt_s: float | None = None
 
+    def _bad(self, name: str, why: str) -> CbxError:
+        """The refusal of setting ``name`` (its value quoted) for reason ``why``."""
+        return CbxError(f"synth setting '{name}'={getattr(self, name)!r}: {why}")
+
     def __post_init__(self) -> None:
-        def bad(name: str, why: str) -> CbxError:
-            return CbxError(f"synth setting '{name}'={getattr(self, name)!r}: {why}")
+        bad = self._bad
 
         def number(name: str, lo: float, hi: float, *, lo_open: bool = False, allow_none: bool = True) -> None:
             v = getattr(self, name)
@@ -260,7 +263,7 @@ class SynthSettings:
             # is fp32 whatever its modules (so resolving resolved settings changes nothing).
             why = _fp32_prefill_unsupported(model_or_variant)
             if why:
-                raise CbxError(f"synth setting 'prefill_dtype'='fp32': fp32 cannot run on this model: {why}")
+                raise self._bad("prefill_dtype", f"fp32 cannot run on this model: {why}")
         if self.cfm_dtype == AUTO_DTYPE:
             fill["cfm_dtype"] = auto_dtype(device)
         elif self.cfm_dtype is None:
